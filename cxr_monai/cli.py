@@ -1,0 +1,25 @@
+"""``cxr-monai``: the command-line interface (typer). Each command lives in :mod:`cxr_monai.commands`."""
+
+from __future__ import annotations
+
+import typer
+
+from cxr_monai.commands import configure_logging
+from cxr_monai.constants import RESEARCH_USE_NOTICE
+
+app = typer.Typer(
+    name="cxr-monai",
+    help=f"Chest X-ray triage (COVID-19 / Normal / Pneumonia) with MONAI. {RESEARCH_USE_NOTICE}.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages.")) -> None:
+    """Chest X-ray triage with MONAI. Research use only - not for clinical use."""
+    configure_logging(verbose)
+
+
+# Commands are registered below, one line each.

@@ -1,0 +1,103 @@
+"""Read a chest X-ray file (DICOM, PNG/JPEG, NIfTI) into the array a radiologist's viewer shows.
+
+Every entry point (bundle, CLI, server) reads through :func:`read_cxr`, so there is one place where
+orientation, intensity conventions and errors are decided.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from cxr_monai.errors import InvalidImageError
+
+#: Larger images are refused before decoding (rows or columns, pixels).
+MAX_SIDE: int = 10_000
+
+ImageSource = str | os.PathLike[str] | bytes
+
+
+@dataclass(frozen=True)
+class CXRImage:
+    """A decoded chest X-ray.
+
+    Attributes:
+        pixels: float32 array of shape (rows, columns), the orientation a viewer shows; higher values
+            are brighter (bone bright, air dark), whatever the file's photometric convention.
+        source_format: ``"dicom"``, ``"png"``, ``"jpeg"``, ``"nifti"`` or another Pillow format name
+            in lower case.
+        color_mode: how the file stored its pixels (Pillow mode such as ``"L"``/``"RGB"``/``"RGBA"``,
+            or the DICOM PhotometricInterpretation).
+        warnings: reasons the input may not suit this model (lateral view, not CR/DX, ...); the image
+            was still read.
+        dataset: the DICOM header (pydicom ``Dataset`` without PixelData) for DICOM inputs, else None.
+            It may hold patient data: never log it.
+    """
+
+    pixels: np.ndarray
+    source_format: str
+    color_mode: str
+    warnings: tuple[str, ...] = ()
+    dataset: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows, columns) of the original pixel grid."""
+        rows, cols = self.pixels.shape
+        return int(rows), int(cols)
+
+
+def read_cxr(source: ImageSource) -> CXRImage:
+    """Read one chest X-ray from a path or from the file's bytes.
+
+    Args:
+        source: a file path, or the whole file as bytes (as the gRPC server receives it).
+
+    Returns:
+        The decoded image; see :class:`CXRImage`.
+
+    Raises:
+        InvalidImageError: the file is missing, truncated, not an image, multi-frame, too large, or in
+            a representation this reader does not support; the message says which.
+    """
+    if isinstance(source, bytes):
+        return _read_pil(source, "<bytes>")
+    path = Path(source)
+    if not path.is_file():
+        raise InvalidImageError(f"{path}: no such file")
+    return _read_pil(path.read_bytes(), path.name)
+
+
+def _read_pil(data: bytes, name: str) -> CXRImage:
+    """Decode PNG/JPEG (anything Pillow opens) to grayscale float32 (rows, columns)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if max(width, height) > MAX_SIDE:
+                raise InvalidImageError(
+                    f"{name}: image is {width} x {height} pixels; the limit is {MAX_SIDE} per side"
+                )
+            if getattr(img, "n_frames", 1) > 1:
+                raise InvalidImageError(f"{name}: image has {img.n_frames} frames; expected one")
+            mode = img.mode
+            fmt = (img.format or "unknown").lower()
+            pixels = _pil_to_gray(img)
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise InvalidImageError(f"{name}: not a readable image ({exc})") from exc
+    return CXRImage(pixels=pixels, source_format=fmt, color_mode=mode)
+
+
+def _pil_to_gray(img: Image.Image) -> np.ndarray:
+    """Pillow image of any mode -> float32 luminance (rows, columns), alpha dropped."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        return np.asarray(img, dtype=np.float32)
+    if img.mode != "L":
+        img = img.convert("RGB").convert("L")
+    return np.asarray(img, dtype=np.float32)

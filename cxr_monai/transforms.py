@@ -1,0 +1,195 @@
+"""MONAI pre-processing and augmentation for chest X-rays.
+
+The chain builders here are the single source of truth: the bundle configs, the CLI and the gRPC server
+all call them, so a file gives the same tensor everywhere.
+
+Inference chain (paper's pre-processing, then what ImageNet backbones expect)::
+
+    path/bytes -> LoadCXR (rows, cols) -> channel first (1, H, W) -> per-image min-max to [0, 255]
+    -> resize (stretch, antialiased) to S x S -> 3 channels -> [0, 1] -> ImageNet mean/std
+
+Training adds augmentation v1 (random rotation, width/height shift, horizontal flip) after the resize,
+so ``CacheDataset`` caches the deterministic prefix (decode + resize) once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirst,
+    EnsureChannelFirstd,
+    MapTransform,
+    NormalizeIntensity,
+    NormalizeIntensityd,
+    RandAffined,
+    RandFlipd,
+    RepeatChannel,
+    RepeatChanneld,
+    Resize,
+    Resized,
+    ScaleIntensity,
+    ScaleIntensityd,
+    ScaleIntensityRange,
+    ScaleIntensityRanged,
+    Transform,
+)
+
+from cxr_monai.constants import DEFAULT_SPATIAL_SIZE, IMAGENET_MEAN, IMAGENET_STD
+from cxr_monai.io import CXRImage, ImageSource, read_cxr
+
+#: Meta-dict keys LoadCXR adds (besides MONAI's own ``filename_or_obj`` and ``spatial_shape``).
+META_ORIGINAL_SHAPE = "cxr_original_shape"
+META_SOURCE_FORMAT = "cxr_source_format"
+META_COLOR_MODE = "cxr_color_mode"
+META_WARNINGS = "cxr_warnings"
+
+
+class LoadCXR(Transform):
+    """Read a chest X-ray as a viewer shows it.
+
+    Input: a path, the file's bytes, or an already decoded :class:`~cxr_monai.io.CXRImage`.
+    Output: float32 ``MetaTensor`` of shape (rows, columns) with no channel dimension
+    (``original_channel_dim = "no_channel"``), values as read (bright = dense). The meta dict holds
+    the original shape, format and colour mode and the reader's warnings joined by ``"; "`` (a
+    string, so batches collate). No patient data goes into the meta dict.
+    """
+
+    def __call__(self, source: ImageSource | CXRImage) -> MetaTensor:
+        image = source if isinstance(source, CXRImage) else read_cxr(source)
+        name = "<bytes>" if isinstance(source, (bytes, CXRImage)) else str(source)
+        meta: dict[str, Any] = {
+            "filename_or_obj": name,
+            "original_channel_dim": "no_channel",
+            "spatial_shape": np.asarray(image.shape),
+            META_ORIGINAL_SHAPE: np.asarray(image.shape),
+            META_SOURCE_FORMAT: image.source_format,
+            META_COLOR_MODE: image.color_mode,
+            META_WARNINGS: "; ".join(image.warnings),
+        }
+        pixels = torch.from_numpy(np.ascontiguousarray(image.pixels, dtype=np.float32))
+        return MetaTensor(pixels, affine=torch.eye(3, dtype=torch.float64), meta=meta)
+
+
+class LoadCXRd(MapTransform):
+    """Dictionary twin of :class:`LoadCXR`: replaces each key's path/bytes with the loaded image."""
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.loader = LoadCXR()
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.loader(d[key])
+        return d
+
+
+def _size(spatial_size: int) -> tuple[int, int]:
+    return (int(spatial_size), int(spatial_size))
+
+
+def inference_transforms(spatial_size: int = DEFAULT_SPATIAL_SIZE) -> Compose:
+    """Array chain: path/bytes/CXRImage -> float32 tensor (3, S, S), ImageNet-normalised."""
+    return Compose(
+        [
+            LoadCXR(),
+            EnsureChannelFirst(channel_dim="no_channel"),
+            ScaleIntensity(minv=0.0, maxv=255.0),
+            Resize(_size(spatial_size), mode="bilinear", anti_aliasing=True),
+            RepeatChannel(repeats=3),
+            ScaleIntensityRange(a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0),
+            NormalizeIntensity(subtrahend=IMAGENET_MEAN, divisor=IMAGENET_STD, channel_wise=True),
+        ]
+    )
+
+
+def _load_and_resize_d(keys: KeysCollection, spatial_size: int) -> list[Any]:
+    """Deterministic prefix: decode, channel first, min-max to [0, 255], resize to (1, S, S)."""
+    return [
+        LoadCXRd(keys),
+        EnsureChannelFirstd(keys, channel_dim="no_channel"),
+        ScaleIntensityd(keys, minv=0.0, maxv=255.0),
+        Resized(keys, spatial_size=_size(spatial_size), mode="bilinear", anti_aliasing=True),
+    ]
+
+
+def _to_network_input_d(keys: KeysCollection) -> list[Any]:
+    """(1, S, S) in [0, 255] -> (3, S, S) ImageNet-normalised."""
+    return [
+        RepeatChanneld(keys, repeats=3),
+        ScaleIntensityRanged(keys, a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0),
+        NormalizeIntensityd(keys, subtrahend=IMAGENET_MEAN, divisor=IMAGENET_STD, channel_wise=True),
+    ]
+
+
+def inference_transforms_d(
+    keys: KeysCollection = ("image",), spatial_size: int = DEFAULT_SPATIAL_SIZE
+) -> Compose:
+    """Dictionary twin of :func:`inference_transforms` (the bundle's ``preprocessing``)."""
+    return Compose([*_load_and_resize_d(keys, spatial_size), *_to_network_input_d(keys)])
+
+
+def augmentation_v1_d(
+    keys: KeysCollection = ("image",),
+    spatial_size: int = DEFAULT_SPATIAL_SIZE,
+    rotate_degrees: float = 10.0,
+    shift_fraction: float = 0.1,
+    horizontal_flip: bool = True,
+    vertical_flip: bool = False,
+) -> list[Any]:
+    """The paper's augmentation v1 on (1, S, S) images: rotation within +-``rotate_degrees``,
+    width/height shift within +-``shift_fraction`` of the side (one interpolation, border padding,
+    like Keras' default ``fill_mode="nearest"``), horizontal flip with p = 0.5; vertical flip off by
+    default (an upside-down chest is not a plausible input)."""
+    shift = float(shift_fraction) * int(spatial_size)
+    steps: list[Any] = [
+        RandAffined(
+            keys,
+            prob=1.0,
+            rotate_range=(math.radians(rotate_degrees),),
+            translate_range=(shift, shift),
+            padding_mode="border",
+            mode="bilinear",
+        )
+    ]
+    if horizontal_flip:
+        steps.append(RandFlipd(keys, prob=0.5, spatial_axis=1))
+    if vertical_flip:
+        steps.append(RandFlipd(keys, prob=0.5, spatial_axis=0))
+    return steps
+
+
+def train_transforms_d(
+    keys: KeysCollection = ("image",),
+    spatial_size: int = DEFAULT_SPATIAL_SIZE,
+    rotate_degrees: float = 10.0,
+    shift_fraction: float = 0.1,
+    horizontal_flip: bool = True,
+    vertical_flip: bool = False,
+    seed: int | None = 0,
+) -> Compose:
+    """Training chain: inference pre-processing with augmentation v1 after the resize.
+
+    Deterministic for a given ``seed`` (``None`` leaves MONAI's global random state in charge).
+    """
+    chain = Compose(
+        [
+            *_load_and_resize_d(keys, spatial_size),
+            *augmentation_v1_d(
+                keys, spatial_size, rotate_degrees, shift_fraction, horizontal_flip, vertical_flip
+            ),
+            *_to_network_input_d(keys),
+        ]
+    )
+    if seed is not None:
+        chain.set_random_state(seed=seed)
+    return chain
+
