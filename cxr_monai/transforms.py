@@ -45,6 +45,9 @@ from monai.transforms import (
 from cxr_monai.constants import DEFAULT_SPATIAL_SIZE, IMAGENET_MEAN, IMAGENET_STD
 from cxr_monai.io import CXRImage, ImageSource, read_cxr
 
+_MEAN = np.asarray(IMAGENET_MEAN, dtype=np.float32)
+_STD = np.asarray(IMAGENET_STD, dtype=np.float32)
+
 #: Meta-dict keys LoadCXR adds (besides MONAI's own ``filename_or_obj`` and ``spatial_shape``).
 META_ORIGINAL_SHAPE = "cxr_original_shape"
 META_SOURCE_FORMAT = "cxr_source_format"
@@ -106,7 +109,7 @@ def inference_transforms(spatial_size: int = DEFAULT_SPATIAL_SIZE) -> Compose:
             Resize(_size(spatial_size), mode="bilinear", anti_aliasing=True),
             RepeatChannel(repeats=3),
             ScaleIntensityRange(a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0),
-            NormalizeIntensity(subtrahend=IMAGENET_MEAN, divisor=IMAGENET_STD, channel_wise=True),
+            NormalizeIntensity(subtrahend=_MEAN, divisor=_STD, channel_wise=True),
         ]
     )
 
@@ -126,7 +129,7 @@ def _to_network_input_d(keys: KeysCollection) -> list[Any]:
     return [
         RepeatChanneld(keys, repeats=3),
         ScaleIntensityRanged(keys, a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0),
-        NormalizeIntensityd(keys, subtrahend=IMAGENET_MEAN, divisor=IMAGENET_STD, channel_wise=True),
+        NormalizeIntensityd(keys, subtrahend=_MEAN, divisor=_STD, channel_wise=True),
     ]
 
 
@@ -192,4 +195,3 @@ def train_transforms_d(
     if seed is not None:
         chain.set_random_state(seed=seed)
     return chain
-
