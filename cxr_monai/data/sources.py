@@ -1,0 +1,307 @@
+"""Reading the three dataset sources into :class:`DataItem` lists, from file names and CSVs only (no pixels).
+
+Sources:
+
+* covid-chestxray-dataset (Cohen et al.): ``metadata.csv`` + ``images/`` as published;
+* Kaggle chest-xray-pneumonia (Kermany et al.): ``{train,val,test}/{NORMAL,PNEUMONIA}/`` under one folder;
+* a site's own CSV with ``image,label[,patient_id]`` columns.
+
+Every scan returns a :class:`SourceScan`: the items whose file exists, the rows skipped because the file is
+missing (as CSV line numbers, never paths: a site's paths may carry patient identifiers), and warnings.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cxr_monai.constants import CLASS_NAMES
+from cxr_monai.errors import DatasetError
+
+COVID_SOURCE = "covid-chestxray-dataset"
+KAGGLE_SOURCE = "kaggle-chest-xray"
+SITE_SOURCE_PREFIX = "site:"
+
+#: Views of covid-chestxray-dataset kept by default (frontal films; laterals and CT are left out).
+DEFAULT_COVID_VIEWS: tuple[str, ...] = ("PA", "AP", "AP Supine")
+
+KAGGLE_SPLITS: tuple[str, ...] = ("train", "val", "test")
+#: Kaggle folder name -> class name in :data:`CLASS_NAMES`.
+KAGGLE_CLASS_FOLDERS: dict[str, str] = {"NORMAL": "Normal", "PNEUMONIA": "Pneumonia"}
+IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpeg", ".jpg", ".png"})
+
+_COVID_REQUIRED_COLUMNS = ("patientid", "offset", "finding", "view", "modality", "filename")
+_SITE_REQUIRED_COLUMNS = ("image", "label")
+# Kaggle names carry the patient: person1234_bacteria_3133 / person1_virus_6 (PNEUMONIA) and
+# IM-0505-0001-0002 / NORMAL2-IM-0383-0001 (NORMAL; the NORMAL2- series numbers its patients apart).
+_KAGGLE_PERSON = re.compile(r"^(person\d+)_(?:bacteria|virus)_\d+$")
+_KAGGLE_IM = re.compile(r"^((?:NORMAL2-)?IM-\d+)-\d+(?:-\d+)?$")
+_MISSING_EXAMPLES = 5
+
+
+@dataclass(frozen=True)
+class DataItem:
+    """One image of the dataset: ``image`` is an absolute path, ``label`` an index into :data:`CLASS_NAMES`.
+
+    ``view`` and ``offset`` (days since symptom onset, or None) are set for covid-chestxray-dataset items.
+    """
+
+    image: str
+    label: int
+    patient_id: str
+    source: str
+    view: str | None = None
+    offset: float | int | None = None
+
+    @property
+    def label_name(self) -> str:
+        return CLASS_NAMES[self.label]
+
+    def to_json(self) -> dict[str, Any]:
+        """Datalist entry (no ``fold``): image, label, label_name, patient_id, source[, offset, view]."""
+        entry: dict[str, Any] = {
+            "image": self.image,
+            "label": self.label,
+            "label_name": self.label_name,
+            "patient_id": self.patient_id,
+            "source": self.source,
+        }
+        if self.source == COVID_SOURCE:
+            entry["offset"] = self.offset
+            entry["view"] = self.view
+        return entry
+
+
+@dataclass
+class SourceScan:
+    """What one source gave: items found, lines of the CSV ``listing`` whose file is missing, warnings."""
+
+    source: str
+    items: list[DataItem] = field(default_factory=list)
+    eligible: int = 0
+    listing: str = ""
+    missing_lines: list[int] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "eligible": self.eligible,
+            "found": len(self.items),
+            "missing": len(self.missing_lines),
+            "listing": self.listing,
+            "missing_lines": list(self.missing_lines),
+        }
+
+    def note_missing(self) -> None:
+        """Add the warning that reports rows skipped because their file is absent (count + first rows)."""
+        if self.missing_lines:
+            shown = ", ".join(str(line) for line in self.missing_lines[:_MISSING_EXAMPLES])
+            more = ", ..." if len(self.missing_lines) > _MISSING_EXAMPLES else ""
+            self.warnings.append(
+                f"{self.source}: {len(self.missing_lines)} of {self.eligible} eligible rows skipped because "
+                f"the image file is missing ({self.listing} lines {shown}{more})"
+            )
+
+
+def _read_csv(path: Path, required: Sequence[str], what: str) -> tuple[list[str], list[dict[str, str]]]:
+    """Header and rows of a CSV (UTF-8, optional BOM); DatasetError when a required column is absent."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            header = [name.strip() for name in reader.fieldnames or []]
+            reader.fieldnames = header
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DatasetError(f"cannot read {what} {path}: {exc}") from exc
+    absent = [name for name in required if name not in header]
+    if absent:
+        raise DatasetError(
+            f"{what} {path} lacks column(s) {', '.join(absent)}; expected columns {', '.join(required)}"
+        )
+    return header, rows
+
+
+def _parse_offset(text: str) -> float | int | None:
+    """covid-chestxray-dataset ``offset`` (days; may be blank or fractional) -> int, float or None."""
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return int(value) if value.is_integer() else value
+
+
+def scan_covid_dir(covid_dir: Path, views: Iterable[str] = DEFAULT_COVID_VIEWS) -> SourceScan:
+    """COVID-19 X-rays of a covid-chestxray-dataset checkout.
+
+    Keeps rows with ``modality`` "X-ray", ``finding`` containing "COVID-19" and ``view`` in ``views``;
+    the image is ``<covid_dir>/<folder>/<filename>`` (``folder`` defaults to ``images``). Patient id:
+    ``covid:<patientid>``.
+    """
+    covid_dir = Path(covid_dir)
+    metadata = covid_dir / "metadata.csv"
+    if not metadata.is_file() or not (covid_dir / "images").is_dir():
+        raise DatasetError(
+            f"--covid-dir {covid_dir} is not a covid-chestxray-dataset checkout: "
+            "expected metadata.csv and an images/ folder in it"
+        )
+    wanted_views = {view.strip() for view in views}
+    _, rows = _read_csv(metadata, _COVID_REQUIRED_COLUMNS, "covid-chestxray-dataset metadata")
+    scan = SourceScan(COVID_SOURCE, listing=metadata.name)
+    label = CLASS_NAMES.index("COVID-19")
+    for line, row in enumerate(rows, start=2):  # line 1 is the header
+        if (row.get("modality") or "").strip() != "X-ray" or "COVID-19" not in (row.get("finding") or ""):
+            continue
+        view = (row.get("view") or "").strip()
+        if view not in wanted_views:
+            continue
+        scan.eligible += 1
+        folder = (row.get("folder") or "").strip() or "images"
+        image = os.path.abspath(covid_dir / folder / row["filename"].strip())
+        if not os.path.isfile(image):
+            scan.missing_lines.append(line)
+            continue
+        scan.items.append(
+            DataItem(
+                image=image,
+                label=label,
+                patient_id=f"covid:{row['patientid'].strip()}",
+                source=COVID_SOURCE,
+                view=view,
+                offset=_parse_offset(row.get("offset") or ""),
+            )
+        )
+    scan.note_missing()
+    return scan
+
+
+def kaggle_patient_id(filename: str) -> str | None:
+    """Patient id of a Kaggle chest-xray-pneumonia file name, or None if the name has neither known form.
+
+    ``person1234_bacteria_3133.jpeg`` -> ``kaggle:person1234``; ``IM-0505-0001-0002.jpeg`` ->
+    ``kaggle:IM-0505``; ``NORMAL2-IM-0383-0001.jpeg`` -> ``kaggle:NORMAL2-IM-0383``.
+    """
+    stem = Path(filename).stem
+    match = _KAGGLE_PERSON.match(stem) or _KAGGLE_IM.match(stem)
+    return f"kaggle:{match.group(1)}" if match else None
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """Image files directly in ``folder`` (.jpeg/.jpg/.png, any case); dotfiles (``._x.jpeg``) skipped."""
+    return sorted(
+        path
+        for path in folder.iterdir()
+        if not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+    )
+
+
+def scan_kaggle_dir(kaggle_dir: Path) -> SourceScan:
+    """Normal and Pneumonia images of a Kaggle chest-xray-pneumonia folder, all present splits pooled.
+
+    Reads exactly ``<kaggle_dir>/{train,val,test}/{NORMAL,PNEUMONIA}/`` (whichever exist), so the published
+    zip's nested ``chest_xray/chest_xray`` copy and ``__MACOSX/`` are never counted. A file name of neither
+    known form becomes its own patient, with a warning.
+    """
+    kaggle_dir = Path(kaggle_dir)
+    folders = [
+        (kaggle_dir / split / name, class_name)
+        for split in KAGGLE_SPLITS
+        for name, class_name in KAGGLE_CLASS_FOLDERS.items()
+        if (kaggle_dir / split / name).is_dir()
+    ]
+    if not folders:
+        hint = ""
+        if (kaggle_dir / "chest_xray" / "train").is_dir():
+            hint = f" (did you mean {kaggle_dir / 'chest_xray'}?)"
+        raise DatasetError(
+            f"--kaggle-dir {kaggle_dir} has none of the folders {{train,val,test}}/{{NORMAL,PNEUMONIA}}/ "
+            f"of the Kaggle chest-xray-pneumonia dataset{hint}"
+        )
+    scan = SourceScan(KAGGLE_SOURCE)
+    unparsed = 0
+    for folder, class_name in folders:
+        for path in _image_files(folder):
+            patient = kaggle_patient_id(path.name)
+            if patient is None:
+                unparsed += 1
+                patient = f"kaggle:{path.parent.parent.name}/{path.parent.name}/{path.stem}"
+            scan.items.append(
+                DataItem(
+                    image=os.path.abspath(path),
+                    label=CLASS_NAMES.index(class_name),
+                    patient_id=patient,
+                    source=KAGGLE_SOURCE,
+                )
+            )
+    scan.eligible = len(scan.items)
+    if unparsed:
+        scan.warnings.append(
+            f"{KAGGLE_SOURCE}: {unparsed} file name(s) of neither form personN_... nor [NORMAL2-]IM-NNNN-..."
+            "; "
+            "each is treated as its own patient"
+        )
+    return scan
+
+
+def parse_label(text: str) -> int | None:
+    """A site CSV label -> class index: a name of :data:`CLASS_NAMES` (any case) or its index; else None."""
+    text = text.strip()
+    if text.isdigit() and int(text) < len(CLASS_NAMES):
+        return int(text)
+    lowered = [name.lower() for name in CLASS_NAMES]
+    return lowered.index(text.lower()) if text.lower() in lowered else None
+
+
+def scan_site_csv(csv_path: Path) -> SourceScan:
+    """A site's own images from a CSV with columns ``image,label[,patient_id]``.
+
+    ``image`` is a path, relative ones resolved against the CSV's folder; ``label`` a class name or index.
+    Patient id ``<csv stem>:<patient_id>``; without a patient_id (column or cell) each image is its own
+    patient, with a warning. Source: ``site:<csv stem>``.
+    """
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise DatasetError(f"--site-csv {csv_path} is not a file; expected a CSV with columns image,label")
+    header, rows = _read_csv(csv_path, _SITE_REQUIRED_COLUMNS, "site CSV")
+    name = csv_path.stem
+    scan = SourceScan(SITE_SOURCE_PREFIX + name, listing=csv_path.name)
+    has_patient_column = "patient_id" in header
+    own_patient = 0
+    for line, row in enumerate(rows, start=2):
+        image_text = (row.get("image") or "").strip()
+        label_text = row.get("label") or ""
+        if not image_text:
+            raise DatasetError(f"site CSV {csv_path} line {line}: empty image path")
+        label = parse_label(label_text)
+        if label is None:
+            raise DatasetError(
+                f"site CSV {csv_path} line {line}: label {label_text.strip()!r} is not one of "
+                f"{', '.join(CLASS_NAMES)} or an index 0-{len(CLASS_NAMES) - 1}"
+            )
+        scan.eligible += 1
+        image = os.path.abspath(csv_path.parent / image_text)
+        if not os.path.isfile(image):
+            scan.missing_lines.append(line)
+            continue
+        patient = (row.get("patient_id") or "").strip() if has_patient_column else ""
+        if not patient:
+            own_patient += 1
+            patient = f"image:{image_text}"
+        scan.items.append(
+            DataItem(image=image, label=label, patient_id=f"{name}:{patient}", source=scan.source)
+        )
+    if own_patient:
+        reason = "has no patient_id column" if not has_patient_column else "has empty patient_id cells"
+        scan.warnings.append(
+            f"{scan.source}: {csv_path.name} {reason}; {own_patient} image(s) each treated as its own "
+            "patient, so images of one patient may land in different splits"
+        )
+    scan.note_missing()
+    return scan
