@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from cxr_monai.commands import configure_logging
+from cxr_monai.commands.prepare import prepare
 from cxr_monai.constants import RESEARCH_USE_NOTICE
 
 app = typer.Typer(
@@ -23,3 +24,4 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug 
 
 
 # Commands are registered below, one line each.
+app.command("prepare")(prepare)
