@@ -33,11 +33,18 @@ class CXRImage:
         source_format: ``"dicom"``, ``"png"``, ``"jpeg"``, ``"nifti"`` or another Pillow format name
             in lower case.
         color_mode: how the file stored its pixels (Pillow mode such as ``"L"``/``"RGB"``/``"RGBA"``,
-            or the DICOM PhotometricInterpretation).
+            the DICOM PhotometricInterpretation, or the NIfTI voxel dtype).
         warnings: reasons the input may not suit this model (lateral view, not CR/DX, ...); the image
             was still read.
         dataset: the DICOM header (pydicom ``Dataset`` without PixelData) for DICOM inputs, else None.
             It may hold patient data: never log it.
+        extra: what outputs need, free of patient data. Always ``pixel_spacing_mm``: (row, column)
+            spacing in mm or None. DICOM adds ``transfer_syntax`` (name), ``transfer_syntax_uid``,
+            ``transfer_syntax_inferred``, ``bits_allocated``, ``bits_stored``, ``pixel_representation``,
+            ``photometric_interpretation``, ``modality``, ``view_position``, ``pixel_spacing_source``
+            (PixelSpacing or ImagerPixelSpacing), ``modality_lut`` / ``voi`` (what was applied:
+            "lut", "rescale"/"window" or "none"; ``window_center``/``window_width`` for a window),
+            ``inverted`` and ``output_range`` (low, high) of the display values.
     """
 
     pixels: np.ndarray
@@ -57,6 +64,11 @@ class CXRImage:
 def read_cxr(source: ImageSource) -> CXRImage:
     """Read one chest X-ray from a path or from the file's bytes.
 
+    The format is decided by content, never by extension alone: ``DICM`` after a 128-byte preamble
+    -> DICOM; a NIfTI-1/2 header (gzipped or not) or a ``.nii``/``.nii.gz`` name -> NIfTI; anything
+    Pillow identifies (PNG, JPEG, ...) -> Pillow; otherwise a raw DICOM data set without preamble
+    or file meta is tried.
+
     Args:
         source: a file path, or the whole file as bytes (as the gRPC server receives it).
 
@@ -64,15 +76,42 @@ def read_cxr(source: ImageSource) -> CXRImage:
         The decoded image; see :class:`CXRImage`.
 
     Raises:
-        InvalidImageError: the file is missing, truncated, not an image, multi-frame, too large, or in
-            a representation this reader does not support; the message says which.
+        InvalidImageError: the file is missing, empty, truncated, not an image, multi-frame, too large,
+            or in a representation this reader does not support; the message says which.
     """
     if isinstance(source, bytes):
-        return _read_pil(source, "<bytes>")
-    path = Path(source)
-    if not path.is_file():
-        raise InvalidImageError(f"{path}: no such file")
-    return _read_pil(path.read_bytes(), path.name)
+        data, name = source, "<bytes>"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise InvalidImageError(f"{path}: no such file")
+        data, name = path.read_bytes(), path.name
+    if not data:
+        raise InvalidImageError(f"{name}: file is empty")
+    return _dispatch(data, name)
+
+
+def _dispatch(data: bytes, name: str) -> CXRImage:
+    """Pick the reader from the content (see :func:`read_cxr`)."""
+    # The format modules build CXRImage, defined here, so they are imported at call time.
+    from cxr_monai import dicom, nifti
+
+    if dicom.looks_like_dicom(data):
+        return dicom.read_dicom(data, name)
+    if nifti.looks_like_nifti(data) or name.lower().endswith((".nii", ".nii.gz")):
+        return nifti.read_nifti(data, name)
+    if _pillow_identifies(data):
+        return _read_pil(data, name)
+    return dicom.read_dicom(data, name, force=True)
+
+
+def _pillow_identifies(data: bytes) -> bool:
+    """True when Pillow recognises the bytes as an image format (header only, no decoding)."""
+    try:
+        with Image.open(io.BytesIO(data)):
+            return True
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return False
 
 
 def _read_pil(data: bytes, name: str) -> CXRImage:
@@ -84,14 +123,15 @@ def _read_pil(data: bytes, name: str) -> CXRImage:
                 raise InvalidImageError(
                     f"{name}: image is {width} x {height} pixels; the limit is {MAX_SIDE} per side"
                 )
-            if getattr(img, "n_frames", 1) > 1:
-                raise InvalidImageError(f"{name}: image has {img.n_frames} frames; expected one")
+            frames = int(getattr(img, "n_frames", 1))
+            if frames > 1:
+                raise InvalidImageError(f"{name}: image has {frames} frames; expected one")
             mode = img.mode
             fmt = (img.format or "unknown").lower()
             pixels = _pil_to_gray(img)
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise InvalidImageError(f"{name}: not a readable image ({exc})") from exc
-    return CXRImage(pixels=pixels, source_format=fmt, color_mode=mode)
+    return CXRImage(pixels=pixels, source_format=fmt, color_mode=mode, extra={"pixel_spacing_mm": None})
 
 
 def _pil_to_gray(img: Image.Image) -> np.ndarray:

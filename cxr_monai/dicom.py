@@ -1,0 +1,297 @@
+"""Decode a single-frame DICOM chest radiograph into the grayscale array a viewer shows.
+
+Pipeline (PS3.3 C.11, the order a viewer applies): decode the stored values (pydicom + the pylibjpeg
+plugins for compressed transfer syntaxes) -> modality LUT (Modality LUT Sequence or Rescale
+Slope/Intercept) -> VOI LUT (VOI LUT Sequence, else the first Window Center/Width) -> inversion for
+MONOCHROME1 or Presentation LUT Shape INVERSE, so that bone is bright. Colour images (RGB and the YBR
+family) become their luminance (the Y of YBR_FULL) instead.
+
+Patient data stays in the returned header: no message or log line here quotes a tag value other than
+the technical ones (sizes, photometric interpretation, transfer syntax, modality, view).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_modality_lut, apply_voi_lut, convert_color_space
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from cxr_monai.errors import InvalidImageError
+from cxr_monai.io import MAX_SIDE, CXRImage
+
+logger = logging.getLogger(__name__)
+
+MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
+#: Modalities of projection chest radiographs; anything else gets a warning.
+RADIOGRAPHY_MODALITIES = ("CR", "DX")
+#: ViewPosition values (DICOM defined terms plus common free text) that mean a lateral projection.
+LATERAL_VIEWS = ("LL", "RL", "L", "LAT", "LATERAL", "LEFT LATERAL", "RIGHT LATERAL")
+#: Tags that, when present without a preamble, make a byte string look like a raw DICOM data set.
+_RAW_DATASET_EVIDENCE = ("SOPClassUID", "Modality", "Rows", "PixelData")
+
+
+def looks_like_dicom(data: bytes) -> bool:
+    """True when ``data`` is a DICOM Part 10 file (``DICM`` after the 128-byte preamble)."""
+    return len(data) >= 132 and data[128:132] == b"DICM"
+
+
+def parse_dicom(data: bytes, name: str, *, force: bool) -> Dataset:
+    """Parse a DICOM file or raw data set (``force=True``) from its bytes; pixels are not decoded.
+
+    Raises:
+        InvalidImageError: the bytes are not DICOM, or the file is truncated inside its header.
+    """
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=force)
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+        raise InvalidImageError(f"{name}: not a readable DICOM file ({type(exc).__name__}: {exc})") from exc
+    if force and not any(keyword in ds for keyword in _RAW_DATASET_EVIDENCE):
+        raise InvalidImageError(f"{name}: not a DICOM, PNG, JPEG or NIfTI image")
+    return ds
+
+
+def ensure_transfer_syntax(ds: Dataset) -> bool:
+    """Set file_meta.TransferSyntaxUID from how the data set was encoded when the file gave none.
+
+    A raw data set (no preamble, no file meta, as ACR-NEMA style writers produce) is read by pydicom
+    with its encoding detected (``ds.original_encoding``); decoding its pixels needs that encoding
+    as a transfer syntax. Returns True when the syntax was inferred here.
+    """
+    if "TransferSyntaxUID" in ds.get("file_meta", {}):
+        return False
+    implicit_vr, little_endian = ds.original_encoding
+    if implicit_vr:
+        syntax = ImplicitVRLittleEndian
+    elif little_endian:
+        syntax = ExplicitVRLittleEndian
+    else:
+        syntax = ExplicitVRBigEndian
+    if not hasattr(ds, "file_meta"):
+        ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = syntax
+    logger.debug("DICOM without a declared transfer syntax: inferred %s", syntax.name)
+    return True
+
+
+def check_header(ds: Dataset, name: str) -> None:
+    """Refuse, before any decoding, what this reader cannot turn into one grayscale image.
+
+    Raises:
+        InvalidImageError: no PixelData, more than one frame, Rows/Columns above
+            :data:`~cxr_monai.io.MAX_SIDE`, BitsAllocated not 8 or 16, BitsStored out of range,
+            or an unsupported PhotometricInterpretation.
+    """
+    if "PixelData" not in ds:
+        raise InvalidImageError(f"{name}: DICOM has no PixelData (it is not an image)")
+    rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    if rows < 1 or cols < 1:
+        raise InvalidImageError(f"{name}: DICOM has no valid Rows/Columns ({rows} x {cols})")
+    if max(rows, cols) > MAX_SIDE:
+        raise InvalidImageError(
+            f"{name}: DICOM image is {cols} x {rows} pixels (columns x rows); "
+            f"the limit is {MAX_SIDE} per side"
+        )
+    frames = int(ds.get("NumberOfFrames") or 1)
+    if frames > 1:
+        raise InvalidImageError(f"{name}: DICOM is multi-frame ({frames} frames); expected a single image")
+    bits_allocated = int(ds.get("BitsAllocated") or 0)
+    if bits_allocated not in (8, 16):
+        raise InvalidImageError(f"{name}: DICOM has BitsAllocated {bits_allocated}; expected 8 or 16")
+    bits_stored = int(ds.get("BitsStored") or bits_allocated)
+    if not 1 <= bits_stored <= bits_allocated:
+        raise InvalidImageError(
+            f"{name}: DICOM has BitsStored {bits_stored}; expected 1 to BitsAllocated ({bits_allocated})"
+        )
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    if photometric not in MONOCHROME + COLOUR:
+        raise InvalidImageError(
+            f"{name}: DICOM has PhotometricInterpretation {photometric or '(none)'}; expected "
+            f"MONOCHROME1, MONOCHROME2, RGB or YBR ({', '.join(COLOUR[1:])})"
+        )
+
+
+def decode_stored(ds: Dataset, name: str) -> np.ndarray:
+    """Decode PixelData to stored values: (rows, columns) for monochrome, (rows, columns, 3) RGB.
+
+    pydicom masks bits above BitsStored, sign-extends PixelRepresentation 1, expands YBR_FULL_422 and
+    converts YBR to RGB (JPEG 2000 YBR_ICT/YBR_RCT come out of the decoder as RGB).
+
+    Raises:
+        InvalidImageError: the decoder fails (truncated or corrupt pixel data, or a transfer syntax
+            without an installed decoder); the message names the transfer syntax.
+    """
+    syntax = UID(ds.file_meta.TransferSyntaxUID)
+    try:
+        return np.asarray(ds.pixel_array)
+    # Decoders raise many types (ValueError, RuntimeError, NotImplementedError, struct.error ...);
+    # each means the same thing to the caller: these pixels cannot be read.
+    except Exception as exc:
+        raise InvalidImageError(
+            f"{name}: DICOM pixel data ({syntax.name}) cannot be decoded ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def to_display(stored: np.ndarray, ds: Dataset) -> tuple[np.ndarray, dict[str, Any]]:
+    """Stored values -> float32 (rows, columns) display values, bright = dense.
+
+    Returns:
+        The pixels and what was applied: ``modality_lut`` ("lut", "rescale" or "none"), ``voi``
+        ("lut", "window" or "none", with ``window_center``/``window_width`` for a window),
+        ``inverted`` and ``output_range`` (the (low, high) range the grayscale pipeline maps into,
+        which MONOCHROME1 is inverted within).
+    """
+    photometric = str(ds.PhotometricInterpretation).strip()
+    if photometric in COLOUR:
+        # Luminance = the Y of YBR_FULL (ITU-R BT.601), computed by pydicom's colour conversion.
+        luma = convert_color_space(stored, "RGB", "YBR_FULL")[..., 0]
+        high = float(2 ** int(ds.BitsStored) - 1)
+        colour = {"modality_lut": "none", "voi": "none", "inverted": False, "output_range": (0.0, high)}
+        return luma.astype(np.float32), colour
+
+    voi = _voi_kind(ds)
+    info: dict[str, Any] = {"modality_lut": _modality_kind(ds), "voi": voi}
+    values = apply_voi_lut(apply_modality_lut(stored, ds), ds, index=0)
+    if voi == "window":
+        info["window_center"] = _first(ds.WindowCenter)
+        info["window_width"] = _first(ds.WindowWidth)
+    low, high = _output_range(ds, voi)
+    shape = str(ds.get("PresentationLUTShape", "")).strip().upper()
+    # One inversion whichever of the two asks for it: in the DX/MG IODs MONOCHROME1 *requires*
+    # Presentation LUT Shape INVERSE, and both describe the same single inversion to P-values.
+    # pydicom's apply_presentation_lut inverts around arr.max(), which depends on the image content;
+    # inverting within the pipeline's output range keeps a stored value's display value fixed.
+    inverted = photometric == "MONOCHROME1" or shape == "INVERSE"
+    if inverted:
+        values = (low + high) - np.asarray(values, dtype=np.float64)
+    info.update(inverted=inverted, output_range=(low, high))
+    return np.asarray(values, dtype=np.float32), info
+
+
+def _modality_kind(ds: Dataset) -> str:
+    """Which modality transformation apply_modality_lut performs for ``ds``."""
+    if ds.get("ModalityLUTSequence"):
+        return "lut"
+    if "RescaleSlope" in ds and "RescaleIntercept" in ds:
+        return "rescale"
+    return "none"
+
+
+def _voi_kind(ds: Dataset) -> str:
+    """Which VOI transformation apply_voi_lut (prefer_lut=True) performs for ``ds``."""
+    sequence = ds.get("VOILUTSequence")
+    if sequence and "LUTDescriptor" in sequence[0] and "LUTData" in sequence[0]:
+        return "lut"
+    if ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+        return "window"
+    return "none"
+
+
+def _first(value: Any) -> float:
+    """First of a multi-valued DS element (several windows: the first is the default)."""
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        value = value[0]
+    return float(value)
+
+
+def _output_range(ds: Dataset, voi: str) -> tuple[float, float]:
+    """(low, high) the modality + VOI stages can produce, as PS3.3 C.11 defines them.
+
+    A VOI LUT maps into [0, 2**bits - 1] with bits from its LUT Descriptor; a window (pydicom's
+    apply_windowing) and no VOI at all both keep the modality LUT's output range: the stored range
+    from BitsStored/PixelRepresentation, passed through Rescale Slope/Intercept, or the Modality LUT's
+    [0, 2**bits - 1]. pydicom computes this inside apply_windowing but does not expose it.
+    """
+    if voi == "lut":
+        return 0.0, float(2 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1)
+    if ds.get("ModalityLUTSequence"):
+        return 0.0, float(2 ** int(ds.ModalityLUTSequence[0].LUTDescriptor[2]) - 1)
+    bits = int(ds.BitsStored)
+    if int(ds.get("PixelRepresentation", 0)) == 0:
+        low, high = 0.0, float(2**bits - 1)
+    else:
+        low, high = float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
+    if "RescaleSlope" in ds and "RescaleIntercept" in ds:
+        slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+        low, high = sorted((low * slope + intercept, high * slope + intercept))
+    return low, high
+
+
+def suitability_warnings(ds: Dataset) -> tuple[str, ...]:
+    """Human-readable reasons the image may not suit a frontal chest radiograph model."""
+    found: list[str] = []
+    modality = str(ds.get("Modality", "")).strip().upper()
+    if modality and modality not in RADIOGRAPHY_MODALITIES:
+        found.append(f"Modality is {modality}; this model expects a chest radiograph (CR or DX)")
+    view = str(ds.get("ViewPosition", "")).strip().upper()
+    if view in LATERAL_VIEWS:
+        found.append(f"ViewPosition is {view} (lateral); this model expects a frontal (PA or AP) view")
+    body_part = str(ds.get("BodyPartExamined", "")).strip().upper()
+    if body_part and body_part != "CHEST":
+        found.append(f"BodyPartExamined is {body_part}; this model expects CHEST")
+    return tuple(found)
+
+
+def _pixel_spacing(ds: Dataset) -> tuple[tuple[float, float] | None, str | None]:
+    """(row spacing, column spacing) in mm and the tag it came from, or (None, None)."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = ds.get(keyword)
+        if value is not None and len(value) == 2:
+            return (float(value[0]), float(value[1])), keyword
+    return None, None
+
+
+def read_dicom(data: bytes, name: str, *, force: bool = False) -> CXRImage:
+    """Read a single-frame DICOM (Part 10 file, or a raw data set with ``force=True``).
+
+    Args:
+        data: the whole file.
+        name: how to name the input in error messages (file name or ``"<bytes>"``).
+        force: parse without the ``DICM`` preamble check (raw data sets).
+
+    Returns:
+        :class:`~cxr_monai.io.CXRImage` with float32 (rows, columns) display values (bright = dense),
+        ``color_mode`` = PhotometricInterpretation, ``dataset`` = the header without PixelData, and
+        ``extra`` holding transfer syntax, bits, what the grayscale pipeline applied and the pixel
+        spacing (mm, (row, column)).
+
+    Raises:
+        InvalidImageError: see :func:`parse_dicom`, :func:`check_header` and :func:`decode_stored`.
+    """
+    ds = parse_dicom(data, name, force=force)
+    inferred = ensure_transfer_syntax(ds)
+    check_header(ds, name)
+    stored = decode_stored(ds, name)
+    pixels, applied = to_display(stored, ds)
+    spacing, spacing_tag = _pixel_spacing(ds)
+    syntax = UID(ds.file_meta.TransferSyntaxUID)
+    extra: dict[str, Any] = {
+        "transfer_syntax": syntax.name,
+        "transfer_syntax_uid": str(syntax),
+        "transfer_syntax_inferred": inferred,
+        "bits_allocated": int(ds.BitsAllocated),
+        "bits_stored": int(ds.BitsStored),
+        "pixel_representation": int(ds.get("PixelRepresentation", 0)),
+        "photometric_interpretation": str(ds.PhotometricInterpretation).strip(),
+        "modality": str(ds.get("Modality", "")).strip() or None,
+        "view_position": str(ds.get("ViewPosition", "")).strip() or None,
+        "pixel_spacing_mm": spacing,
+        "pixel_spacing_source": spacing_tag,
+        **applied,
+    }
+    del ds.PixelData
+    return CXRImage(
+        pixels=pixels,
+        source_format="dicom",
+        color_mode=extra["photometric_interpretation"],
+        warnings=suitability_warnings(ds),
+        dataset=ds,
+        extra=extra,
+    )
