@@ -5,7 +5,9 @@ from __future__ import annotations
 import typer
 
 from cxr_monai.commands import configure_logging
+from cxr_monai.commands.explain import explain
 from cxr_monai.commands.prepare import prepare
+from cxr_monai.commands.progression import progression
 from cxr_monai.constants import RESEARCH_USE_NOTICE
 
 app = typer.Typer(
@@ -25,3 +27,5 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug 
 
 # Commands are registered below, one line each.
 app.command("prepare")(prepare)
+app.command("explain")(explain)
+app.command("progression")(progression)

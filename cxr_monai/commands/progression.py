@@ -1,0 +1,104 @@
+"""``cxr-monai progression``: one montage of a patient's studies over time, maps on one scale."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from cxr_monai.commands import console, user_errors
+from cxr_monai.commands.explain import BUNDLE_ENV, atomic_output, resolve_bundle, usage_error
+from cxr_monai.constants import RESEARCH_USE_NOTICE
+from cxr_monai.data.datalist import write_json_atomic
+from cxr_monai.explain import AREA_THRESHOLD, Explainer, area_above, normalise_series, peak_location
+from cxr_monai.io import read_cxr
+from cxr_monai.predictor import Predictor
+from cxr_monai.progression import Study, datalist_series, order_studies, render_montage
+
+
+def _load_studies(
+    files: list[Path], datalist: Path | None, patient_id: str | None
+) -> tuple[list[Study], str, str]:
+    """(studies in time order, how they were ordered, montage title)."""
+    if datalist is not None:
+        if patient_id is None:
+            raise usage_error("--datalist needs --patient-id")
+        items = datalist_series(datalist, patient_id)
+        studies = []
+        for item in items:
+            offset, view = item.get("offset"), item.get("view") or "?"
+            day = None if offset is None else float(offset)
+            label = f"day {offset:g}, {view}" if isinstance(offset, (int, float)) else f"day ?, {view}"
+            studies.append(Study(Path(item["image"]), read_cxr(item["image"]), label, day))
+        return studies, "offset (days since symptom onset)", f"Patient {patient_id}"
+    if not files:
+        raise usage_error("give image FILEs, or --datalist FILE --patient-id ID")
+    studies, how = order_studies([(path, read_cxr(path)) for path in files])
+    return studies, how, f"{len(studies)} studies"
+
+
+def progression(
+    files: list[Path] = typer.Argument(None, help="One patient's studies (DICOM ordered by StudyDate)."),
+    bundle: Path | None = typer.Option(
+        None, "--bundle", envvar=BUNDLE_ENV, help=f"Trained bundle directory (default: ${BUNDLE_ENV})."
+    ),
+    out: Path = typer.Option(..., "--out", help="Output directory (progression.png, progression.json)."),
+    datalist: Path | None = typer.Option(None, "--datalist", help="Datalist from `cxr-monai prepare`."),
+    patient_id: str | None = typer.Option(
+        None, "--patient-id", help="Patient in the datalist (e.g. covid:19 or 19); images ordered by offset."
+    ),
+    batch_size: int = typer.Option(4, "--batch-size", min=1, help="Images per Grad-CAM batch."),
+) -> None:
+    """Montage of one patient's studies with Grad-CAM, normalised by the series maximum.
+
+    Examples:
+      cxr-monai progression day1.dcm day5.dcm --bundle out/bundle --out out/progression
+      cxr-monai progression --datalist out/datalist.json --patient-id 19 --bundle out/bundle --out out/prog
+    """
+    bundle_dir = resolve_bundle(bundle)
+    with user_errors():
+        predictor = Predictor.from_bundle(bundle_dir)
+        studies, ordered_by, title = _load_studies(list(files or []), datalist, patient_id)
+        results = Explainer(predictor.model, predictor.preprocess, batch_size).explain(
+            [s.image for s in studies]
+        )
+        heatmaps = normalise_series([r.raw_map for r in results])
+        areas = [area_above(h) for h in heatmaps]
+        fig = render_montage(
+            studies,
+            heatmaps,
+            [r.probabilities for r in results],
+            areas,
+            predictor.class_names,
+            f"{title} - {predictor.model_name} ({predictor.backbone}) - {RESEARCH_USE_NOTICE}",
+        )
+        with atomic_output(out / "progression.png") as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+        record: dict[str, Any] = {
+            "ordered_by": ordered_by,
+            "normalisation": "series maximum",
+            "model": {
+                "name": predictor.model_name,
+                "version": predictor.model_version,
+                "backbone": predictor.backbone,
+            },
+            "studies": [
+                {
+                    "input": study.path.name,
+                    "label": study.label,
+                    "day": study.day,
+                    "probabilities": {
+                        c: float(p) for c, p in zip(predictor.class_names, r.probabilities, strict=True)
+                    },
+                    "predicted_class": predictor.class_names[r.predicted_index],
+                    "peak_row_col": list(peak_location(h)) if float(h.max()) > 0 else None,
+                    f"fraction_above_{AREA_THRESHOLD:g}": area,
+                    "warnings": list(study.image.warnings),
+                }
+                for study, r, h, area in zip(studies, results, heatmaps, areas, strict=True)
+            ],
+            "intended_use": RESEARCH_USE_NOTICE,
+        }
+        write_json_atomic(out / "progression.json", record)
+    console.print(f"progression of {len(studies)} studies ({ordered_by}) in {out}", highlight=False)

@@ -1,0 +1,230 @@
+"""Grad-CAM heat maps (Captum ``LayerGradCam``) carried back onto the original image's pixel grid.
+
+One call does one forward pass and a backward pass from the target logit to the hooked block only::
+
+    (B, 3, S, S) network input ──► LayerGradCam on ``model.gradcam_layer`` (ReLU'd, (B, 1, h, w))
+        ──► bilinear upsampling to (S, S) ──► :func:`to_original_grid` (rows, cols) ──► normalise
+
+:func:`to_original_grid` is the one place that inverts the inference chain's geometry (a stretch resize
+of (rows, cols) to (S, S), see :func:`cxr_monai.transforms.inference_transforms`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from captum.attr import LayerAttribution, LayerGradCam
+from monai.data import MetaTensor
+from monai.transforms import Resize
+from torch import nn
+from torch.nn.modules import module as torch_module
+
+from cxr_monai.constants import CLASS_NAMES
+from cxr_monai.errors import CXRMonaiError
+from cxr_monai.io import CXRImage
+
+#: Threshold of the normalised map that defines the "heat-map area" (fraction of the image above it).
+AREA_THRESHOLD: float = 0.5
+
+
+def count_hooks(model: nn.Module) -> int:
+    """Forward/backward (pre-)hooks on ``model``'s modules plus torch's global module hooks."""
+    per_module = sum(
+        len(m._forward_hooks)
+        + len(m._forward_pre_hooks)
+        + len(m._backward_hooks)
+        + len(m._backward_pre_hooks)
+        for m in model.modules()
+    )
+    global_hooks = (
+        len(torch_module._global_forward_hooks)
+        + len(torch_module._global_forward_pre_hooks)
+        + len(torch_module._global_backward_hooks)
+        + len(torch_module._global_backward_pre_hooks)
+    )
+    return per_module + global_hooks
+
+
+def class_index(name: str, class_names: Sequence[str] = CLASS_NAMES) -> int:
+    """Position of ``name`` in ``class_names`` (case-insensitive); a CXRMonaiError names the choices."""
+    lowered = [c.lower() for c in class_names]
+    if name.lower() not in lowered:
+        raise CXRMonaiError(f"unknown class {name!r}; expected one of {', '.join(class_names)}")
+    return lowered.index(name.lower())
+
+
+@dataclass(frozen=True)
+class GradCAMBatch:
+    """Grad-CAM of one batch on the network input grid.
+
+    Attributes:
+        maps: float32 (B, S, S), >= 0, not normalised (units of logit x activation).
+        probabilities: float32 (B, C), softmax of the logits of the same forward pass.
+        target_indices: int64 (B,), the class each map explains.
+    """
+
+    maps: np.ndarray
+    probabilities: np.ndarray
+    target_indices: np.ndarray
+
+
+class GradCAM:
+    """Captum ``LayerGradCam`` on ``layer`` (default ``model.gradcam_layer``) of an eager classifier.
+
+    The forward function handed to Captum runs ``model`` once, keeps its logits (for the probabilities)
+    and returns each image's target logit (predicted class, or the class given), so the prediction and
+    the map come from one forward pass instead of two.
+    """
+
+    def __init__(self, model: nn.Module, layer: nn.Module | None = None) -> None:
+        if isinstance(model, torch.jit.ScriptModule):
+            raise TypeError("Grad-CAM needs the eager model: hooks do not attach to TorchScript")
+        self.model = model
+        self.layer = layer if layer is not None else model.gradcam_layer
+
+    def __call__(self, inputs: torch.Tensor, target: int | None = None) -> GradCAMBatch:
+        """Explain a batch.
+
+        Args:
+            inputs: float32 (B, 3, S, S) network input (already pre-processed).
+            target: class index to explain for every image; None explains each image's predicted class.
+
+        Raises:
+            RuntimeError: Captum left a hook on the model (it removes its own; this guards the contract).
+        """
+        hooks_before = count_hooks(self.model)
+        kept: dict[str, torch.Tensor] = {}
+
+        def target_logit(x: torch.Tensor) -> torch.Tensor:
+            logits = self.model(x)
+            kept["logits"] = logits.detach()
+            if target is None:
+                index = logits.detach().argmax(dim=1)
+            else:
+                index = torch.full((logits.shape[0],), int(target), dtype=torch.long, device=logits.device)
+            kept["index"] = index
+            return logits.gather(1, index[:, None]).squeeze(1)  # (B,): one scalar per image
+
+        cam = LayerGradCam(forward_func=target_logit, layer=self.layer)
+        attributions = cam.attribute(inputs, target=None, relu_attributions=True)
+        if count_hooks(self.model) != hooks_before:
+            raise RuntimeError("Grad-CAM left hooks on the model")
+        upsampled = LayerAttribution.interpolate(
+            attributions, tuple(inputs.shape[-2:]), interpolate_mode="bilinear"
+        )
+        return GradCAMBatch(
+            maps=upsampled[:, 0].detach().float().cpu().numpy(),
+            probabilities=torch.softmax(kept["logits"].float(), dim=1).cpu().numpy(),
+            target_indices=kept["index"].cpu().numpy(),
+        )
+
+
+def to_original_grid(heatmap: np.ndarray, original_shape: tuple[int, int]) -> np.ndarray:
+    """Carry a map from the network grid (S, S) back onto the original image's (rows, cols).
+
+    The inference chain stretches (rows, cols) to (S, S) with MONAI ``Resize`` (bilinear, pixel centres
+    aligned, ``align_corners=False``); the inverse is the same resize back to (rows, cols). Flips and
+    crops are not part of the inference chain, so nothing else needs undoing.
+
+    Returns: float32 (rows, cols), values within the input map's range.
+    """
+    rows, cols = (int(s) for s in original_shape)
+    resize = Resize((rows, cols), mode="bilinear", anti_aliasing=False)
+    out = resize(torch.as_tensor(np.asarray(heatmap, dtype=np.float32))[None])
+    return np.asarray(out[0], dtype=np.float32)
+
+
+def normalise(heatmap: np.ndarray, maximum: float | None = None) -> np.ndarray:
+    """Scale a non-negative map to [0, 1] by ``maximum`` (default: its own maximum).
+
+    An all-zero map (or ``maximum == 0``) stays all zero instead of dividing by zero.
+    """
+    peak = float(np.max(heatmap)) if maximum is None else float(maximum)
+    if peak <= 0.0:
+        return np.zeros_like(heatmap, dtype=np.float32)
+    return np.clip(heatmap / peak, 0.0, 1.0).astype(np.float32)
+
+
+def normalise_series(heatmaps: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Normalise each map of a series by the series maximum, so areas compare from study to study."""
+    series_max = max((float(np.max(h)) for h in heatmaps), default=0.0)
+    return [normalise(h, series_max) for h in heatmaps]
+
+
+def peak_location(heatmap: np.ndarray) -> tuple[int, int]:
+    """(row, col) of the map's maximum, in the map's own pixel grid."""
+    row, col = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+    return int(row), int(col)
+
+
+def area_above(heatmap: np.ndarray, threshold: float = AREA_THRESHOLD) -> float:
+    """Fraction of the pixels of a normalised map strictly above ``threshold``."""
+    return float(np.mean(heatmap > threshold))
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Prediction and Grad-CAM of one image.
+
+    Attributes:
+        probabilities: float32 (C,).
+        predicted_index: argmax of ``probabilities``.
+        target_index: the class the map explains.
+        raw_map: float32 (rows, cols) on the original pixel grid, >= 0, not normalised.
+    """
+
+    probabilities: np.ndarray
+    predicted_index: int
+    target_index: int
+    raw_map: np.ndarray
+
+
+class Explainer:
+    """Pre-process, predict and explain images in batches with one eager model.
+
+    Args:
+        model: the eager classifier (eval mode) with a ``gradcam_layer``.
+        preprocess: CXRImage -> float32 (3, S, S), e.g. ``inference_transforms(S)``.
+        batch_size: images per Grad-CAM call.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        preprocess: Callable[[Any], Any],
+        batch_size: int = 8,
+        layer: nn.Module | None = None,
+    ) -> None:
+        self.cam = GradCAM(model, layer)
+        self.preprocess = preprocess
+        self.batch_size = max(1, int(batch_size))
+        self.device = next(model.parameters()).device
+
+    def explain(self, images: Sequence[CXRImage], target: int | None = None) -> list[Explanation]:
+        """One :class:`Explanation` per image, in order; ``target`` None explains the predicted class."""
+        results: list[Explanation] = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start : start + self.batch_size]
+            with torch.no_grad():  # pre-processing only; Grad-CAM below enables gradients itself
+                batch = torch.stack([_plain_tensor(self.preprocess(img)) for img in chunk])
+            out = self.cam(batch.float().to(self.device), target)
+            for i, image in enumerate(chunk):
+                probabilities = out.probabilities[i]
+                results.append(
+                    Explanation(
+                        probabilities=probabilities,
+                        predicted_index=int(np.argmax(probabilities)),
+                        target_index=int(out.target_indices[i]),
+                        raw_map=to_original_grid(out.maps[i], image.shape),
+                    )
+                )
+        return results
+
+
+def _plain_tensor(x: Any) -> torch.Tensor:
+    """A MONAI MetaTensor (or array) as a plain tensor, so the model sees no metadata."""
+    return x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
