@@ -1,0 +1,134 @@
+"""Evaluation plots as matplotlib figures (Agg canvas, no pyplot state): each titled and carrying the
+research-use notice. The caller saves them (:func:`save_png`)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay
+
+from cxr_monai.constants import CLASS_NAMES, RESEARCH_USE_NOTICE
+from cxr_monai.metrics import ReliabilityBins
+
+
+def _figure(title: str, width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    fig.suptitle(title)
+    fig.text(0.5, 0.0, RESEARCH_USE_NOTICE, ha="center", va="bottom", fontsize=8, color="darkred")
+    return fig
+
+
+def save_png(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
+    """Write ``fig`` as PNG atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            fig.savefig(handle, format="png", dpi=dpi)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def confusion_matrix_figure(
+    cm: np.ndarray, class_names: Sequence[str] = CLASS_NAMES, title: str = ""
+) -> Figure:
+    """Counts (left) and row-normalised shares (right; each true class sums to 1). ``cm`` (K, K),
+    rows = true class, columns = predicted class."""
+    fig = _figure(title or "Confusion matrix", 11.0, 4.8)
+    counts_ax, norm_ax = fig.subplots(1, 2)
+    cm = np.asarray(cm)
+    ConfusionMatrixDisplay(cm, display_labels=list(class_names)).plot(
+        ax=counts_ax, colorbar=False, values_format="d"
+    )
+    counts_ax.set_title("counts")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = cm / cm.sum(axis=1, keepdims=True)
+    ConfusionMatrixDisplay(np.nan_to_num(share), display_labels=list(class_names)).plot(
+        ax=norm_ax, colorbar=False, values_format=".2f"
+    )
+    norm_ax.set_title("share of each true class (recall on the diagonal)")
+    return fig
+
+
+def roc_figure(
+    y_true: np.ndarray, y_prob: np.ndarray, class_names: Sequence[str] = CLASS_NAMES, title: str = ""
+) -> Figure:
+    """One-vs-rest ROC curve per class present (and absent from no image), AUROC in the legend."""
+    fig = _figure(title or "ROC curves (one-vs-rest)", 6.0, 5.5)
+    ax = fig.subplots()
+    y_true = np.asarray(y_true)
+    for k, name in enumerate(class_names):
+        positive = y_true == k
+        if 0 < positive.sum() < positive.size:
+            RocCurveDisplay.from_predictions(
+                positive, y_prob[:, k], name=name, ax=ax, plot_chance_level=k == 0
+            )
+    ax.set_xlabel("1 - specificity (false positive rate)")
+    ax.set_ylabel("sensitivity (true positive rate)")
+    ax.legend(loc="lower right")
+    return fig
+
+
+def reliability_figure(bins: ReliabilityBins, ece: float | None, title: str = "") -> Figure:
+    """Top-label reliability diagram: accuracy vs mean confidence per bin, image counts beneath."""
+    fig = _figure(title or "Reliability diagram (top-label)", 6.0, 6.5)
+    acc_ax, count_ax = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    width = np.diff(bins.edges)
+    centers = bins.edges[:-1] + width / 2
+    filled = bins.counts > 0
+    acc_ax.bar(
+        centers[filled], bins.accuracy[filled], width=width[filled], edgecolor="black", label="accuracy"
+    )
+    acc_ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+    acc_ax.plot(
+        bins.confidence[filled], bins.accuracy[filled], "o", color="darkorange", label="bin mean confidence"
+    )
+    acc_ax.set_ylabel("fraction correct")
+    acc_ax.set_ylim(0, 1)
+    acc_ax.set_title("ECE n/a" if ece is None else f"expected calibration error {ece:.3f}")
+    acc_ax.legend(loc="upper left")
+    count_ax.bar(centers, bins.counts, width=width, edgecolor="black", color="gray")
+    count_ax.set_xlabel("confidence (top-label probability)")
+    count_ax.set_ylabel("images")
+    count_ax.set_xlim(0, 1)
+    return fig
+
+
+def training_curves_figure(log: Sequence[Mapping[str, Any]], title: str = "") -> Figure | None:
+    """Per-epoch curves from a training log (list of dicts with ``epoch`` and numeric figures): losses
+    on the left, every other numeric key on the right. None when the log has nothing to plot."""
+    keys = sorted(
+        {k for row in log for k, v in row.items() if k != "epoch" and isinstance(v, (int, float)) and v == v}
+    )
+    if not keys:
+        return None
+    fig = _figure(title or "Training curves", 11.0, 4.5)
+    loss_ax, other_ax = fig.subplots(1, 2)
+    for key in keys:
+        points = [
+            (row.get("epoch", i + 1), row[key])
+            for i, row in enumerate(log)
+            if isinstance(row.get(key), (int, float))
+        ]
+        epochs, values = zip(*points, strict=True)
+        ax = loss_ax if "loss" in key.lower() else other_ax
+        ax.plot(epochs, values, marker="o", label=key)
+    for ax, name in ((loss_ax, "loss"), (other_ax, "other figures")):
+        ax.set_xlabel("epoch")
+        ax.set_title(name)
+        if ax.has_data():
+            ax.legend()
+        else:
+            ax.set_axis_off()
+    return fig

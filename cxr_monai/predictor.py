@@ -1,0 +1,196 @@
+"""The one inference core the CLI and the server share: load a trained bundle, predict batches.
+
+A *trained bundle* is a directory with ``configs/inference.json`` (its ``network_def`` builds the
+network; ``backbone`` and ``spatial_size`` describe it), ``configs/metadata.json`` (name, version) and
+``models/model.pt`` (a plain ``state_dict`` of that network).
+
+Pre-processing is :func:`cxr_monai.transforms.inference_transforms` - the same chain builder as the
+bundle's ``preprocessing`` - so a file gives the same tensor here as through ``monai.bundle``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.bundle import ConfigParser
+from monai.transforms import Compose
+from torch import nn
+
+from cxr_monai.constants import CLASS_NAMES, DEFAULT_SPATIAL_SIZE
+from cxr_monai.errors import BundleError
+from cxr_monai.io import CXRImage, ImageSource
+from cxr_monai.transforms import inference_transforms
+
+logger = logging.getLogger(__name__)
+
+INFERENCE_CONFIG = Path("configs") / "inference.json"
+METADATA = Path("configs") / "metadata.json"
+WEIGHTS = Path("models") / "model.pt"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's result: ``probabilities`` float array (K,) summing to 1, in class order."""
+
+    probabilities: np.ndarray
+    predicted_index: int
+    predicted_class: str
+
+
+def default_device() -> torch.device:
+    """CUDA when available, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def read_bundle_config(bundle_dir: str | Path) -> ConfigParser:
+    """Parse ``configs/inference.json`` (with ``configs/metadata.json`` under ``_meta_``, if present).
+
+    Raises:
+        BundleError: the directory, ``configs/`` or ``inference.json`` is missing or unreadable.
+    """
+    bundle = Path(bundle_dir)
+    if not bundle.is_dir():
+        raise BundleError(
+            f"{bundle}: no such bundle directory (expected a trained bundle: configs/, models/)"
+        )
+    config_file = bundle / INFERENCE_CONFIG
+    if not config_file.is_file():
+        raise BundleError(
+            f"{config_file}: missing; {bundle} is not a trained bundle (configs/inference.json)"
+        )
+    parser = ConfigParser()
+    try:
+        parser.read_config(str(config_file))
+        if (bundle / METADATA).is_file():
+            parser.read_meta(str(bundle / METADATA))
+    except (ValueError, OSError) as exc:
+        raise BundleError(f"{config_file}: cannot be read ({exc})") from exc
+    if "network_def" not in parser:
+        raise BundleError(f"{config_file}: has no 'network_def'")
+    return parser
+
+
+class Predictor:
+    """A network in eval mode plus its pre-processing.
+
+    Attributes:
+        model: the eager ``nn.Module`` (eval mode, on ``device``); logits (B, K) from (B, 3, S, S).
+        backbone: the bundle's ``backbone`` name.
+        spatial_size: S, the square input side in pixels.
+        model_name, model_version: from ``metadata.json`` (``"unknown"`` when absent).
+        class_names: the class order of the probabilities.
+        preprocess: path/bytes/CXRImage -> tensor (3, S, S), ImageNet-normalised.
+        device: where the network runs.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        backbone: str,
+        spatial_size: int = DEFAULT_SPATIAL_SIZE,
+        model_name: str = "unknown",
+        model_version: str = "unknown",
+        class_names: Sequence[str] = CLASS_NAMES,
+        device: str | torch.device | None = None,
+    ) -> None:
+        self.device = torch.device(device) if device is not None else default_device()
+        self.model = model.to(self.device).eval()
+        self.backbone = backbone
+        self.spatial_size = int(spatial_size)
+        self.model_name = model_name
+        self.model_version = model_version
+        self.class_names = tuple(class_names)
+        self.preprocess: Compose = inference_transforms(self.spatial_size)
+
+    @classmethod
+    def from_bundle(cls, bundle_dir: str | Path, device: str | torch.device | None = None) -> Predictor:
+        """Build ``network_def`` from the bundle and load ``models/model.pt`` into it (strictly).
+
+        Raises:
+            BundleError: a config or the weights file is missing, unreadable, or does not fit the network.
+        """
+        bundle = Path(bundle_dir)
+        parser = read_bundle_config(bundle)
+        weights = bundle / WEIGHTS
+        if not weights.is_file():
+            raise BundleError(f"{weights}: missing; {bundle} holds no trained weights (models/model.pt)")
+        try:
+            network = parser.get_parsed_content("network_def", instantiate=True)
+        except Exception as exc:  # ConfigParser wraps any construction error in a generic RuntimeError
+            raise BundleError(f"{bundle / INFERENCE_CONFIG}: cannot build 'network_def' ({exc})") from exc
+        if not isinstance(network, nn.Module):
+            raise BundleError(f"{bundle / INFERENCE_CONFIG}: 'network_def' is not a torch nn.Module")
+        state = _load_state_dict(weights)
+        try:
+            network.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            first_line = str(exc).splitlines()[0]
+            detail = " ".join(line.strip() for line in str(exc).splitlines()[1:3])
+            raise BundleError(
+                f"{weights}: does not match the bundle's network_def ({first_line} {detail[:300]})"
+            ) from exc
+        meta: dict[str, Any] = parser.get("_meta_", {}) or {}
+        backbone = _parsed(parser, "backbone", getattr(network, "backbone_name", "unknown"))
+        predictor = cls(
+            network,
+            backbone=str(backbone),
+            spatial_size=int(_parsed(parser, "spatial_size", DEFAULT_SPATIAL_SIZE)),
+            model_name=str(meta.get("name", bundle.name)),
+            model_version=str(meta.get("version", "unknown")),
+            device=device,
+        )
+        logger.info(
+            "loaded bundle %s (%s, backbone %s, %d px) on %s",
+            bundle,
+            predictor.model_version,
+            predictor.backbone,
+            predictor.spatial_size,
+            predictor.device,
+        )
+        return predictor
+
+    @torch.inference_mode()
+    def predict_tensors(self, batch: torch.Tensor) -> np.ndarray:
+        """Pre-processed images (B, 3, S, S) -> probabilities (B, K), float32."""
+        logits = self.model(batch.to(self.device))
+        return torch.softmax(logits.float(), dim=1).cpu().numpy()
+
+    def predict(self, images: Sequence[ImageSource | CXRImage], batch_size: int = 8) -> list[Prediction]:
+        """Classify images (paths, file bytes or decoded :class:`CXRImage`), ``batch_size`` at a time.
+
+        Raises:
+            InvalidImageError: an image cannot be read (the message names it).
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        results: list[Prediction] = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            batch = torch.stack([torch.as_tensor(self.preprocess(image)) for image in chunk])
+            for probs in self.predict_tensors(batch):
+                index = int(np.argmax(probs))
+                results.append(Prediction(probs, index, self.class_names[index]))
+        return results
+
+
+def _parsed(parser: ConfigParser, key: str, default: Any) -> Any:
+    """The resolved value of a top-level config key, or ``default`` when the config lacks it."""
+    return parser.get_parsed_content(key) if key in parser else default
+
+
+def _load_state_dict(weights: Path) -> dict[str, torch.Tensor]:
+    """Read a plain state_dict onto the CPU (tensors only: ``weights_only``)."""
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several unrelated types for a corrupt or foreign file
+        raise BundleError(f"{weights}: not a readable PyTorch state_dict ({exc})") from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BundleError(f"{weights}: expected a plain state_dict (parameter name -> tensor)")
+    return state
