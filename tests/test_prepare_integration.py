@@ -87,7 +87,7 @@ def test_no_patient_in_two_splits(prepared: tuple[dict[str, Any], dict[str, Any]
     assert not shared
     assert {name for names in splits.values() for name in names} == {"test"} | {f"fold_{k}" for k in range(5)}
     # patients with several images really are grouped: the IM-0505 pair and multi-image covid patients
-    per_patient = defaultdict(int)
+    per_patient: dict[str, int] = defaultdict(int)
     for item in datalist["training"] + datalist["test"]:
         per_patient[item["patient_id"]] += 1
     assert per_patient["kaggle:IM-0505"] == 2
