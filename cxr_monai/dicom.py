@@ -90,7 +90,7 @@ def check_header(ds: Dataset, name: str) -> None:
             or an unsupported PhotometricInterpretation.
     """
     if "PixelData" not in ds:
-        raise InvalidImageError(f"{name}: DICOM has no PixelData (it is not an image)")
+        raise InvalidImageError(f"{name}: DICOM has no PixelData (not an image, or the file is truncated)")
     rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
     if rows < 1 or cols < 1:
         raise InvalidImageError(f"{name}: DICOM has no valid Rows/Columns ({rows} x {cols})")
@@ -135,7 +135,8 @@ def decode_stored(ds: Dataset, name: str) -> np.ndarray:
     # each means the same thing to the caller: these pixels cannot be read.
     except Exception as exc:
         raise InvalidImageError(
-            f"{name}: DICOM pixel data ({syntax.name}) cannot be decoded ({type(exc).__name__}: {exc})"
+            f"{name}: DICOM pixel data ({syntax.name}) cannot be decoded; the file may be truncated "
+            f"or corrupt ({type(exc).__name__}: {exc})"
         ) from exc
 
 

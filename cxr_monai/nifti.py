@@ -23,6 +23,8 @@ import nibabel as nib
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+from nibabel.spatialimages import HeaderDataError
+from nibabel.wrapstruct import WrapStructError
 
 from cxr_monai.errors import InvalidImageError
 from cxr_monai.io import MAX_SIDE, CXRImage
@@ -59,7 +61,7 @@ def _load(data: bytes, name: str) -> nib.Nifti1Image | nib.Nifti2Image:
     try:
         file_map = klass.make_file_map({"image": stream, "header": stream})
         return klass.from_file_map(file_map)
-    except (ImageFileError, nib.spatialimages.HeaderDataError, OSError, EOFError, ValueError) as exc:
+    except (ImageFileError, HeaderDataError, WrapStructError, OSError, EOFError, ValueError) as exc:
         raise InvalidImageError(f"{name}: not a readable NIfTI file ({exc})") from exc
 
 
@@ -73,7 +75,8 @@ def read_nifti(data: bytes, name: str) -> CXRImage:
     Returns:
         :class:`~cxr_monai.io.CXRImage` with float32 (rows, columns) values after the header's
         scl_slope/scl_inter, oriented as described in the module docstring; ``extra`` has
-        ``pixel_spacing_mm`` (row, column) from the voxel sizes.
+        ``pixel_spacing_mm`` (row, column) from the voxel sizes and ``orientation`` (the anatomical
+        directions of columns and rows, e.g. "LP"); a warning when the file has no orientation.
 
     Raises:
         InvalidImageError: unreadable or truncated, a 3-D volume or a time series, a side above
@@ -104,9 +107,16 @@ def read_nifti(data: bytes, name: str) -> CXRImage:
     keep = [axis for axis in range(3) if axis != drop]
     pixels = np.squeeze(voxels, axis=drop).T
     spacing = (float(zooms[keep[1]]), float(zooms[keep[0]]))
+    warnings: tuple[str, ...] = ()
+    if int(img.header["sform_code"]) == 0 and int(img.header["qform_code"]) == 0:
+        warnings = (
+            "NIfTI has no orientation (qform_code and sform_code are 0); up/down and left/right "
+            "follow nibabel's default (LAS) and may be wrong",
+        )
     return CXRImage(
         pixels=np.ascontiguousarray(pixels, dtype=np.float32),
         source_format="nifti",
         color_mode=str(img.get_data_dtype()),
+        warnings=warnings,
         extra={"pixel_spacing_mm": spacing, "orientation": "".join(VIEWER_AXCODES[a] for a in keep)},
     )

@@ -1,0 +1,87 @@
+"""read_cxr refuses what it cannot read with an InvalidImageError naming the problem, never patient data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cxr_monai.errors import CXRMonaiError, InvalidImageError
+from cxr_monai.io import MAX_SIDE, read_cxr
+from tests.dicom_factory import PATIENT_ID, PATIENT_NAME, gradient, make_dataset, save
+
+
+def _refused(source: Path | bytes, *fragments: str) -> str:
+    """Read ``source``, expect InvalidImageError containing every fragment; return the message."""
+    with pytest.raises(InvalidImageError) as caught:
+        read_cxr(source)
+    message = str(caught.value)
+    for fragment in fragments:
+        assert fragment in message
+    for secret in (PATIENT_ID, *PATIENT_NAME.split("^")):
+        assert secret not in message
+    return message
+
+
+def test_error_type_is_the_projects_and_a_value_error() -> None:
+    assert issubclass(InvalidImageError, CXRMonaiError)
+    assert issubclass(InvalidImageError, ValueError)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    _refused(tmp_path / "nope.dcm", "nope.dcm", "no such file")
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    path = tmp_path / "empty.dcm"
+    path.write_bytes(b"")
+    _refused(path, "empty.dcm", "empty")
+    _refused(b"", "empty")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"hello, this is a text file and not an image\n" * 20, np.random.default_rng(0).bytes(4096)],
+    ids=["text", "random"],
+)
+def test_not_an_image(data: bytes) -> None:
+    _refused(data, "not a")
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.9, 0.05], ids=["pixel-data-half", "pixel-data-tail", "header"])
+def test_truncated_dicom(tmp_path: Path, keep: float) -> None:
+    data = save(make_dataset(gradient(16)), tmp_path / "a.dcm").read_bytes()
+    _refused(data[: int(len(data) * keep)], "truncated")
+
+
+def test_no_pixel_data(tmp_path: Path) -> None:
+    ds = make_dataset(gradient(8))
+    del ds.PixelData
+    _refused(save(ds, tmp_path / "a.dcm"), "no PixelData")
+
+
+def test_multi_frame(tmp_path: Path) -> None:
+    frames = np.stack([gradient(8)] * 3)
+    _refused(save(make_dataset(frames), tmp_path / "a.dcm"), "multi-frame", "3 frames")
+
+
+def test_palette_colour(tmp_path: Path) -> None:
+    ds = make_dataset(gradient(8), "PALETTE COLOR")
+    _refused(
+        save(ds, tmp_path / "a.dcm"),
+        "PhotometricInterpretation PALETTE COLOR",
+        "expected MONOCHROME1, MONOCHROME2, RGB or YBR",
+    )
+
+
+def test_oversized_header_refused_before_decoding(tmp_path: Path) -> None:
+    ds = make_dataset(gradient(8))  # 48 x 64 pixels of data, but the header claims far more
+    ds.Rows = MAX_SIDE + 1
+    _refused(save(ds, tmp_path / "a.dcm"), f"{MAX_SIDE + 1}", f"limit is {MAX_SIDE}")
+
+
+def test_bits_allocated_32(tmp_path: Path) -> None:
+    ds = make_dataset(gradient(16))
+    ds.BitsAllocated = 32
+    _refused(save(ds, tmp_path / "a.dcm"), "BitsAllocated 32", "expected 8 or 16")
