@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from cxr_monai.commands import configure_logging
+from cxr_monai.commands.evaluate import evaluate
 from cxr_monai.commands.explain import explain
 from cxr_monai.commands.prepare import prepare
 from cxr_monai.commands.progression import progression
@@ -29,3 +30,4 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug 
 app.command("prepare")(prepare)
 app.command("explain")(explain)
 app.command("progression")(progression)
+app.command("evaluate")(evaluate)

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay
 
 from cxr_monai.constants import CLASS_NAMES, RESEARCH_USE_NOTICE
@@ -22,7 +23,7 @@ def _figure(title: str, width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     fig.suptitle(title)
-    fig.text(0.5, 0.0, RESEARCH_USE_NOTICE, ha="center", va="bottom", fontsize=8, color="darkred")
+    fig.supxlabel(RESEARCH_USE_NOTICE, fontsize=8, color="darkred")
     return fig
 
 
@@ -105,16 +106,34 @@ def reliability_figure(bins: ReliabilityBins, ece: float | None, title: str = ""
     return fig
 
 
+def _curve_group(key: str) -> str:
+    lowered = key.lower()
+    if "loss" in lowered:
+        return "loss"
+    if lowered == "lr" or "learning_rate" in lowered:
+        return "learning rate"
+    return "other figures"
+
+
 def training_curves_figure(log: Sequence[Mapping[str, Any]], title: str = "") -> Figure | None:
-    """Per-epoch curves from a training log (list of dicts with ``epoch`` and numeric figures): losses
-    on the left, every other numeric key on the right. None when the log has nothing to plot."""
+    """Per-epoch curves from a training log (list of dicts with ``epoch`` and numeric figures): one panel
+    for losses, one for the learning rate (log scale), one for every other numeric key (accuracy ...).
+    None when the log has nothing to plot."""
     keys = sorted(
-        {k for row in log for k, v in row.items() if k != "epoch" and isinstance(v, (int, float)) and v == v}
+        {
+            k
+            for row in log
+            for k, v in row.items()
+            if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+        }
     )
     if not keys:
         return None
-    fig = _figure(title or "Training curves", 11.0, 4.5)
-    loss_ax, other_ax = fig.subplots(1, 2)
+    groups = [
+        g for g in ("loss", "other figures", "learning rate") if any(_curve_group(k) == g for k in keys)
+    ]
+    fig = _figure(title or "Training curves", 5.0 * len(groups) + 1.0, 4.5)
+    axes = dict(zip(groups, np.atleast_1d(fig.subplots(1, len(groups))), strict=True))
     for key in keys:
         points = [
             (row.get("epoch", i + 1), row[key])
@@ -122,13 +141,12 @@ def training_curves_figure(log: Sequence[Mapping[str, Any]], title: str = "") ->
             if isinstance(row.get(key), (int, float))
         ]
         epochs, values = zip(*points, strict=True)
-        ax = loss_ax if "loss" in key.lower() else other_ax
-        ax.plot(epochs, values, marker="o", label=key)
-    for ax, name in ((loss_ax, "loss"), (other_ax, "other figures")):
+        axes[_curve_group(key)].plot(epochs, values, marker="o", label=key)
+    for name, ax in axes.items():
         ax.set_xlabel("epoch")
         ax.set_title(name)
-        if ax.has_data():
-            ax.legend()
-        else:
-            ax.set_axis_off()
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if name == "learning rate":
+            ax.set_yscale("log")
+        ax.legend()
     return fig

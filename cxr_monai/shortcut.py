@@ -195,7 +195,12 @@ def verdict(model_accuracy: Estimate, shortcut: ShortcutResult, majority_share: 
     head = f"The disease-blind baseline reaches {base.format(2)} vs the model's {model_accuracy.format(2)}"
     if base.value is None or model_accuracy.value is None or gap.value is None:
         return head + "."
-    if gap.value <= 0.05 or (gap.ci_low is not None and gap.ci_low <= 0.0):
+    if gap.value <= 0.0:
+        text = (
+            f"{head}: image source alone (size, format, colour mode, overall appearance) does as well as the "
+            "model, so the model's accuracy is no evidence that it sees disease."
+        )
+    elif gap.value <= 0.05 or (gap.ci_low is not None and gap.ci_low <= 0.0):
         text = (
             f"{head}: most of the model's accuracy may come from image source (size, format, colour mode, "
             "overall appearance), not disease."

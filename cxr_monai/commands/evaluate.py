@@ -1,0 +1,136 @@
+"""``cxr-monai evaluate``: score a trained bundle on a datalist split, with the shortcut check beside it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.panel import Panel
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from cxr_monai import evaluation
+from cxr_monai.commands import console, user_errors
+from cxr_monai.constants import CLASS_NAMES, RESEARCH_USE_NOTICE
+from cxr_monai.evaluation import EvaluationReport
+from cxr_monai.metrics import PER_CLASS_FIGURES, Estimate
+from cxr_monai.predictor import Predictor
+from cxr_monai.shortcut import CONTEXT
+
+_LABELS = {
+    "precision": "precision (PPV)",
+    "recall": "recall (sensitivity)",
+    "specificity": "specificity",
+    "f1": "F1",
+    "auroc": "AUROC (one-vs-rest)",
+}
+
+
+def evaluate(
+    bundle: Path = typer.Option(
+        ..., "--bundle", help="Trained bundle directory (configs/, models/model.pt)."
+    ),
+    datalist: Path = typer.Option(..., "--datalist", help="MONAI datalist JSON (from `cxr-monai prepare`)."),
+    out: Path = typer.Option(
+        ..., "--out", help="Folder for metrics.json, predictions.csv and the PNG plots."
+    ),
+    split: str = typer.Option("test", "--split", help="test | training | all | fold:K"),
+    shortcut: bool = typer.Option(
+        True, "--shortcut/--no-shortcut", help="Fit and score the disease-blind baseline beside the model."
+    ),
+    bootstrap: int = typer.Option(
+        2000, "--bootstrap", min=0, help="Bootstrap resamples for the 95% CIs (0: none)."
+    ),
+    by_patient: bool = typer.Option(
+        True,
+        "--by-patient/--by-image",
+        help="Bootstrap resamples whole patients (when every item has a patient_id) or single images.",
+    ),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per forward pass."),
+    device: str | None = typer.Option(
+        None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap and the baseline."),
+) -> None:
+    """Evaluate a trained bundle: accuracy, per-class precision/recall/specificity/F1/AUROC with 95%
+    bootstrap CIs, confusion matrix, calibration, and a disease-blind shortcut baseline beside the model.
+
+    Writes metrics.json, predictions.csv (no patient data) and PNG plots into --out. Works on any
+    datalist, so a site can score a model on its own images.
+
+    Example:
+
+        cxr-monai evaluate --bundle out/effb0 --datalist out/prep/datalist.json --split test --out out/eval
+    """
+    with user_errors():
+        splits = evaluation.load_datalist(datalist)
+        items = evaluation.select_split(splits, split)
+        predictor = Predictor.from_bundle(bundle, device=device)
+        stages = {"evaluate": "model + features", "baseline": "baseline training features"}
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        ) as progress:
+            tasks = {stage: progress.add_task(text, total=None) for stage, text in stages.items()}
+
+            def on_progress(stage: str, done: int, total: int) -> None:
+                progress.update(tasks[stage], completed=done, total=total)
+
+            report = evaluation.evaluate(
+                predictor,
+                items,
+                splits["training"],
+                shortcut=shortcut,
+                batch_size=batch_size,
+                n_boot=bootstrap,
+                seed=seed,
+                by_patient=by_patient,
+                progress=on_progress,
+            )
+        written = evaluation.write_report(
+            report, out, bundle, bundle=str(bundle.resolve()), datalist=str(datalist.resolve()), split=split
+        )
+        _print_report(report, split)
+        console.print(f"wrote {', '.join(sorted(written))} to {out}", highlight=False)
+
+
+def _print_report(report: EvaluationReport, split: str) -> None:
+    """Rich table of the model's figures with CIs and the baseline's beside them, then the verdict."""
+    m = report.metrics
+    model = report.model
+    title = (
+        f"{model['name']} {model['version']} ({model['backbone']}) on '{split}': "
+        f"{sum(m.n_per_class.values())} images ("
+        + ", ".join(f"{name} {n}" for name, n in m.n_per_class.items())
+        + f"); 95% CI, {m.bootstrap['n_resamples']} resamples by {m.bootstrap['unit']}"
+    )
+    table = Table(title=title, caption=RESEARCH_USE_NOTICE)
+    table.add_column("figure")
+    table.add_column("model [95% CI]", justify="right")
+    baseline = report.shortcut
+    if baseline is not None:
+        table.add_column("disease-blind baseline [95% CI]", justify="right")
+
+    def row(label: str, model_value: Estimate, base_value: Estimate | None = None) -> None:
+        cells = [label, model_value.format()]
+        if baseline is not None:
+            cells.append(base_value.format() if base_value is not None else "")
+        table.add_row(*cells)
+
+    row("accuracy", m.accuracy, baseline.accuracy if baseline else None)
+    for name in CLASS_NAMES:
+        for fig in PER_CLASS_FIGURES:
+            base = baseline.recall[name] if baseline is not None and fig == "recall" else None
+            row(f"{name} {_LABELS[fig]}", m.per_class[name][fig], base)
+    row("expected calibration error", m.ece)
+    console.print(table)
+    if report.skipped:
+        console.print(
+            f"[yellow]{len(report.skipped)} unreadable image(s) skipped[/] (listed in metrics.json)"
+        )
+    if report.verdict is not None:
+        console.print(Panel(f"{report.verdict}\n\n{CONTEXT}", title="shortcut check"), highlight=False)
