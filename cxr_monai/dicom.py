@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import io
 import logging
+import struct
 from typing import Any
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, convert_color_space
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
@@ -27,6 +28,11 @@ from cxr_monai.errors import InvalidImageError
 from cxr_monai.io import MAX_SIDE, CXRImage
 
 logger = logging.getLogger(__name__)
+
+# pydicom's value-validation warnings quote the offending value ("Invalid value for VR DA:
+# '19700101x'"), which may be a birth date or a patient's name, into warnings and pydicom's logger.
+# Patient data must never reach a log, so values are not validated on reading (process-wide setting).
+pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
@@ -36,6 +42,16 @@ RADIOGRAPHY_MODALITIES = ("CR", "DX")
 LATERAL_VIEWS = ("LL", "RL", "L", "LAT", "LATERAL", "LEFT LATERAL", "RIGHT LATERAL")
 #: Tags that, when present without a preamble, make a byte string look like a raw DICOM data set.
 _RAW_DATASET_EVIDENCE = ("SOPClassUID", "Modality", "Rows", "PixelData")
+#: What pydicom raises when it converts a corrupt element (wrong length, unknown VR, bad number).
+_CORRUPT_ELEMENT_ERRORS = (
+    BytesLengthException,
+    NotImplementedError,
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    struct.error,
+)
 
 
 def looks_like_dicom(data: bytes) -> bool:
@@ -51,7 +67,7 @@ def parse_dicom(data: bytes, name: str, *, force: bool) -> Dataset:
     """
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=force)
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+    except (InvalidDicomError, EOFError, OSError, *_CORRUPT_ELEMENT_ERRORS) as exc:
         raise InvalidImageError(f"{name}: not a readable DICOM file ({type(exc).__name__}: {exc})") from exc
     if force and not any(keyword in ds for keyword in _RAW_DATASET_EVIDENCE):
         raise InvalidImageError(f"{name}: not a DICOM, PNG, JPEG or NIfTI image")
@@ -65,7 +81,8 @@ def ensure_transfer_syntax(ds: Dataset) -> bool:
     with its encoding detected (``ds.original_encoding``); decoding its pixels needs that encoding
     as a transfer syntax. Returns True when the syntax was inferred here.
     """
-    if "TransferSyntaxUID" in ds.get("file_meta", {}):
+    file_meta = getattr(ds, "file_meta", None)
+    if file_meta is not None and "TransferSyntaxUID" in file_meta:
         return False
     implicit_vr, little_endian = ds.original_encoding
     if implicit_vr:
@@ -74,7 +91,7 @@ def ensure_transfer_syntax(ds: Dataset) -> bool:
         syntax = ExplicitVRLittleEndian
     else:
         syntax = ExplicitVRBigEndian
-    if not hasattr(ds, "file_meta"):
+    if file_meta is None:
         ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = syntax
     logger.debug("DICOM without a declared transfer syntax: inferred %s", syntax.name)
@@ -140,14 +157,22 @@ def decode_stored(ds: Dataset, name: str) -> np.ndarray:
         ) from exc
 
 
-def to_display(stored: np.ndarray, ds: Dataset) -> tuple[np.ndarray, dict[str, Any]]:
+def to_display(stored: np.ndarray, ds: Dataset, name: str) -> tuple[np.ndarray, dict[str, Any]]:
     """Stored values -> float32 (rows, columns) display values, bright = dense.
+
+    Args:
+        stored: :func:`decode_stored`'s output.
+        ds: the data set's header.
+        name: how to name the input in error messages.
 
     Returns:
         The pixels and what was applied: ``modality_lut`` ("lut", "rescale" or "none"), ``voi``
         ("lut", "window" or "none", with ``window_center``/``window_width`` for a window),
         ``inverted`` and ``output_range`` (the (low, high) range the grayscale pipeline maps into,
         which MONOCHROME1 is inverted within).
+
+    Raises:
+        InvalidImageError: the modality LUT, VOI LUT or window is malformed (e.g. WindowWidth 0).
     """
     photometric = str(ds.PhotometricInterpretation).strip()
     if photometric in COLOUR:
@@ -159,11 +184,16 @@ def to_display(stored: np.ndarray, ds: Dataset) -> tuple[np.ndarray, dict[str, A
 
     voi = _voi_kind(ds)
     info: dict[str, Any] = {"modality_lut": _modality_kind(ds), "voi": voi}
-    values = apply_voi_lut(apply_modality_lut(stored, ds), ds, index=0)
-    if voi == "window":
-        info["window_center"] = _first(ds.WindowCenter)
-        info["window_width"] = _first(ds.WindowWidth)
-    low, high = _output_range(ds, voi)
+    try:
+        values = apply_voi_lut(apply_modality_lut(stored, ds), ds, index=0)
+        if voi == "window":
+            info["window_center"] = _first(ds.WindowCenter)
+            info["window_width"] = _first(ds.WindowWidth)
+        low, high = _output_range(ds, voi)
+    except (ValueError, TypeError, IndexError, AttributeError, NotImplementedError) as exc:
+        raise InvalidImageError(
+            f"{name}: DICOM modality LUT / VOI LUT / window cannot be applied ({type(exc).__name__}: {exc})"
+        ) from exc
     shape = str(ds.get("PresentationLUTShape", "")).strip().upper()
     # One inversion whichever of the two asks for it: in the DX/MG IODs MONOCHROME1 *requires*
     # Presentation LUT Shape INVERSE, and both describe the same single inversion to P-values.
@@ -267,10 +297,22 @@ def read_dicom(data: bytes, name: str, *, force: bool = False) -> CXRImage:
         InvalidImageError: see :func:`parse_dicom`, :func:`check_header` and :func:`decode_stored`.
     """
     ds = parse_dicom(data, name, force=force)
+    try:
+        return _read_parsed(ds, name)
+    # pydicom converts element values on first access, so a corrupt header element raises here; its
+    # message may quote the value, so only the exception type is reported.
+    except _CORRUPT_ELEMENT_ERRORS as exc:
+        if isinstance(exc, InvalidImageError):
+            raise
+        raise InvalidImageError(f"{name}: DICOM header has a corrupt element ({type(exc).__name__})") from exc
+
+
+def _read_parsed(ds: Dataset, name: str) -> CXRImage:
+    """:func:`read_dicom` after parsing."""
     inferred = ensure_transfer_syntax(ds)
     check_header(ds, name)
     stored = decode_stored(ds, name)
-    pixels, applied = to_display(stored, ds)
+    pixels, applied = to_display(stored, ds, name)
     spacing, spacing_tag = _pixel_spacing(ds)
     syntax = UID(ds.file_meta.TransferSyntaxUID)
     extra: dict[str, Any] = {

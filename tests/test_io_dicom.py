@@ -33,7 +33,9 @@ def _windowed(values: np.ndarray, center: float, width: float, low: float, high:
     return out
 
 
-@pytest.mark.parametrize(("bits", "dtype"), [(8, np.uint8), (12, np.uint16), (16, np.uint16)])
+@pytest.mark.parametrize(
+    ("bits", "dtype"), [(1, np.uint8), (8, np.uint8), (8, np.uint16), (12, np.uint16), (16, np.uint16)]
+)
 def test_monochrome2_values_pass_through(tmp_path: Path, bits: int, dtype: type) -> None:
     stored = gradient(bits).astype(dtype)
     image = read_cxr(save(make_dataset(stored, bits_stored=bits), tmp_path / "a.dcm"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -85,3 +86,28 @@ def test_bits_allocated_32(tmp_path: Path) -> None:
     ds = make_dataset(gradient(16))
     ds.BitsAllocated = 32
     _refused(save(ds, tmp_path / "a.dcm"), "BitsAllocated 32", "expected 8 or 16")
+
+
+def test_window_width_zero(tmp_path: Path) -> None:
+    ds = make_dataset(gradient(12), bits_stored=12, WindowCenter=100, WindowWidth=0)
+    _refused(save(ds, tmp_path / "a.dcm"), "window", "Window Width")
+
+
+def test_corrupt_header_value_is_named_without_quoting_it(tmp_path: Path) -> None:
+    ds = make_dataset(gradient(8))
+    ds.add_new(0x00280008, "IS", "1")  # NumberOfFrames, patched below into a non-number
+    data = save(ds, tmp_path / "a.dcm").read_bytes()
+    at = data.index(b"\x28\x00\x08\x00IS\x02\x00") + 8
+    message = _refused(data[:at] + b"x7" + data[at + 2 :], "corrupt element")
+    assert "x7" not in message
+
+
+def test_invalid_patient_values_are_not_echoed_into_warnings(tmp_path: Path) -> None:
+    ds = make_dataset(gradient(8))
+    ds.PatientName = "Verylongsecretname" * 5 + "^Patient"  # PN component over 64 characters
+    path = save(ds, tmp_path / "a.dcm")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        image = read_cxr(path)
+        assert str(image.dataset.PatientName).startswith("Verylongsecretname")
+    assert not [w for w in caught if "Verylongsecretname" in str(w.message) or "PN" in str(w.message)]
