@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cxr_monai.errors import InvalidImageError
 
@@ -115,7 +115,7 @@ def _pillow_identifies(data: bytes) -> bool:
 
 
 def _read_pil(data: bytes, name: str) -> CXRImage:
-    """Decode PNG/JPEG (anything Pillow opens) to grayscale float32 (rows, columns)."""
+    """Decode PNG/JPEG (anything Pillow opens) to grayscale float32 (rows, columns), EXIF-rotated."""
     try:
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
@@ -128,8 +128,11 @@ def _read_pil(data: bytes, name: str) -> CXRImage:
                 raise InvalidImageError(f"{name}: image has {frames} frames; expected one")
             mode = img.mode
             fmt = (img.format or "unknown").lower()
-            pixels = _pil_to_gray(img)
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+            # Viewers honour the EXIF Orientation tag (photographed films, phone exports).
+            pixels = _pil_to_gray(ImageOps.exif_transpose(img))
+    except InvalidImageError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InvalidImageError(f"{name}: not a readable image ({exc})") from exc
     return CXRImage(pixels=pixels, source_format=fmt, color_mode=mode, extra={"pixel_spacing_mm": None})
 

@@ -61,6 +61,17 @@ def test_jpeg_grayscale_and_colour() -> None:
     assert np.abs(colour.pixels - colour_gradient() @ LUMA).mean() < 2.0
 
 
+def test_exif_orientation_is_applied_as_viewers_do() -> None:
+    picture = np.zeros((ROWS, COLUMNS), np.uint8)
+    picture[:8, :8] = 255  # marker in the stored top-left corner
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation 6: display rotated 90 degrees clockwise
+    image = read_cxr(_encode(Image.fromarray(picture), "JPEG", quality=95, exif=exif))
+    assert image.shape == (COLUMNS, ROWS)
+    rows, cols = np.nonzero(image.pixels > 128)
+    assert rows.max() < 8 and cols.min() >= ROWS - 8  # now in the top-right corner
+
+
 def test_path_equals_bytes_and_extension_does_not_matter(tmp_path: Path) -> None:
     data = _encode(Image.fromarray(gradient(8)), "PNG")
     path = tmp_path / "scan.dcm"  # a misleading extension: content decides
