@@ -104,7 +104,7 @@ def check_header(ds: Dataset, name: str) -> None:
     Raises:
         InvalidImageError: no PixelData, more than one frame, Rows/Columns above
             :data:`~cxr_monai.io.MAX_SIDE`, BitsAllocated not 8 or 16, BitsStored out of range,
-            or an unsupported PhotometricInterpretation.
+            an unsupported PhotometricInterpretation, or SamplesPerPixel not matching it.
     """
     if "PixelData" not in ds:
         raise InvalidImageError(f"{name}: DICOM has no PixelData (not an image, or the file is truncated)")
@@ -132,6 +132,11 @@ def check_header(ds: Dataset, name: str) -> None:
         raise InvalidImageError(
             f"{name}: DICOM has PhotometricInterpretation {photometric or '(none)'}; expected "
             f"MONOCHROME1, MONOCHROME2, RGB or YBR ({', '.join(COLOUR[1:])})"
+        )
+    samples, expected = int(ds.get("SamplesPerPixel") or 1), 1 if photometric in MONOCHROME else 3
+    if samples != expected:
+        raise InvalidImageError(
+            f"{name}: DICOM has SamplesPerPixel {samples}; {photometric} needs {expected}"
         )
 
 

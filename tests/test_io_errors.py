@@ -111,3 +111,9 @@ def test_invalid_patient_values_are_not_echoed_into_warnings(tmp_path: Path) -> 
         image = read_cxr(path)
         assert str(image.dataset.PatientName).startswith("Verylongsecretname")
     assert not [w for w in caught if "Verylongsecretname" in str(w.message) or "PN" in str(w.message)]
+
+
+def test_samples_per_pixel_must_match_photometric(tmp_path: Path) -> None:
+    ds = make_dataset(gradient(8))
+    ds.SamplesPerPixel = 3
+    _refused(save(ds, tmp_path / "a.dcm"), "SamplesPerPixel 3", "MONOCHROME2 needs 1")
