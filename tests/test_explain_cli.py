@@ -1,0 +1,122 @@
+"""``cxr-monai explain`` end to end on a tiny trained bundle: DICOM + PNG inputs, failures, options."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from cxr_monai.cli import app
+from tests.bundle_factory import make_trained_bundle
+from tests.dicom_factory import PATIENT_ID, PATIENT_NAME, gradient, make_dataset, save
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    return make_trained_bundle(tmp_path_factory.mktemp("bundle"), spatial_size=32)
+
+
+@pytest.fixture
+def inputs(tmp_path) -> Path:
+    """A folder with a non-square DICOM (48 x 64, pixel spacing), a non-square PNG and a broken file."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    ds = make_dataset(gradient(12).astype(np.uint16), bits_stored=12, PixelSpacing=[0.2, 0.2])
+    save(ds, folder / "study.dcm")
+    Image.fromarray(gradient(8)[:, :40]).save(folder / "film.png")
+    (folder / "broken.dcm").write_bytes(b"DICM this is not an image" * 10)
+    return folder
+
+
+def run(*args: str, env: dict[str, str] | None = None):
+    return runner.invoke(app, list(args), env=env)
+
+
+def test_explain_writes_png_json_dcm_and_reports_the_broken_file(bundle, inputs, tmp_path):
+    out = tmp_path / "out"
+    result = run("explain", str(inputs), "--bundle", str(bundle), "--out", str(out))
+    assert result.exit_code == 1, result.output
+    assert "broken.dcm" in result.output
+    assert PATIENT_NAME not in result.output and PATIENT_ID not in result.output
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["film.json", "film_gradcam.png", "study.json", "study_gradcam.dcm", "study_gradcam.png"]
+
+    report = json.loads((out / "study.json").read_text())
+    assert set(report["probabilities"]) == {"COVID-19", "Normal", "Pneumonia"}
+    assert sum(report["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert report["predicted_class"] == max(report["probabilities"], key=report["probabilities"].get)
+    assert report["model"] == {
+        "name": "Tiny test classifier",
+        "version": "0.0.1",
+        "backbone": "tiny_cnn",
+        "spatial_size": 32,
+    }
+    row, col = report["heatmap"]["peak_row_col"]
+    assert 0 <= row < 48 and 0 <= col < 64  # original pixels, not the 32 x 32 network grid
+    assert 0.0 <= report["heatmap"]["fraction_above_0.5"] <= 1.0
+    assert "NOT FOR CLINICAL USE" in report["intended_use"]
+    assert report["secondary_capture"]["written"] is True
+    assert report["secondary_capture"]["patient_orientation_fallback"] is True
+
+    png = np.asarray(Image.open(out / "study_gradcam.png"))
+    assert png.shape == (48, 64, 3)
+    assert np.asarray(Image.open(out / "film_gradcam.png")).shape == (48, 40, 3)
+    film = json.loads((out / "film.json").read_text())
+    assert film["secondary_capture"]["written"] is False
+    assert "no source study" in film["secondary_capture"]["reason"]
+
+    source = pydicom.dcmread(inputs / "study.dcm")
+    sc = pydicom.dcmread(out / "study_gradcam.dcm")
+    assert sc.StudyInstanceUID == source.StudyInstanceUID
+    assert sc.SeriesInstanceUID != source.SeriesInstanceUID
+    assert (sc.Rows, sc.Columns) == (48, 64)
+    np.testing.assert_array_equal(sc.pixel_array, png)  # the PNG and the DICOM show the same picture
+    if shutil.which("dciodvfy"):
+        check = subprocess.run(["dciodvfy", str(out / "study_gradcam.dcm")], capture_output=True, text=True)
+        assert not [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
+
+
+def test_all_good_inputs_exit_zero_with_named_class_and_formats(bundle, inputs, tmp_path):
+    out = tmp_path / "out"
+    files = [str(inputs / "study.dcm"), str(inputs / "film.png")]
+    result = run("explain", *files, "--bundle", str(bundle), "--out", str(out), "--class", "pneumonia",
+                 "--format", "json,png")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == [
+        "film.json",
+        "film_gradcam.png",
+        "study.json",
+        "study_gradcam.png",
+    ]
+    assert json.loads((out / "study.json").read_text())["explained_class"] == "Pneumonia"
+
+
+def test_bundle_from_environment_and_missing_bundle_is_a_one_line_usage_error(bundle, inputs, tmp_path):
+    png = str(inputs / "film.png")
+    missing = run("explain", png, "--out", str(tmp_path / "a"), env={"CXR_MONAI_BUNDLE": ""})
+    assert missing.exit_code == 2
+    assert "--bundle" in missing.output and len(missing.output.strip().splitlines()) == 1
+    from_env = run("explain", png, "--out", str(tmp_path / "b"), env={"CXR_MONAI_BUNDLE": str(bundle)})
+    assert from_env.exit_code == 0, from_env.output
+    assert (tmp_path / "b" / "film_gradcam.png").is_file()
+
+
+def test_bad_options_fail_cleanly(bundle, inputs, tmp_path):
+    png = str(inputs / "film.png")
+    out = tmp_path / "out"
+    bad_format = run("explain", png, "--bundle", str(bundle), "--out", str(out), "--format", "gif")
+    assert bad_format.exit_code == 2 and "--format" in bad_format.output
+    bad_class = run("explain", png, "--bundle", str(bundle), "--out", str(out), "--class", "flu")
+    assert bad_class.exit_code == 1 and "COVID-19" in bad_class.output
+    no_bundle = run("explain", png, "--bundle", str(tmp_path / "nowhere"), "--out", str(out))
+    assert no_bundle.exit_code == 1 and "nowhere" in no_bundle.output
+    assert not out.exists() or not any(out.iterdir())
