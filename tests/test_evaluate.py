@@ -1,0 +1,213 @@
+"""``cxr-monai evaluate`` end to end on a tiny bundle and datalist, and the report's parts."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from bundle_factory import make_items, make_trained_bundle, write_datalist
+from PIL import Image
+from typer.testing import CliRunner
+
+from cxr_monai import evaluation
+from cxr_monai.cli import app
+from cxr_monai.constants import CLASS_NAMES, RESEARCH_USE_NOTICE
+from cxr_monai.errors import DatasetError
+from cxr_monai.metrics import PER_CLASS_FIGURES
+from cxr_monai.plots import training_curves_figure
+from cxr_monai.predictor import Predictor
+
+PNGS = ("confusion_matrix.png", "roc_curves.png", "reliability.png", "training_curves.png")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Bundle + datalist: 30 training items in 2 folds and 12 test items, image size tells the class;
+    test patients have two images each."""
+    root = tmp_path_factory.mktemp("evaluate")
+    training = make_items(root / "train0", 15, seed=1, prefix="a", fold=0) + make_items(
+        root / "train1", 15, seed=2, prefix="b", fold=1
+    )
+    test = make_items(root / "test", 12, seed=3, prefix="t", patients_per_item=2)
+    return {
+        "root": root,
+        "bundle": make_trained_bundle(root / "bundle", spatial_size=32),
+        "datalist": write_datalist(root / "datalist.json", training, test),
+    }
+
+
+def run(*args: str) -> Any:
+    return CliRunner().invoke(app, ["evaluate", *args])
+
+
+def test_evaluate_writes_the_report(setup: dict[str, Path]) -> None:
+    out = setup["root"] / "out"
+    result = run(
+        "--bundle", str(setup["bundle"]), "--datalist", str(setup["datalist"]), "--out", str(out),
+        "--bootstrap", "30", "--batch-size", "4",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "disease-blind baseline reaches" in result.output
+    assert "0.93" in result.output and "0.21" in result.output  # the context sentence
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["intended_use"] == RESEARCH_USE_NOTICE
+    assert metrics["class_names"] == list(CLASS_NAMES)
+    assert metrics["model"] == {
+        "name": "Tiny test classifier",
+        "version": "0.0.1",
+        "backbone": "tiny_cnn",
+        "spatial_size": 32,
+    }
+    assert metrics["datalist"] == str(setup["datalist"].resolve())
+    assert metrics["split"] == "test"
+    model = metrics["model_metrics"]
+    assert model["n_per_class"] == {"COVID-19": 4, "Normal": 4, "Pneumonia": 4}
+    assert set(model["accuracy"]) == {"value", "ci_low", "ci_high"}
+    for name in CLASS_NAMES:
+        assert set(model["per_class"][name]) == set(PER_CLASS_FIGURES)
+    assert np.asarray(model["confusion_matrix"]["counts"]).sum() == 12
+    assert model["bootstrap"]["unit"] == "patient" and model["bootstrap"]["n_resamples"] == 30
+    assert 0.0 <= model["expected_calibration_error"]["value"] <= 1.0
+
+    shortcut = metrics["shortcut_check"]
+    assert shortcut["accuracy"]["value"] >= 0.9  # image size gives the class away here
+    assert shortcut["n_training_items"] == 30 and not shortcut["fitted_on_evaluated_items"]
+    assert shortcut["verdict"].startswith("The disease-blind baseline reaches")
+    assert set(shortcut["recall"]) == set(CLASS_NAMES)
+
+    with (out / "predictions.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 12
+    assert list(rows[0]) == [
+        "image",
+        "true_class",
+        "predicted_class",
+        "prob_COVID-19",
+        "prob_Normal",
+        "prob_Pneumonia",
+        "baseline_predicted_class",
+    ]
+    text = (out / "predictions.csv").read_text()
+    assert "patient" not in text and "test:" not in text  # no patient ids, not even as values
+    for row in rows:
+        probs = [float(row[f"prob_{c}"]) for c in CLASS_NAMES]
+        assert sum(probs) == pytest.approx(1.0, abs=1e-4)
+        assert row["predicted_class"] == CLASS_NAMES[int(np.argmax(probs))]
+    for png in PNGS:
+        with Image.open(out / png) as image:
+            assert image.format == "PNG" and image.size[0] > 300
+    assert sorted(metrics["plots"]) == sorted(PNGS)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_missing_bundle_is_a_one_line_error(setup: dict[str, Path]) -> None:
+    out = setup["root"] / "out_missing"
+    result = run(
+        "--bundle", str(setup["root"] / "nope"), "--datalist", str(setup["datalist"]), "--out", str(out)
+    )
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "error:" in lines[0] and "nope" in lines[0]
+    assert not out.exists()
+
+
+def test_unknown_split_and_missing_fold(setup: dict[str, Path]) -> None:
+    common = ["--bundle", str(setup["bundle"]), "--datalist", str(setup["datalist"]), "--out", "unused"]
+    result = run(*common, "--split", "validation")
+    assert result.exit_code == 1 and "unknown split 'validation'" in result.output
+    result = run(*common, "--split", "fold:7")
+    assert result.exit_code == 1 and "fold:0, fold:1" in result.output
+
+
+def test_fold_split_counts_each_image_once_and_fits_the_baseline_on_other_folds(
+    setup: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decoded: list[str] = []
+    real_read = evaluation.read_cxr
+
+    def counting_read(source: Any) -> Any:
+        decoded.append(str(source))
+        return real_read(source)
+
+    monkeypatch.setattr(evaluation, "read_cxr", counting_read)
+    splits = evaluation.load_datalist(setup["datalist"])
+    predictor = Predictor.from_bundle(setup["bundle"], device="cpu")
+    report = evaluation.evaluate(
+        predictor, evaluation.select_split(splits, "fold:0"), splits["training"], n_boot=0, batch_size=5
+    )
+    assert len(report.items) == 15
+    assert report.shortcut is not None and report.shortcut.n_training_items == 15  # fold 1 only
+    assert sorted(decoded) == sorted(item.image for item in splits["training"])  # each exactly once
+    assert report.metrics.bootstrap["unit"] == "patient"  # every item has a patient id
+    decoded.clear()
+    report = evaluation.evaluate(
+        predictor, evaluation.select_split(splits, "training"), splits["training"], n_boot=5, by_patient=False
+    )
+    assert sorted(decoded) == sorted(item.image for item in splits["training"])
+    assert report.shortcut is not None and report.shortcut.fitted_on_evaluated_items
+    assert "optimistic" in (report.verdict or "")
+    assert report.metrics.bootstrap["unit"] == "image"
+
+
+def test_unreadable_image_is_skipped_and_listed(setup: dict[str, Path], tmp_path: Path) -> None:
+    data = json.loads(setup["datalist"].read_text())
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    data["test"].append({**data["test"][0], "image": str(broken)})
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps(data))
+    out = tmp_path / "out"
+    result = run(
+        "--bundle", str(setup["bundle"]), "--datalist", str(datalist), "--out", str(out),
+        "--bootstrap", "0", "--no-shortcut",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [s["image"] for s in metrics["skipped_images"]] == [str(broken)]
+    assert metrics["model_metrics"]["n_images"] == 12
+    assert metrics["shortcut_check"] is None
+    assert metrics["model_metrics"]["accuracy"]["ci_low"] is None
+    assert "baseline_predicted_class" not in (out / "predictions.csv").read_text()
+
+
+def test_without_training_log_the_curves_are_skipped_with_a_note(
+    setup: dict[str, Path], tmp_path: Path
+) -> None:
+    bundle = make_trained_bundle(tmp_path / "bundle", training_log=False)
+    out = tmp_path / "out"
+    result = run(
+        "--bundle", str(bundle), "--datalist", str(setup["datalist"]), "--out", str(out),
+        "--bootstrap", "0", "--no-shortcut",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert not (out / "training_curves.png").exists()
+    assert "training_log.json" in metrics["notes"][0]
+
+
+def test_training_curves_figure_plots_numeric_keys_only() -> None:
+    assert training_curves_figure([{"epoch": 1, "note": "x"}]) is None
+    fig = training_curves_figure([{"epoch": 1, "train_loss": 1.0, "val_accuracy": 0.5, "lr": 1e-4}])
+    assert fig is not None
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["loss", "other figures", "learning rate"]
+
+
+def test_datalist_errors_and_relative_paths(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="no such datalist"):
+        evaluation.load_datalist(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"test": [{"image": "a.png", "label": 5}]}))
+    with pytest.raises(DatasetError, match=r"test\[0\]: 'label' must be a class index"):
+        evaluation.load_datalist(bad)
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"test": [{"image": "imgs/a.png", "label": 1}]}))
+    items = evaluation.load_datalist(good)["test"]
+    assert items[0].image == str(tmp_path / "imgs" / "a.png") and items[0].patient_id is None
+    with pytest.raises(DatasetError, match="has no items"):
+        evaluation.select_split(evaluation.load_datalist(good), "training")
