@@ -9,6 +9,7 @@ from cxr_monai.commands.evaluate import evaluate
 from cxr_monai.commands.explain import explain
 from cxr_monai.commands.prepare import prepare
 from cxr_monai.commands.progression import progression
+from cxr_monai.commands.serve import serve
 from cxr_monai.constants import RESEARCH_USE_NOTICE
 
 app = typer.Typer(
@@ -31,3 +32,4 @@ app.command("prepare")(prepare)
 app.command("explain")(explain)
 app.command("progression")(progression)
 app.command("evaluate")(evaluate)
+app.command("serve")(serve)

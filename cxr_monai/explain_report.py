@@ -1,0 +1,123 @@
+"""What a person or a PACS receives for one explained image: the JSON record, the overlay, the DICOM.
+
+Shared by ``cxr-monai explain`` and the gRPC server, so both give the same text, numbers and pictures.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from cxr_monai.constants import RESEARCH_USE_NOTICE
+from cxr_monai.dicom_out import build_secondary_capture
+from cxr_monai.errors import CXRMonaiError
+from cxr_monai.explain import AREA_THRESHOLD, Explanation, area_above, normalise, peak_location
+from cxr_monai.io import CXRImage
+from cxr_monai.overlay import render_overlay
+from cxr_monai.predictor import Predictor
+
+
+@dataclass(frozen=True)
+class ExplainedImage:
+    """One image's explanation, ready to write or send.
+
+    Attributes:
+        image: the image as read.
+        result: probabilities, classes and the raw map.
+        heatmap: float32 (rows, cols) in [0, 1], normalised by its own maximum (all zero stays zero).
+        overlay: uint8 RGB (rows, cols, 3): the film with the map blended in, text and colour bar burned in.
+        record: the JSON record (no patient data, no UIDs).
+    """
+
+    image: CXRImage
+    result: Explanation
+    heatmap: np.ndarray
+    overlay: np.ndarray
+    record: dict[str, Any]
+
+    def overlay_png(self) -> bytes:
+        """The overlay encoded as PNG."""
+        buffer = io.BytesIO()
+        Image.fromarray(self.overlay, mode="RGB").save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    def secondary_capture(self) -> Any:
+        """highdicom SCImage of the overlay in the source's study; records the orientation used.
+
+        Raises:
+            CXRMonaiError: the input was not DICOM, so there is no study to join.
+        """
+        if self.image.dataset is None:
+            raise CXRMonaiError("not a DICOM input: no source study for a Secondary Capture")
+        spacing = self.image.extra.get("pixel_spacing_mm")
+        sc, notes = build_secondary_capture(self.image.dataset, self.overlay, spacing)
+        self.record["secondary_capture"] = {"written": True, **notes}
+        if notes["patient_orientation_fallback"]:
+            self.record["secondary_capture"]["note"] = (
+                "source has no PatientOrientation; assumed L\\F (frontal chest film as displayed)"
+            )
+        return sc
+
+    def secondary_capture_bytes(self) -> bytes:
+        """The Secondary Capture as DICOM Part 10 bytes."""
+        buffer = io.BytesIO()
+        self.secondary_capture().save_as(buffer, enforce_file_format=True)
+        return buffer.getvalue()
+
+
+def overlay_lines(predictor: Predictor, image: CXRImage, result: Explanation) -> list[str]:
+    """Text burned into the overlay: prediction, probabilities, explained class, model, warnings, notice."""
+    names = predictor.class_names
+    probs = "  ".join(f"{n} {p:.2f}" for n, p in zip(names, result.probabilities, strict=True))
+    lines = [f"Predicted: {names[result.predicted_index]}   ({probs})"]
+    lines.append(
+        f"Grad-CAM for: {names[result.target_index]}   model {predictor.model_name} "
+        f"{predictor.model_version} ({predictor.backbone})"
+    )
+    lines.extend(f"Warning: {w}" for w in image.warnings)
+    lines.append(RESEARCH_USE_NOTICE)
+    return lines
+
+
+def explanation_record(
+    predictor: Predictor, source_name: str, image: CXRImage, result: Explanation, heat: np.ndarray
+) -> dict[str, Any]:
+    """The JSON record of one input (no patient data, no UIDs)."""
+    names = predictor.class_names
+    row, col = peak_location(heat)
+    return {
+        "input": source_name,
+        "source_format": image.source_format,
+        "original_shape": list(image.shape),
+        "probabilities": {n: float(p) for n, p in zip(names, result.probabilities, strict=True)},
+        "predicted_class": names[result.predicted_index],
+        "explained_class": names[result.target_index],
+        "model": {
+            "name": predictor.model_name,
+            "version": predictor.model_version,
+            "backbone": predictor.backbone,
+            "spatial_size": predictor.spatial_size,
+        },
+        "heatmap": {
+            "method": "Grad-CAM (Captum LayerGradCam, ReLU, bilinear), mapped to the original pixel grid",
+            "normalisation": "per image, divided by its maximum",
+            "peak_row_col": [row, col] if float(heat.max()) > 0 else None,
+            f"fraction_above_{AREA_THRESHOLD:g}": area_above(heat),
+        },
+        "warnings": list(image.warnings),
+        "intended_use": RESEARCH_USE_NOTICE,
+    }
+
+
+def explained_image(
+    predictor: Predictor, source_name: str, image: CXRImage, result: Explanation
+) -> ExplainedImage:
+    """Normalise the map, render the overlay and build the record for one image."""
+    heat = normalise(result.raw_map)
+    overlay = render_overlay(image.pixels, heat, overlay_lines(predictor, image, result))
+    record = explanation_record(predictor, source_name, image, result, heat)
+    return ExplainedImage(image=image, result=result, heatmap=heat, overlay=overlay, record=record)
