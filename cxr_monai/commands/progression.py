@@ -93,6 +93,7 @@ def progression(
                     },
                     "predicted_class": predictor.class_names[r.predicted_index],
                     "peak_row_col": list(peak_location(h)) if float(h.max()) > 0 else None,
+                    "peak_value": float(h.max()),
                     f"fraction_above_{AREA_THRESHOLD:g}": area,
                     "warnings": list(study.image.warnings),
                 }
