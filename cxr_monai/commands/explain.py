@@ -9,7 +9,6 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import typer
@@ -17,21 +16,11 @@ from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cxr_monai.commands import console, user_errors
-from cxr_monai.constants import RESEARCH_USE_NOTICE
 from cxr_monai.data.datalist import write_json_atomic
-from cxr_monai.dicom_out import build_secondary_capture
 from cxr_monai.errors import CXRMonaiError
-from cxr_monai.explain import (
-    AREA_THRESHOLD,
-    Explainer,
-    Explanation,
-    area_above,
-    class_index,
-    normalise,
-    peak_location,
-)
+from cxr_monai.explain import Explainer, Explanation, class_index
+from cxr_monai.explain_report import explained_image
 from cxr_monai.io import CXRImage, read_cxr
-from cxr_monai.overlay import render_overlay
 from cxr_monai.predictor import Predictor
 
 logger = logging.getLogger(__name__)
@@ -100,50 +89,6 @@ def parse_formats(text: str) -> tuple[str, ...]:
     return chosen
 
 
-def overlay_lines(predictor: Predictor, image: CXRImage, result: Explanation) -> list[str]:
-    """Text burned into the overlay: prediction, probabilities, explained class, model, warnings, notice."""
-    names = predictor.class_names
-    probs = "  ".join(f"{n} {p:.2f}" for n, p in zip(names, result.probabilities, strict=True))
-    lines = [f"Predicted: {names[result.predicted_index]}   ({probs})"]
-    lines.append(
-        f"Grad-CAM for: {names[result.target_index]}   model {predictor.model_name} "
-        f"{predictor.model_version} ({predictor.backbone})"
-    )
-    lines.extend(f"Warning: {w}" for w in image.warnings)
-    lines.append(RESEARCH_USE_NOTICE)
-    return lines
-
-
-def report(
-    predictor: Predictor, source: Path, image: CXRImage, result: Explanation, heat: np.ndarray
-) -> dict[str, Any]:
-    """The JSON record of one input (no patient data, no UIDs)."""
-    names = predictor.class_names
-    row, col = peak_location(heat)
-    return {
-        "input": source.name,
-        "source_format": image.source_format,
-        "original_shape": list(image.shape),
-        "probabilities": {n: float(p) for n, p in zip(names, result.probabilities, strict=True)},
-        "predicted_class": names[result.predicted_index],
-        "explained_class": names[result.target_index],
-        "model": {
-            "name": predictor.model_name,
-            "version": predictor.model_version,
-            "backbone": predictor.backbone,
-            "spatial_size": predictor.spatial_size,
-        },
-        "heatmap": {
-            "method": "Grad-CAM (Captum LayerGradCam, ReLU, bilinear), mapped to the original pixel grid",
-            "normalisation": "per image, divided by its maximum",
-            "peak_row_col": [row, col] if float(heat.max()) > 0 else None,
-            f"fraction_above_{AREA_THRESHOLD:g}": area_above(heat),
-        },
-        "warnings": list(image.warnings),
-        "intended_use": RESEARCH_USE_NOTICE,
-    }
-
-
 @dataclass
 class _Job:
     source: Path
@@ -166,28 +111,23 @@ def _write_outputs(
     job: _Job, result: Explanation, predictor: Predictor, out: Path, formats: Sequence[str]
 ) -> list[str]:
     """Write the chosen outputs of one input; returns notes for the user (e.g. why no DICOM)."""
-    heat = normalise(result.raw_map)
-    record = report(predictor, job.source, job.image, result, heat)
+    explained = explained_image(predictor, job.source.name, job.image, result)
     notes: list[str] = []
-    rgb = render_overlay(job.image.pixels, heat, overlay_lines(predictor, job.image, result))
     if "png" in formats:
-        save_png(rgb, out / f"{job.name}_gradcam.png")
+        save_png(explained.overlay, out / f"{job.name}_gradcam.png")
     if "dcm" in formats:
         if job.image.dataset is None:
-            record["secondary_capture"] = {"written": False, "reason": "not a DICOM input: no source study"}
+            explained.record["secondary_capture"] = {
+                "written": False,
+                "reason": "not a DICOM input: no source study",
+            }
             notes.append(f"{job.source.name}: not DICOM, no source study; Secondary Capture skipped")
         else:
-            spacing = job.image.extra.get("pixel_spacing_mm")
-            sc, sc_notes = build_secondary_capture(job.image.dataset, rgb, spacing)
+            sc = explained.secondary_capture()  # also records the orientation used in the record
             with atomic_output(out / f"{job.name}_gradcam.dcm") as tmp:
                 sc.save_as(tmp, enforce_file_format=True)
-            record["secondary_capture"] = {"written": True, **sc_notes}
-            if sc_notes["patient_orientation_fallback"]:
-                record["secondary_capture"]["note"] = (
-                    "source has no PatientOrientation; assumed L\\F (frontal chest film as displayed)"
-                )
     if "json" in formats:
-        write_json_atomic(out / f"{job.name}.json", record)
+        write_json_atomic(out / f"{job.name}.json", explained.record)
     return notes
 
 
