@@ -112,13 +112,15 @@ def _curve_group(key: str) -> str:
         return "loss"
     if lowered == "lr" or "learning_rate" in lowered:
         return "learning rate"
+    if "seconds" in lowered:
+        return "seconds"
     return "other figures"
 
 
 def training_curves_figure(log: Sequence[Mapping[str, Any]], title: str = "") -> Figure | None:
-    """Per-epoch curves from a training log (list of dicts with ``epoch`` and numeric figures): one panel
-    for losses, one for the learning rate (log scale), one for every other numeric key (accuracy ...).
-    None when the log has nothing to plot."""
+    """Per-epoch curves from a training log (list of dicts with ``epoch`` and numeric figures): panels
+    for losses, every other figure (accuracy ...), the learning rate (log scale) and timings (keys
+    containing ``seconds``), each only when the log has such keys. None when nothing is numeric."""
     keys = sorted(
         {
             k
@@ -130,9 +132,11 @@ def training_curves_figure(log: Sequence[Mapping[str, Any]], title: str = "") ->
     if not keys:
         return None
     groups = [
-        g for g in ("loss", "other figures", "learning rate") if any(_curve_group(k) == g for k in keys)
+        g
+        for g in ("loss", "other figures", "learning rate", "seconds")
+        if any(_curve_group(k) == g for k in keys)
     ]
-    fig = _figure(title or "Training curves", 5.0 * len(groups) + 1.0, 4.5)
+    fig = _figure(title or "Training curves", 4.5 * len(groups) + 1.0, 4.5)
     axes = dict(zip(groups, np.atleast_1d(fig.subplots(1, len(groups))), strict=True))
     for key in keys:
         points = [

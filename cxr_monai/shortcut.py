@@ -197,8 +197,8 @@ def verdict(model_accuracy: Estimate, shortcut: ShortcutResult, majority_share: 
         return head + "."
     if gap.value <= 0.0:
         text = (
-            f"{head}: image source alone (size, format, colour mode, overall appearance) does as well as the "
-            "model, so the model's accuracy is no evidence that it sees disease."
+            f"{head}: image source alone (size, format, colour mode, overall appearance) matches or beats "
+            "the model, so the model's accuracy is no evidence that it sees disease."
         )
     elif gap.value <= 0.05 or (gap.ci_low is not None and gap.ci_low <= 0.0):
         text = (

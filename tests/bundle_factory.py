@@ -87,8 +87,17 @@ def make_trained_bundle(
     (root / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=2))
     torch.save(model.state_dict(), root / "models" / "model.pt")
     if training_log:
-        log = [
-            {"epoch": e, "train_loss": 1.1 - 0.2 * e, "val_accuracy": 0.4 + 0.1 * e, "lr": 1e-3}
+        log = [  # the keys cxr_monai.training.TrainingLog writes
+            {
+                "epoch": e,
+                "learning_rate": 1e-3,
+                "train_loss": 1.1 - 0.2 * e,
+                "train_accuracy": 0.4 + 0.1 * e,
+                "train_seconds": 2.0,
+                "val_loss": 1.2 - 0.2 * e,
+                "val_accuracy": 0.3 + 0.1 * e,
+                "val_seconds": 0.5,
+            }
             for e in range(1, 4)
         ]
         (root / "logs" / "training_log.json").write_text(json.dumps(log))

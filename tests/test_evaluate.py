@@ -194,8 +194,11 @@ def test_training_curves_figure_plots_numeric_keys_only() -> None:
     assert training_curves_figure([{"epoch": 1, "note": "x"}]) is None
     fig = training_curves_figure([{"epoch": 1, "train_loss": 1.0, "val_accuracy": 0.5, "lr": 1e-4}])
     assert fig is not None
-    titles = [ax.get_title() for ax in fig.axes]
-    assert titles == ["loss", "other figures", "learning rate"]
+    assert [ax.get_title() for ax in fig.axes] == ["loss", "other figures", "learning rate"]
+    fig = training_curves_figure([{"epoch": 1, "val_accuracy": 0.5, "train_seconds": 3.0, "ok": True}])
+    assert fig is not None
+    assert [ax.get_title() for ax in fig.axes] == ["other figures", "seconds"]
+    assert [line.get_label() for line in fig.axes[0].get_lines()] == ["val_accuracy"]
 
 
 def test_datalist_errors_and_relative_paths(tmp_path: Path) -> None:
