@@ -1,0 +1,154 @@
+"""``cxr-monai train``: cross-validate the ``cxr_classifier`` bundle over the folds, keep one model."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from cxr_monai.commands import console, user_errors
+from cxr_monai.constants import DEFAULT_SPATIAL_SIZE, RESEARCH_USE_NOTICE
+from cxr_monai.errors import DatasetError
+from cxr_monai.networks import BACKBONES
+
+
+def _parse_folds(folds: str, available: list[int]) -> list[int]:
+    if folds.strip().lower() == "all":
+        return available
+    try:
+        chosen = [int(part) for part in folds.split(",") if part.strip()]
+    except ValueError as exc:
+        raise DatasetError(f"--folds {folds!r}: expected 'all' or comma-separated fold numbers") from exc
+    unknown = sorted(set(chosen) - set(available))
+    if unknown or not chosen:
+        raise DatasetError(f"--folds {folds!r}: the datalist has folds {available}")
+    return chosen
+
+
+def train(
+    datalist: Path = typer.Option(..., "--datalist", help="MONAI datalist JSON (from `cxr-monai prepare`)."),
+    out: Path = typer.Option(..., "--out", help="Folder for fold_K/ bundles, final/ and cv_summary.json."),
+    backbone: str = typer.Option("efficientnet_b0", "--backbone", help=" | ".join(BACKBONES)),
+    pretrained: str = typer.Option(
+        "none",
+        "--pretrained",
+        help="none (from scratch) | imagenet (needs internet once) | /path/weights.pth",
+    ),
+    folds: str = typer.Option("all", "--folds", help="all, or fold numbers such as 0 or 0,1."),
+    final: str = typer.Option(
+        "best-fold",
+        "--final",
+        help="best-fold: keep the fold with the best validation accuracy; retrain: train on all "
+        "training items for the folds' mean best epoch.",
+    ),
+    max_epochs: int = typer.Option(30, "--max-epochs", min=1),
+    freeze_epochs: int = typer.Option(
+        5, "--freeze-epochs", min=0, help="Head-only epochs (pretrained only)."
+    ),
+    unfreeze_blocks: int = typer.Option(2, "--unfreeze-blocks", min=0, help="Top trunk blocks fine-tuned."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1),
+    learning_rate: float = typer.Option(
+        1e-3, "--learning-rate", help="Adam learning rate (from scratch / head)."
+    ),
+    finetune_learning_rate: float = typer.Option(1e-4, "--finetune-learning-rate", help="Adam lr, stage 2."),
+    cosine_lr: bool = typer.Option(True, "--cosine-lr/--constant-lr", help="Cosine decay over max epochs."),
+    spatial_size: int = typer.Option(DEFAULT_SPATIAL_SIZE, "--spatial-size", min=16),
+    num_workers: int = typer.Option(2, "--num-workers", min=0),
+    cache_rate: float = typer.Option(1.0, "--cache-rate", min=0.0, max=1.0),
+    early_stop_patience: int = typer.Option(0, "--early-stop-patience", min=0, help="0: off."),
+    seed: int = typer.Option(0, "--seed"),
+    device: str | None = typer.Option(
+        None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."
+    ),
+) -> None:
+    """Train the cxr_classifier MONAI bundle on each patient-disjoint fold and keep one model.
+
+    Each fold is a trained bundle in OUT/fold_K (resumed if interrupted); OUT/final is the kept model
+    (use it as --bundle for evaluate, explain and serve); OUT/cv_summary.json holds the per-fold and
+    mean +- sd validation accuracy.
+
+    Example:
+
+        cxr-monai train --datalist out/prep/datalist.json --folds 0 --max-epochs 3 --out out/train
+    """
+    from cxr_monai import crossval
+    from cxr_monai.training import datalist_folds
+
+    with user_errors():
+        if backbone not in BACKBONES:
+            raise DatasetError(f"--backbone {backbone!r}: expected one of {', '.join(BACKBONES)}")
+        chosen = _parse_folds(folds, datalist_folds(str(datalist)))
+        parameters: dict[str, Any] = {
+            "backbone": backbone,
+            "pretrained": pretrained,
+            "max_epochs": max_epochs,
+            "freeze_epochs": freeze_epochs,
+            "unfreeze_blocks": unfreeze_blocks,
+            "batch_size": batch_size,
+            "learning_rate": learning_rate,
+            "finetune_learning_rate": finetune_learning_rate,
+            "cosine_lr": cosine_lr,
+            "spatial_size": spatial_size,
+            "num_workers": num_workers,
+            "cache_rate": cache_rate,
+            "early_stop_patience": early_stop_patience,
+            "seed": seed,
+            "verbose": logging.getLogger().isEnabledFor(logging.DEBUG),  # per-epoch/iteration logs
+        }
+        if device:
+            parameters["device"] = f"$torch.device({device!r})"
+        if not parameters["verbose"]:
+            # The progress bar shows epochs and validation accuracy; engine lines would interleave with it,
+            # and MONAI warns that this process, not the bundle's logging.conf, configures logging.
+            logging.getLogger("ignite.engine.engine").setLevel(logging.WARNING)
+            logging.getLogger("monai.bundle.workflows").setLevel(logging.ERROR)
+        console.print(f"[dim]{RESEARCH_USE_NOTICE}[/]")
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("epochs  {task.fields[accuracy]}"),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress:
+            tasks: dict[str, Any] = {}
+
+            def on_epoch(name: str, epoch: int, total: int, accuracy: float | None) -> None:
+                if name not in tasks:
+                    tasks[name] = progress.add_task(name, total=total, accuracy="")
+                shown = "" if accuracy is None else f"val acc {accuracy:.3f}"
+                progress.update(tasks[name], completed=epoch, total=total, accuracy=shown)
+
+            summary = crossval.cross_validate(datalist, out, chosen, final, parameters, on_epoch=on_epoch)
+        _print_summary(summary, out)
+
+
+def _print_summary(summary: dict[str, Any], out: Path) -> None:
+    table = Table(title="Validation (best epoch of each fold)")
+    for column in ("fold", "best epoch", "val accuracy", "val loss"):
+        table.add_column(column, justify="right")
+    for row in summary["folds"]:
+        acc, loss = row["val_accuracy"], row["val_loss"]
+        table.add_row(
+            str(row["fold"]),
+            str(row["best_epoch"]),
+            "-" if acc is None else f"{acc:.3f}",
+            "-" if loss is None else f"{loss:.3f}",
+        )
+    agg = summary["aggregate"]["val_accuracy"]
+    if agg["mean"] is not None:
+        sd = "" if agg["sd"] is None else f" +- {agg['sd']:.3f}"
+        table.add_row("mean", "", f"{agg['mean']:.3f}{sd}", "")
+    console.print(table)
+    final = summary["final"]
+    how = (
+        f"fold {final['source_fold']}"
+        if final["mode"] == "best-fold"
+        else f"retrained {final['epochs']} epochs"
+    )
+    console.print(f"Kept model ({how}): {out / final['bundle']}  (use it as --bundle)")
+    console.print(f"Summary: {out / 'cv_summary.json'}")
