@@ -10,6 +10,7 @@ from cxr_monai.commands.explain import explain
 from cxr_monai.commands.prepare import prepare
 from cxr_monai.commands.progression import progression
 from cxr_monai.commands.serve import serve
+from cxr_monai.commands.train import train
 from cxr_monai.constants import RESEARCH_USE_NOTICE
 
 app = typer.Typer(
@@ -33,3 +34,4 @@ app.command("explain")(explain)
 app.command("progression")(progression)
 app.command("evaluate")(evaluate)
 app.command("serve")(serve)
+app.command("train")(train)
