@@ -214,3 +214,35 @@ def test_datalist_errors_and_relative_paths(tmp_path: Path) -> None:
     assert items[0].image == str(tmp_path / "imgs" / "a.png") and items[0].patient_id is None
     with pytest.raises(DatasetError, match="has no items"):
         evaluation.select_split(evaluation.load_datalist(good), "training")
+
+
+@pytest.mark.integration
+def test_evaluate_on_real_images(shared_data: Path, tmp_path: Path) -> None:
+    """Real PNG/JPEG files of every class (grayscale, RGB, RGBA, many sizes) through the whole report."""
+    folders = [
+        shared_data / "covid-chestxray-dataset" / "images",
+        shared_data / "chest_xray" / "train" / "NORMAL",
+        shared_data / "chest_xray" / "train" / "PNEUMONIA",
+    ]
+    files = [
+        sorted(f for f in folder.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg"))
+        for folder in folders
+    ]
+    items = {
+        split: [
+            {"image": str(path), "label": label, "patient_id": f"{label}-{n}"}
+            for label, paths in enumerate(files)
+            for n, path in enumerate(paths[start : start + 4])
+        ]
+        for split, start in (("training", 0), ("test", 4))
+    }
+    datalist = write_datalist(tmp_path / "datalist.json", items["training"], items["test"])
+    out = tmp_path / "out"
+    result = run(
+        "--bundle", str(make_trained_bundle(tmp_path / "bundle")), "--datalist", str(datalist),
+        "--out", str(out), "--bootstrap", "20",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["model_metrics"]["n_images"] == 12 and metrics["skipped_images"] == []
+    assert metrics["shortcut_check"]["n_training_items"] == 12
