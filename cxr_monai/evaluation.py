@@ -55,7 +55,8 @@ logger = logging.getLogger(__name__)
 SPLITS = ("test", "training", "all")
 TRAINING_LOG = Path("logs") / "training_log.json"
 
-#: Called as ``progress(stage, done, total)``; stages "evaluate" then "baseline".
+#: Called as ``progress(stage, done, total)``; stages "evaluate" (evaluated items) then "baseline"
+#: (training items decoded for the baseline only).
 ProgressHook = Callable[[str, int, int], None]
 
 
@@ -160,7 +161,7 @@ def _decode(
             image = read_cxr(item.image)
         except InvalidImageError as exc:
             logger.warning("skipped unreadable image: %s", exc)
-            skipped.append({"image": item.image, "reason": str(exc)})
+            skipped.append({"image": item.image, "reason": str(exc), "stage": stage})
         else:
             yield item, image
         progress(stage, done, len(items))

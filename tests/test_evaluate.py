@@ -168,7 +168,7 @@ def test_unreadable_image_is_skipped_and_listed(setup: dict[str, Path], tmp_path
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
-    assert [s["image"] for s in metrics["skipped_images"]] == [str(broken)]
+    assert [(s["image"], s["stage"]) for s in metrics["skipped_images"]] == [(str(broken), "evaluate")]
     assert metrics["model_metrics"]["n_images"] == 12
     assert metrics["shortcut_check"] is None
     assert metrics["model_metrics"]["accuracy"]["ci_low"] is None
