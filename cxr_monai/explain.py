@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -77,14 +77,16 @@ class GradCAM:
 
     The forward function handed to Captum runs ``model`` once, keeps its logits (for the probabilities)
     and returns each image's target logit (predicted class, or the class given), so the prediction and
-    the map come from one forward pass instead of two.
+    the map come from one forward pass instead of two. That pass records the autograd graph only from
+    ``layer`` on (the trunk before it runs without gradients), so a call costs about one inference
+    forward plus a backward through the head.
     """
 
     def __init__(self, model: nn.Module, layer: nn.Module | None = None) -> None:
         if isinstance(model, torch.jit.ScriptModule):
             raise TypeError("Grad-CAM needs the eager model: hooks do not attach to TorchScript")
         self.model = model
-        self.layer = layer if layer is not None else model.gradcam_layer
+        self.layer: nn.Module = layer if layer is not None else cast(nn.Module, model.gradcam_layer)
 
     def __call__(self, inputs: torch.Tensor, target: int | None = None) -> GradCAMBatch:
         """Explain a batch.
@@ -100,7 +102,14 @@ class GradCAM:
         kept: dict[str, torch.Tensor] = {}
 
         def target_logit(x: torch.Tensor) -> torch.Tensor:
-            logits = self.model(x)
+            # Autograd is needed only from the hooked layer on: run the trunk before it without
+            # recording a graph, and switch recording on as the layer starts (grad mode is thread-local).
+            enable = self.layer.register_forward_pre_hook(_record_gradients_from_here)
+            try:
+                with torch.no_grad():
+                    logits = self.model(x)
+            finally:
+                enable.remove()
             kept["logits"] = logits.detach()
             if target is None:
                 index = logits.detach().argmax(dim=1)
@@ -121,6 +130,11 @@ class GradCAM:
             probabilities=torch.softmax(kept["logits"].float(), dim=1).cpu().numpy(),
             target_indices=kept["index"].cpu().numpy(),
         )
+
+
+def _record_gradients_from_here(module: nn.Module, args: Any) -> None:
+    """Forward pre-hook: switch autograd recording on for the rest of this thread's forward pass."""
+    torch.set_grad_enabled(True)
 
 
 def to_original_grid(heatmap: np.ndarray, original_shape: tuple[int, int]) -> np.ndarray:

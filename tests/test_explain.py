@@ -218,3 +218,16 @@ def test_class_index_is_case_insensitive_and_names_choices():
     assert class_index("pneumonia") == 2
     with pytest.raises(CXRMonaiError, match="COVID-19"):
         class_index("Tuberculosis")
+
+
+@pytest.mark.parametrize("grad_enabled", [True, False])
+def test_caller_grad_mode_is_restored_and_maps_do_not_depend_on_it(grad_enabled):
+    torch.manual_seed(2)
+    model = SmallCNN().eval()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    reference = GradCAM(model)(x)
+    with torch.set_grad_enabled(grad_enabled):
+        out = GradCAM(model)(x)
+        assert torch.is_grad_enabled() is grad_enabled
+    np.testing.assert_allclose(out.maps, reference.maps, rtol=1e-5, atol=1e-7)
+    assert all(p.grad is None for p in model.parameters())  # nothing accumulated into the weights
