@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -49,6 +50,10 @@ def test_explain_writes_png_json_dcm_and_reports_the_broken_file(bundle, inputs,
     assert PATIENT_NAME not in result.output and PATIENT_ID not in result.output
     names = sorted(p.name for p in out.iterdir())
     assert names == ["film.json", "film_gradcam.png", "study.json", "study_gradcam.dcm", "study_gradcam.png"]
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert all((p.stat().st_mode & 0o777) == 0o666 & ~umask for p in out.iterdir())  # not mkstemp's 0600
 
     report = json.loads((out / "study.json").read_text())
     assert set(report["probabilities"]) == {"COVID-19", "Normal", "Pneumonia"}

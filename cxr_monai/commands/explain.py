@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -9,6 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import typer
@@ -16,7 +18,6 @@ from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cxr_monai.commands import console, user_errors
-from cxr_monai.data.datalist import write_json_atomic
 from cxr_monai.errors import CXRMonaiError
 from cxr_monai.explain import Explainer, Explanation, class_index
 from cxr_monai.explain_report import explained_image
@@ -28,6 +29,9 @@ logger = logging.getLogger(__name__)
 FORMATS = ("png", "json", "dcm")
 BUNDLE_ENV = "CXR_MONAI_BUNDLE"
 #: Files a directory walk skips: hidden files and these (documentation/metadata next to images).
+#: The process umask (read once: os.umask can only be read by setting it).
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 _NOT_IMAGES = {".json", ".txt", ".md", ".csv", ".xml", ".html", ".pdf", ".py"}
 
 
@@ -52,9 +56,16 @@ def atomic_output(path: Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def save_json(record: dict[str, Any], path: Path) -> None:
+    """Indented JSON at ``path``, atomically."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def save_png(rgb: np.ndarray, path: Path) -> None:
@@ -127,7 +138,7 @@ def _write_outputs(
             with atomic_output(out / f"{job.name}_gradcam.dcm") as tmp:
                 sc.save_as(tmp, enforce_file_format=True)
     if "json" in formats:
-        write_json_atomic(out / f"{job.name}.json", explained.record)
+        save_json(explained.record, out / f"{job.name}.json")
     return notes
 
 

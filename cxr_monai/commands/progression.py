@@ -8,9 +8,8 @@ from typing import Any
 import typer
 
 from cxr_monai.commands import console, user_errors
-from cxr_monai.commands.explain import BUNDLE_ENV, atomic_output, resolve_bundle, usage_error
+from cxr_monai.commands.explain import BUNDLE_ENV, atomic_output, resolve_bundle, save_json, usage_error
 from cxr_monai.constants import RESEARCH_USE_NOTICE
-from cxr_monai.data.datalist import write_json_atomic
 from cxr_monai.explain import AREA_THRESHOLD, Explainer, area_above, normalise_series, peak_location
 from cxr_monai.io import read_cxr
 from cxr_monai.predictor import Predictor
@@ -101,5 +100,5 @@ def progression(
             ],
             "intended_use": RESEARCH_USE_NOTICE,
         }
-        write_json_atomic(out / "progression.json", record)
+        save_json(record, out / "progression.json")
     console.print(f"progression of {len(studies)} studies ({ordered_by}) in {out}", highlight=False)
