@@ -80,6 +80,9 @@ class GradCAM:
     the map come from one forward pass instead of two. That pass records the autograd graph only from
     ``layer`` on (the trunk before it runs without gradients), so a call costs about one inference
     forward plus a backward through the head.
+
+    Not re-entrant across threads for one model: hooks live on the shared modules, so concurrent
+    calls on the same model must be serialised (one lock per model).
     """
 
     def __init__(self, model: nn.Module, layer: nn.Module | None = None) -> None:
