@@ -136,12 +136,22 @@ def note(result: dict[str, Any]) -> str:
     if m:
         lines += [
             "",
-            f"Memory: {m['calls']} consecutive Grad-CAM calls, {m['backbone']}, batch {m['batch']}: RSS "
+            f"Memory: {m['calls']} consecutive Grad-CAM calls, {m['backbone']} (the fastest backbone, to "
+            f"bound the run on 2 shared cores), batch {m['batch']}: RSS "
             f"{m['rss_mib_after_warmup']} MiB after warm-up, {m['rss_mib_samples'][-1][1]} MiB at the end "
             f"(growth {m['growth_mib_after_warmup']} MiB; {m['growth_mib_second_half']} MiB over the second "
             f"half); hooks left on the model: {m['hooks_left']}.",
         ]
-    lines += ["", "Command: `" + result["command"] + "`", ""]
+    lines += [
+        "",
+        "Absolute times on a shared machine move with the other jobs' load (compare rows with care);",
+        "the ratios come from adjacent runs of the same model and input. The baseline is an inference",
+        "forward (`torch.inference_mode`); a Grad-CAM call also returns the probabilities, so it replaces",
+        "the prediction rather than adding to it. Target: ratio <= 1.3.",
+        "",
+        "Command: `" + result["command"] + "`",
+        "",
+    ]
     return "\n".join(lines)
 
 
