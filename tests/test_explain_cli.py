@@ -125,3 +125,24 @@ def test_bad_options_fail_cleanly(bundle, inputs, tmp_path):
     no_bundle = run("explain", png, "--bundle", str(tmp_path / "nowhere"), "--out", str(out))
     assert no_bundle.exit_code == 1 and "nowhere" in no_bundle.output
     assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.integration
+def test_real_dicom_files_give_dciodvfy_clean_secondary_captures(bundle, shared_data, tmp_path):
+    """The four real films (CR MONOCHROME1 raw data set, CR JPEG baseline, DX) end to end."""
+    out = tmp_path / "out"
+    result = run("explain", str(shared_data / "dicom"), "--bundle", str(bundle), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    sources = sorted((shared_data / "dicom").glob("*.dcm"))
+    assert len(sources) == 4
+    for source_path in sources:
+        source = pydicom.dcmread(source_path, force=True, stop_before_pixels=True)
+        sc_path = out / f"{source_path.stem}_gradcam.dcm"
+        sc = pydicom.dcmread(sc_path)
+        assert sc.StudyInstanceUID == source.StudyInstanceUID
+        assert (sc.Rows, sc.Columns) == (source.Rows, source.Columns)
+        assert json.loads((out / f"{source_path.stem}.json").read_text())["secondary_capture"]["written"]
+        if shutil.which("dciodvfy"):
+            check = subprocess.run(["dciodvfy", str(sc_path)], capture_output=True, text=True)
+            errors = [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
+            assert errors == [], f"{source_path.name}: {errors}"
