@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Install cxr-monai, then run the main job on the data it can reach:
-#   1. `cxr-monai prepare`: build the patient-disjoint datalist from the two public datasets.
-# Data location: $CXR_DATA (default ../shared/data), holding covid-chestxray-dataset/ and chest_xray/.
-# Outputs go to $CXR_OUT (default out/).
+# Install cxr-monai, then run the main job end to end on the data it can reach:
+#   1. prepare:  the patient-disjoint datalist from the two public datasets
+#   2. train:    EfficientNet-B0 from scratch, one fold, a short run (the cxr_classifier MONAI bundle)
+#   3. evaluate: the test split, with 95 % CIs, plots and the disease-blind shortcut baseline
+# Data: $CXR_DATA (default ../shared/data) holding covid-chestxray-dataset/ and chest_xray/.
+# Outputs: $CXR_OUT (default out/). Run length: $CXR_EPOCHS (default 3) epochs at $CXR_SIZE px (224).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
@@ -15,3 +17,8 @@ if [[ ! -d "$data/covid-chestxray-dataset" || ! -d "$data/chest_xray" ]]; then
     exit 1
 fi
 cxr-monai prepare --covid-dir "$data/covid-chestxray-dataset" --kaggle-dir "$data/chest_xray" --out "$out/prep"
+cxr-monai train --datalist "$out/prep/datalist.json" --out "$out/train" --backbone efficientnet_b0 \
+    --folds 0 --final best-fold --max-epochs "${CXR_EPOCHS:-3}" --spatial-size "${CXR_SIZE:-224}"
+cxr-monai evaluate --bundle "$out/train/final" --datalist "$out/prep/datalist.json" --split test \
+    --out "$out/eval"
+echo "Trained bundle: $out/train/final   Evaluation: $out/eval (metrics.json, PNGs). Research use only."
