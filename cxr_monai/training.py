@@ -81,8 +81,10 @@ def fold_items(datalist: str, fold: int, role: str) -> list[dict[str, Any]]:
 
     ``role``: ``"train"`` = training items outside ``fold`` (all of them when ``fold < 0``),
     ``"validate"`` = training items of ``fold`` (none when ``fold < 0``), ``"test"`` = the held-out test
-    items, ``"training"`` = every training item. Items keep their keys (``image`` absolute path, ``label``
-    index into CLASS_NAMES, ...). Raises DatasetError for a missing/invalid datalist or an empty selection.
+    items, ``"training"`` = every training item. Each item is reduced to ``{"image": path, "label": index
+    into CLASS_NAMES}``: the other keys vary by source (``offset`` may be null, Kaggle items have no
+    ``view``), which batch collation refuses, and patient data has no business in a batch.
+    Raises DatasetError for a missing/invalid datalist or an empty selection.
     """
     if not datalist:
         raise DatasetError("no datalist given: pass --datalist FILE (made by `cxr-monai prepare`)")
@@ -100,7 +102,7 @@ def fold_items(datalist: str, fold: int, role: str) -> list[dict[str, Any]]:
         raise DatasetError(f"unknown datalist role {role!r}; expected train, validate, test or training")
     if not selected:
         raise DatasetError(f"datalist {datalist} has no {role} items for fold {fold}")
-    return selected
+    return [{"image": item["image"], "label": int(item["label"])} for item in selected]
 
 
 def datalist_folds(datalist: str) -> list[int]:

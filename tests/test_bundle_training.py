@@ -50,7 +50,8 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def datalist(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """12 PNGs (brightness depends on the class): 9 training items in folds 0..2, 3 test items."""
+    """12 PNGs (brightness depends on the class): 9 training items in folds 0..2, 3 test items; the keys
+    differ between items as they do between the real sources."""
     root = tmp_path_factory.mktemp("cxr_data")
     rng = np.random.default_rng(0)
     training, test = [], []
@@ -66,6 +67,8 @@ def datalist(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "patient_id": f"p{i}",
             "source": "test",
         }
+        if label == 0:  # like covid-chestxray-dataset items: extra keys, offset sometimes null
+            item.update(offset=None if i % 2 else 3, view="PA")
         if i < 9:
             training.append({**item, "fold": i // 3})
         else:
