@@ -64,6 +64,12 @@ def train(
     device: str | None = typer.Option(
         None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."
     ),
+    threads: int | None = typer.Option(
+        None,
+        "--threads",
+        min=1,
+        help="CPU threads per operation (default: torch's; 1 helps on busy shared CPUs).",
+    ),
 ) -> None:
     """Train the cxr_classifier MONAI bundle on each patient-disjoint fold and keep one model.
 
@@ -75,6 +81,8 @@ def train(
 
         cxr-monai train --datalist out/prep/datalist.json --folds 0 --max-epochs 3 --out out/train
     """
+    import torch
+
     from cxr_monai import crossval
     from cxr_monai.training import datalist_folds
 
@@ -101,6 +109,8 @@ def train(
         }
         if device:
             parameters["device"] = f"$torch.device({device!r})"
+        if threads:
+            torch.set_num_threads(threads)
         if not parameters["verbose"]:
             # The progress bar shows epochs and validation accuracy; engine lines would interleave with it,
             # and MONAI warns that this process, not the bundle's logging.conf, configures logging.
