@@ -71,9 +71,14 @@ def test_source_patient_orientation_is_kept(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) not installed")
-@pytest.mark.parametrize("tags", [{}, {"PatientOrientation": ["L", "F"], "Laterality": "R"}])
-def test_dciodvfy_reports_no_errors(tmp_path, tags):
+@pytest.mark.parametrize(
+    ("tags", "body_part"),
+    [({}, True), ({}, False), ({"PatientOrientation": ["L", "F"], "Laterality": "R"}, True)],
+)
+def test_dciodvfy_reports_no_errors(tmp_path, tags, body_part):
     source = source_dataset(**tags)
+    if not body_part:
+        del source.BodyPartExamined
     sc, _ = build_secondary_capture(source, overlay_for(source, tmp_path), pixel_spacing=(0.2, 0.25))
     path = tmp_path / "sc.dcm"
     sc.save_as(path, enforce_file_format=True)
@@ -82,6 +87,8 @@ def test_dciodvfy_reports_no_errors(tmp_path, tags):
     assert "SCImage" in report  # dciodvfy recognised the IOD it checked
     errors = [line for line in report.splitlines() if line.startswith("Error")]
     assert errors == []
+    if body_part:  # CHEST copied: dciodvfy knows the part is unpaired and has nothing to say on Laterality
+        assert "Laterality" not in report
 
 
 def test_wrong_size_or_missing_study_is_refused(tmp_path):
