@@ -2,6 +2,7 @@
 # Install cxr-monai and everything it needs into the active Python (use a venv if you prefer).
 # Usage: bash scripts/install.sh [--dev]   (--dev adds the test tools and the Debian DICOM tools)
 set -euo pipefail
+export PIP_ROOT_USER_ACTION=ignore
 cd "$(dirname "$0")/.."
 
 # torch first, at the version this project is tested with: on machines that carry a local copy
