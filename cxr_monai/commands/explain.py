@@ -162,8 +162,10 @@ def run_explain(
         ):
             try:
                 jobs.append(_Job(path, name, read_cxr(path)))
-            except CXRMonaiError as exc:
-                failures[path] = str(exc)
+            except (CXRMonaiError, OSError) as exc:
+                failures[path] = (
+                    str(exc) if isinstance(exc, CXRMonaiError) else f"{path.name}: {exc.strerror}"
+                )
                 on_done()
         if not jobs:
             continue
