@@ -263,15 +263,15 @@ def real(args: argparse.Namespace) -> None:
         **{
             k: RECIPE[k]
             for k in (
-                "backbone",
                 "pretrained",
                 "spatial_size",
                 "batch_size",
-                "learning_rate",
                 "cosine_lr",
                 "seed",
             )
         },
+        "backbone": args.backbone,
+        "learning_rate": args.learning_rate,
         "fold": args.fold,
         "max_epochs": args.max_epochs,
         "num_workers": args.num_workers,
@@ -294,7 +294,7 @@ def real(args: argparse.Namespace) -> None:
     train_items = len(workflow.train_dataset)
     steady = [e["train_seconds"] for e in log[1:]] or [log[0]["train_seconds"]]
     result = {
-        "what": "EfficientNet-B0 from scratch through the cxr_classifier bundle on the real datalist",
+        "what": f"{args.backbone} from scratch through the cxr_classifier bundle on the real datalist",
         "command": "python benchmarks/train_benchmark.py real " + " ".join(sys.argv[2:]),
         "machine": _machine(args.threads),
         "recipe": {**RECIPE, **params},
@@ -331,6 +331,8 @@ def main() -> None:
     p = sub.add_parser("real")
     p.add_argument("--datalist", required=True)
     p.add_argument("--output-dir", default="out/bench_effb0")
+    p.add_argument("--backbone", default="efficientnet_b0", choices=("vgg16", "resnet50", "efficientnet_b0"))
+    p.add_argument("--learning-rate", type=float, default=RECIPE["learning_rate"])
     p.add_argument("--fold", type=int, default=0)
     p.add_argument("--max-epochs", type=int, default=20)
     p.add_argument("--num-workers", type=int, default=0)
