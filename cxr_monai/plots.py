@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from cxr_monai.metrics import ReliabilityBins
 def _figure(title: str, width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
-    fig.suptitle(title)
+    fig.suptitle(textwrap.fill(title, width=int(width * 9)))  # ~9 title characters per inch
     fig.supxlabel(RESEARCH_USE_NOTICE, fontsize=8, color="darkred")
     return fig
 
@@ -93,7 +94,13 @@ def reliability_figure(bins: ReliabilityBins, ece: float | None, title: str = ""
     )
     acc_ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
     acc_ax.plot(
-        bins.confidence[filled], bins.accuracy[filled], "o", color="darkorange", label="bin mean confidence"
+        centers[filled],
+        bins.confidence[filled],
+        "_",
+        markersize=14,
+        markeredgewidth=2.5,
+        color="darkred",
+        label="mean confidence in the bin",
     )
     acc_ax.set_ylabel("fraction correct")
     acc_ax.set_ylim(0, 1)
