@@ -22,13 +22,13 @@ from typing import Any
 
 from ignite.engine import Engine, Events
 
+from cxr_monai.data.datalist import write_json_atomic
 from cxr_monai.errors import BundleError
 from cxr_monai.training import (
     best_epoch,
     default_bundle_root,
     read_training_log,
     relocate_trained_bundle,
-    write_json_atomic,
 )
 
 logger = logging.getLogger(__name__)

@@ -3,6 +3,8 @@
 * datalist items for a fold (:func:`fold_items`);
 * the two-stage fine-tuning schedule (:class:`FineTuneSchedule`, an ignite handler);
 * the per-epoch training log that evaluation plots (:class:`TrainingLog`);
+* resuming an interrupted run and early stopping, MONAI handlers that need the trainer they are attached
+  to (:class:`ResumeFromCheckpoint`, :class:`SaveResumeCheckpoint`, :class:`EarlyStopOnValidation`);
 * the trained-bundle layout: configs copied into ``output_dir`` with the run's parameters written in
   (:func:`prepare_output_dir`), the latest resumable checkpoint (:func:`latest_checkpoint`),
   moving a trained bundle (:func:`relocate_trained_bundle`).
@@ -15,7 +17,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
@@ -27,6 +28,7 @@ from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader, CheckpointSaver, EarlyStopHandler, stopping_fn_from_metric
 
 from cxr_monai.data import get_test_items, items_for_fold, load_datalist, num_folds
+from cxr_monai.data.datalist import write_json_atomic
 from cxr_monai.errors import BundleError, DatasetError
 from cxr_monai.networks import PRETRAINED_NONE, freeze_backbone, unfreeze_all, unfreeze_top
 
@@ -57,20 +59,6 @@ def default_bundle_root() -> str:
             "pass --bundle_root /path/to/bundles/cxr_classifier"
         )
     return str(root)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON to ``path`` through a temporary file and a rename (no partial files)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=4)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --- datalist -------------------------------------------------------------------------------------------
