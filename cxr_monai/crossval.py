@@ -22,7 +22,7 @@ from typing import Any
 
 from ignite.engine import Engine, Events
 
-from cxr_monai.data.datalist import write_json_atomic
+from cxr_monai.atomic import write_json_atomic
 from cxr_monai.errors import BundleError
 from cxr_monai.training import (
     best_epoch,

@@ -12,8 +12,6 @@ import csv
 import io
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -22,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from cxr_monai.atomic import write_json_atomic, write_text_atomic
 from cxr_monai.constants import CLASS_NAMES, NUM_CLASSES, RESEARCH_USE_NOTICE
 from cxr_monai.errors import DatasetError, InvalidImageError
 from cxr_monai.io import CXRImage, read_cxr
@@ -303,17 +302,6 @@ def report_dict(report: EvaluationReport, **context: Any) -> dict[str, Any]:
     return data
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def predictions_csv(report: EvaluationReport) -> str:
     """Per-image CSV: image path, true and predicted class, each class probability, and the baseline's
     prediction. No patient data (not even the patient id)."""
@@ -374,9 +362,9 @@ def write_report(
     else:
         figures["training_curves.png"] = curves
     written = {file: save_png(fig, out / file) for file, fig in figures.items()}
-    _write_atomic(out / "predictions.csv", predictions_csv(report))
+    write_text_atomic(out / "predictions.csv", predictions_csv(report))
     written["predictions.csv"] = out / "predictions.csv"
     data = report_dict(report, **context, plots=sorted(figures), notes=notes)
-    _write_atomic(out / "metrics.json", json.dumps(data, indent=2) + "\n")
+    write_json_atomic(out / "metrics.json", data)
     written["metrics.json"] = out / "metrics.json"
     return written

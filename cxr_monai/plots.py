@@ -3,8 +3,6 @@ research-use notice. The caller saves them (:func:`save_png`)."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,6 +14,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay
 
+from cxr_monai.atomic import atomic_path
 from cxr_monai.constants import CLASS_NAMES, RESEARCH_USE_NOTICE
 from cxr_monai.metrics import ReliabilityBins
 
@@ -31,14 +30,8 @@ def _figure(title: str, width: float, height: float) -> Figure:
 def save_png(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
     """Write ``fig`` as PNG atomically (temporary file in the same folder, then rename)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            fig.savefig(handle, format="png", dpi=dpi)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
     return path
 
 

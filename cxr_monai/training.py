@@ -27,8 +27,8 @@ import torch
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader, CheckpointSaver, EarlyStopHandler, stopping_fn_from_metric
 
+from cxr_monai.atomic import write_json_atomic
 from cxr_monai.data import get_test_items, items_for_fold, load_datalist, num_folds
-from cxr_monai.data.datalist import write_json_atomic
 from cxr_monai.errors import BundleError, DatasetError
 from cxr_monai.networks import PRETRAINED_NONE, freeze_backbone, unfreeze_all, unfreeze_top
 

@@ -20,7 +20,6 @@ from cxr_monai.data import (
     load_datalist,
     write_prepared,
 )
-from cxr_monai.data.datalist import write_json_atomic
 from cxr_monai.errors import DatasetError
 
 
@@ -123,13 +122,3 @@ def test_load_datalist_missing_or_not_json(tmp_path: Path) -> None:
     (tmp_path / "broken.json").write_text('{"training": [')
     with pytest.raises(DatasetError, match="not readable JSON"):
         load_datalist(tmp_path / "broken.json")
-
-
-def test_write_json_atomic_leaves_no_partial_file(tmp_path: Path) -> None:
-    target = tmp_path / "deep" / "out.json"
-    write_json_atomic(target, {"a": 1})
-    assert json.loads(target.read_text()) == {"a": 1}
-    with pytest.raises(TypeError):
-        write_json_atomic(target, {"a": object()})  # not serialisable, fails half-way through
-    assert json.loads(target.read_text()) == {"a": 1}, "the previous file is untouched"
-    assert sorted(p.name for p in target.parent.iterdir()) == ["out.json"], "no temp file left"

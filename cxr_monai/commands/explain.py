@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import tempfile
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import typer
 from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from cxr_monai.atomic import atomic_path, write_json_atomic
 from cxr_monai.commands import console, user_errors
 from cxr_monai.errors import CXRMonaiError
 from cxr_monai.explain import Explainer, Explanation, class_index
@@ -29,9 +25,6 @@ logger = logging.getLogger(__name__)
 FORMATS = ("png", "json", "dcm")
 BUNDLE_ENV = "CXR_MONAI_BUNDLE"
 #: Files a directory walk skips: hidden files and these (documentation/metadata next to images).
-#: The process umask (read once: os.umask can only be read by setting it).
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 _NOT_IMAGES = {".json", ".txt", ".md", ".csv", ".xml", ".html", ".pdf", ".py"}
 
 
@@ -48,29 +41,9 @@ def resolve_bundle(bundle: Path | None) -> Path:
     return bundle
 
 
-@contextmanager
-def atomic_output(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
-def save_json(record: dict[str, Any], path: Path) -> None:
-    """Indented JSON at ``path``, atomically."""
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
 def save_png(rgb: np.ndarray, path: Path) -> None:
     """RGB uint8 (rows, cols, 3) -> PNG at ``path``, atomically."""
-    with atomic_output(path) as tmp:
+    with atomic_path(path) as tmp:
         Image.fromarray(rgb, mode="RGB").save(tmp, format="PNG")
 
 
@@ -135,10 +108,10 @@ def _write_outputs(
             notes.append(f"{job.source.name}: not DICOM, no source study; Secondary Capture skipped")
         else:
             sc = explained.secondary_capture()  # also records the orientation used in the record
-            with atomic_output(out / f"{job.name}_gradcam.dcm") as tmp:
+            with atomic_path(out / f"{job.name}_gradcam.dcm") as tmp:
                 sc.save_as(tmp, enforce_file_format=True)
     if "json" in formats:
-        save_json(explained.record, out / f"{job.name}.json")
+        write_json_atomic(out / f"{job.name}.json", explained.record)
     return notes
 
 

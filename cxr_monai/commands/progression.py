@@ -7,8 +7,9 @@ from typing import Any
 
 import typer
 
+from cxr_monai.atomic import atomic_path, write_json_atomic
 from cxr_monai.commands import console, user_errors
-from cxr_monai.commands.explain import BUNDLE_ENV, atomic_output, resolve_bundle, save_json, usage_error
+from cxr_monai.commands.explain import BUNDLE_ENV, resolve_bundle, usage_error
 from cxr_monai.constants import RESEARCH_USE_NOTICE
 from cxr_monai.explain import AREA_THRESHOLD, Explainer, area_above, normalise_series, peak_location
 from cxr_monai.io import read_cxr
@@ -72,7 +73,7 @@ def progression(
             predictor.class_names,
             f"{title} - {predictor.model_name} ({predictor.backbone}) - {RESEARCH_USE_NOTICE}",
         )
-        with atomic_output(out / "progression.png") as tmp:
+        with atomic_path(out / "progression.png") as tmp:
             fig.savefig(tmp, format="png", dpi=100)
         record: dict[str, Any] = {
             "ordered_by": ordered_by,
@@ -100,5 +101,5 @@ def progression(
             ],
             "intended_use": RESEARCH_USE_NOTICE,
         }
-        save_json(record, out / "progression.json")
+        write_json_atomic(out / "progression.json", record)
     console.print(f"progression of {len(studies)} studies ({ordered_by}) in {out}", highlight=False)

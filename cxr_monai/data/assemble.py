@@ -12,13 +12,13 @@ from typing import Any
 
 import sklearn
 
+from cxr_monai.atomic import write_json_atomic
 from cxr_monai.constants import CLASS_NAMES
 from cxr_monai.data.datalist import (
     DATALIST_FILENAME,
     SUMMARY_FILENAME,
     count_table,
     datalist_document,
-    write_json_atomic,
 )
 from cxr_monai.data.sources import (
     DEFAULT_COVID_VIEWS,

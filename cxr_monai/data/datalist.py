@@ -1,4 +1,4 @@
-"""The MONAI datalist JSON written by ``cxr-monai prepare``: reading it back, folds, counts, atomic writes.
+"""The MONAI datalist JSON written by ``cxr-monai prepare``: reading it back, folds, counts.
 
 Layout (a MONAI "decathlon-style" datalist, readable by ``monai.data.load_decathlon_datalist``)::
 
@@ -12,8 +12,6 @@ Layout (a MONAI "decathlon-style" datalist, readable by ``monai.data.load_decath
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,21 +23,6 @@ from cxr_monai.errors import DatasetError
 DATALIST_FILENAME = "datalist.json"
 SUMMARY_FILENAME = "prepare_summary.json"
 _ITEM_KEYS = ("image", "label", "patient_id")
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON to ``path`` via a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(obj, handle, indent=1, ensure_ascii=False)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_datalist(path: str | Path) -> dict[str, Any]:
