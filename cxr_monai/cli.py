@@ -10,6 +10,7 @@ from cxr_monai.commands.explain import explain
 from cxr_monai.commands.prepare import prepare
 from cxr_monai.commands.progression import progression
 from cxr_monai.commands.serve import serve
+from cxr_monai.commands.synthesize import synthesize
 from cxr_monai.commands.train import train
 from cxr_monai.constants import RESEARCH_USE_NOTICE
 
@@ -35,3 +36,4 @@ app.command("progression")(progression)
 app.command("evaluate")(evaluate)
 app.command("serve")(serve)
 app.command("train")(train)
+app.command("synthesize")(synthesize)

@@ -68,10 +68,11 @@ def fold_items(datalist: str, fold: int, role: str) -> list[dict[str, Any]]:
     """Items of the datalist written by ``cxr-monai prepare`` for one role of a run.
 
     ``role``: ``"train"`` = training items outside ``fold`` (all of them when ``fold < 0``),
-    ``"validate"`` = training items of ``fold`` (none when ``fold < 0``), ``"test"`` = the held-out test
-    items, ``"training"`` = every training item. Each item is reduced to ``{"image": path, "label": index
-    into CLASS_NAMES}``: the other keys vary by source (``offset`` may be null, Kaggle items have no
-    ``view``), which batch collation refuses, and patient data has no business in a batch.
+    ``"validate"`` = real (not ``synthetic``) training items of ``fold`` (none when ``fold < 0``),
+    ``"test"`` = the held-out test items, ``"training"`` = every training item. Each item is reduced to
+    ``{"image": path, "label": index into CLASS_NAMES}``: the other keys vary by source (``offset`` may be
+    null, Kaggle items have no ``view``), which batch collation refuses, and patient data has no business
+    in a batch.
     Raises DatasetError for a missing/invalid datalist or an empty selection.
     """
     if not datalist:
@@ -79,7 +80,8 @@ def fold_items(datalist: str, fold: int, role: str) -> list[dict[str, Any]]:
     content = load_datalist(datalist)
     if role in ("train", "validate"):
         train, validate = items_for_fold(content, None if fold < 0 else int(fold))
-        selected = train if role == "train" else validate
+        # Synthetic (CycleGAN) items may train but never validate: validation measures real images only.
+        selected = train if role == "train" else [item for item in validate if not item.get("synthetic")]
         if role == "validate" and fold < 0:
             return []  # training on every item: nothing is held out
     elif role == "test":

@@ -1,0 +1,189 @@
+"""The ``cxr_cyclegan`` bundle and ``cxr-monai synthesize`` end to end on tiny PNGs the test writes.
+
+Training runs 3 iterations at 32 px (base_channels 4) through ``python -m monai.bundle run training``;
+synthesis then writes synthetic COVID-19 items whose folds, labels and roles are checked, and the
+classifier's ``fold_items`` keeps them out of validation. Test items point at files that do not exist,
+so any attempt to read one fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from cxr_monai.cli import app
+from cxr_monai.constants import CLASS_NAMES
+from cxr_monai.errors import DatasetError, WeightsError
+from cxr_monai.gan.data import domain_items
+from cxr_monai.gan.synthesize import load_generator, synthesize_covid
+from cxr_monai.training import fold_items
+
+BUNDLE = Path(__file__).resolve().parent.parent / "bundles" / "cxr_cyclegan"
+TINY = {"spatial_size": 32, "base_channels": 4, "disc_base_channels": 4, "n_residual_blocks": 1}
+ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+NORMAL, COVID = CLASS_NAMES.index("Normal"), CLASS_NAMES.index("COVID-19")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def datalist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6 Normal (folds 0,1,2,0,1,2), 3 COVID-19 (folds 0..2), 3 Pneumonia training PNGs; 3 test items
+    whose files do not exist."""
+    root = tmp_path_factory.mktemp("gan_data")
+    rng = np.random.default_rng(0)
+    training: list[dict[str, Any]] = []
+    for i, label in enumerate([NORMAL] * 6 + [COVID] * 3 + [2] * 3):
+        path = root / f"img_{i}.png"
+        Image.fromarray((rng.random((40, 36)) * 80 + 60 * (label == COVID)).astype(np.uint8)).save(path)
+        training.append(
+            {
+                "image": str(path),
+                "label": label,
+                "label_name": CLASS_NAMES[label],
+                "patient_id": f"p{i}",
+                "source": "made-up",
+                "fold": i % 3,
+            }
+        )
+    test = [
+        {
+            "image": str(root / f"missing_{label}.png"),
+            "label": label,
+            "patient_id": f"t{label}",
+            "source": "x",
+        }
+        for label in range(3)
+    ]
+    document = {"class_names": list(CLASS_NAMES), "num_folds": 3, "training": training, "test": test}
+    path = root / "datalist.json"
+    path.write_text(json.dumps(document))
+    return path
+
+
+@pytest.fixture(scope="module")
+def gan_dir(datalist: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("gan") / "run"
+    args = [f"--{k}={v}" for k, v in {**TINY, "iterations": 3, "log_interval": 2}.items()]
+    config = str(BUNDLE / "configs" / "train.json")
+    command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", config]
+    command += ["--datalist", str(datalist), "--output_dir", str(out), *args]
+    done = subprocess.run(command, env=ONE_THREAD_ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def test_domains_are_real_training_items_outside_the_fold(datalist: Path) -> None:
+    content = json.loads(datalist.read_text())
+    normal, covid = domain_items(content)
+    assert (len(normal), len(covid)) == (6, 3)
+    normal, covid = domain_items(content, fold=1)
+    assert {item["fold"] for item in normal + covid} == {0, 2}
+    assert all(item["label"] == NORMAL for item in normal) and all(item["label"] == COVID for item in covid)
+    content["training"] = [item for item in content["training"] if item["label"] != COVID]
+    with pytest.raises(DatasetError, match="no COVID-19 training items"):
+        domain_items(content)
+
+
+def test_bundle_training_writes_generator_log_and_samples(gan_dir: Path) -> None:
+    state = torch.load(gan_dir / "models" / "generator_normal2covid.pt", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    log = json.loads((gan_dir / "logs" / "gan_log.json").read_text())
+    assert [entry["iteration"] for entry in log] == [2, 3]
+    for entry in log:
+        assert all(
+            np.isfinite(entry[key]) and entry[key] > 0 for key in ("d_loss", "g_adv", "cycle", "identity")
+        )
+    with Image.open(gan_dir / "logs" / "samples.png") as grid:
+        assert grid.mode == "L" and grid.size[0] > 32 and grid.size[1] >= 3 * 32  # 3 rows: real, fake, rec
+    synth_config = json.loads((gan_dir / "configs" / "synthesize.json").read_text())
+    assert (synth_config["spatial_size"], synth_config["base_channels"]) == (32, 4)
+    assert json.loads((gan_dir / "configs" / "train.json").read_text())["iterations"] == 3
+    meta = json.loads((gan_dir / "configs" / "metadata.json").read_text())
+    assert "Research use only" in meta["intended_use"]
+    info = json.loads((gan_dir / "logs" / "run_info.json").read_text())
+    assert (info["normal_images"], info["covid_images"], info["parameters"]["seed"]) == (6, 3, 0)
+
+
+def test_synthesize_cli_writes_training_only_items_in_their_source_fold(
+    gan_dir: Path, datalist: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "synth"
+    cmd = ["synthesize", "--gan", str(gan_dir), "--datalist", str(datalist), "--n", "8", "--out", str(out)]
+    result = CliRunner().invoke(app, cmd)
+    assert result.exit_code == 0, result.output
+    pngs = sorted((out / "images").glob("*.png"))
+    assert len(pngs) == 8
+    with Image.open(pngs[0]) as image:
+        assert (image.mode, image.size) == ("L", (32, 32))
+
+    original = json.loads(datalist.read_text())
+    new = json.loads((out / "datalist.json").read_text())
+    assert new["test"] == original["test"]
+    assert new["training"][: len(original["training"])] == original["training"]
+    synthetic = new["training"][len(original["training"]) :]
+    assert len(synthetic) == 8 and all(item["synthetic"] for item in synthetic)
+    sources = {item["image"]: item for item in original["training"]}
+    for item in synthetic:
+        source = sources[item["source_image"]]
+        assert source["label"] == NORMAL
+        assert item["fold"] == source["fold"]
+        assert item["patient_id"] == f"synthetic:{source['patient_id']}"
+        assert (item["label"], item["label_name"], item["source"]) == (COVID, "COVID-19", "cyclegan")
+        assert Path(item["image"]).is_file()
+    assert len({item["source_image"] for item in synthetic}) == 6  # 8 draws from 6 Normal images
+
+    report = json.loads((out / "synthesize_report.json").read_text())
+    assert (report["synthetic_images"], report["seed"], report["gan_dir"]) == (8, 0, str(gan_dir.resolve()))
+    assert sum(report["synthetic_per_fold"].values()) == 8
+
+    new_path = str(out / "datalist.json")
+    for fold in range(3):
+        validate = {item["image"] for item in fold_items(new_path, fold, "validate")}
+        assert validate == {i["image"] for i in original["training"] if i["fold"] == fold}
+        train = {item["image"] for item in fold_items(new_path, fold, "train")}
+        assert {i["image"] for i in synthetic if i["fold"] != fold} <= train
+        assert not {i["image"] for i in synthetic if i["fold"] == fold} & train
+
+
+def test_synthesize_is_seeded_and_can_leave_a_fold_out(gan_dir: Path, datalist: Path, tmp_path: Path) -> None:
+    first = synthesize_covid(gan_dir, datalist, tmp_path / "a", n=4, seed=3, fold=2)
+    again = synthesize_covid(gan_dir, datalist, tmp_path / "b", n=4, seed=3, fold=2)
+    assert set(first["synthetic_per_fold"]) <= {"0", "1"}
+    items_a = json.loads((tmp_path / "a" / "datalist.json").read_text())["training"][-4:]
+    items_b = json.loads((tmp_path / "b" / "datalist.json").read_text())["training"][-4:]
+    assert [i["source_image"] for i in items_a] == [i["source_image"] for i in items_b]
+    assert first["synthetic_images"] == again["synthetic_images"] == 4
+    pixels_a = np.asarray(Image.open(tmp_path / "a" / "images" / "synthetic_covid_0001.png"))
+    pixels_b = np.asarray(Image.open(tmp_path / "b" / "images" / "synthetic_covid_0001.png"))
+    assert np.array_equal(pixels_a, pixels_b)
+
+
+def test_missing_generator_weights_is_a_clear_error(gan_dir: Path, datalist: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "gan"
+    (broken / "configs").mkdir(parents=True)
+    (broken / "configs" / "synthesize.json").write_text((gan_dir / "configs" / "synthesize.json").read_text())
+    with pytest.raises(WeightsError, match=r"generator_normal2covid\.pt"):
+        load_generator(broken)
+    result = CliRunner().invoke(
+        app, ["synthesize", "--gan", str(broken), "--datalist", str(datalist), "--out", str(tmp_path / "o")]
+    )
+    assert result.exit_code == 1
+    assert "generator_normal2covid.pt" in result.output
+    assert not (tmp_path / "o").exists()
