@@ -111,7 +111,8 @@ def test_bundle_training_writes_generator_log_and_samples(gan_dir: Path) -> None
             np.isfinite(entry[key]) and entry[key] > 0 for key in ("d_loss", "g_adv", "cycle", "identity")
         )
     with Image.open(gan_dir / "logs" / "samples.png") as grid:
-        assert grid.mode == "L" and grid.size[0] > 32 and grid.size[1] >= 3 * 32  # 3 rows: real, fake, rec
+        # batch size 1, yet 4 columns (Normal images) x 3 rows (real, fake, reconstructed), 2 px padding
+        assert (grid.mode, grid.size) == ("L", (4 * 34 + 2, 3 * 34 + 2))
     synth_config = json.loads((gan_dir / "configs" / "synthesize.json").read_text())
     assert (synth_config["spatial_size"], synth_config["base_channels"]) == (32, 4)
     assert json.loads((gan_dir / "configs" / "train.json").read_text())["iterations"] == 3

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from monai.data import CacheDataset, DataLoader
 from monai.transforms import Compose, EnsureChannelFirstd, RandFlipd, Resized, ScaleIntensityd
+from monai.utils import convert_to_tensor
 
 from cxr_monai.constants import CLASS_NAMES
 from cxr_monai.data import items_for_fold
@@ -86,7 +87,7 @@ def domain_loader(
 
 
 def endless(loader: DataLoader) -> Iterator[torch.Tensor]:
-    """Image batches (B, 1, S, S) from ``loader``, epoch after epoch (the two domains differ in size)."""
+    """Plain-tensor image batches (B, 1, S, S) from ``loader``, epoch after epoch (domains differ in size)."""
     while True:
         for batch in loader:
-            yield batch["image"]
+            yield convert_to_tensor(batch["image"], track_meta=False)

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.utils import set_determinism
+from monai.utils import convert_to_tensor, set_determinism
 from PIL import Image
 from torchvision.utils import make_grid
 
@@ -252,7 +252,12 @@ def train_cyclegan(
 
 def _write_samples(gan: CycleGAN, loader: Any, path: Path, count: int = 4) -> None:
     """PNG grid, one column per Normal image: real Normal / synthetic COVID-19 / reconstructed Normal."""
-    real = next(iter(loader))["image"][:count].to(gan.device)
+    batches = []
+    for batch in loader:  # batches hold batch_size images (often 1): gather ``count``
+        batches.append(convert_to_tensor(batch["image"], track_meta=False))
+        if sum(len(b) for b in batches) >= count:
+            break
+    real = torch.cat(batches)[:count].to(gan.device)
     with torch.no_grad():
         gan.g_ab.eval()
         gan.g_ba.eval()
