@@ -22,12 +22,10 @@ import torch
 import torchvision
 from torch import nn
 
-from cxr_monai.constants import NUM_CLASSES
+from cxr_monai.constants import BACKBONES, NUM_CLASSES
 from cxr_monai.errors import WeightsError
 
 logger = logging.getLogger(__name__)
-
-BACKBONES: tuple[str, ...] = ("vgg16", "resnet50", "efficientnet_b0")
 
 #: ``pretrained`` values besides a file path.
 PRETRAINED_NONE = "none"

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from cxr_monai import evaluation
 from cxr_monai.commands import console, user_errors
 from cxr_monai.constants import CLASS_NAMES, RESEARCH_USE_NOTICE
-from cxr_monai.evaluation import EvaluationReport
-from cxr_monai.metrics import PER_CLASS_FIGURES, Estimate
-from cxr_monai.predictor import Predictor
-from cxr_monai.shortcut import CONTEXT
+
+if TYPE_CHECKING:
+    from cxr_monai.evaluation import EvaluationReport
+    from cxr_monai.metrics import Estimate
 
 _LABELS = {
     "precision": "precision (PPV)",
@@ -62,6 +62,10 @@ def evaluate(
 
         cxr-monai evaluate --bundle out/effb0 --datalist out/prep/datalist.json --split test --out out/eval
     """
+    # imported here so that `cxr-monai --help` and the other commands do not load torch
+    from cxr_monai import evaluation
+    from cxr_monai.predictor import Predictor
+
     with user_errors():
         splits = evaluation.load_datalist(datalist)
         items = evaluation.select_split(splits, split)
@@ -100,6 +104,9 @@ def evaluate(
 
 def _print_report(report: EvaluationReport, split: str) -> None:
     """Rich table of the model's figures with CIs and the baseline's beside them, then the verdict."""
+    from cxr_monai.metrics import PER_CLASS_FIGURES
+    from cxr_monai.shortcut import CONTEXT
+
     m = report.metrics
     model = report.model
     title = (

@@ -3,25 +3,18 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import typer
-from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from cxr_monai.atomic import atomic_path, write_json_atomic
 from cxr_monai.commands import console, user_errors
 from cxr_monai.errors import CXRMonaiError
-from cxr_monai.explain import Explainer, Explanation, class_index
-from cxr_monai.explain_report import explained_image
-from cxr_monai.io import CXRImage, read_cxr
-from cxr_monai.predictor import Predictor
 
 logger = logging.getLogger(__name__)
 
+#: Outputs ``--format`` chooses from.
 FORMATS = ("png", "json", "dcm")
 BUNDLE_ENV = "CXR_MONAI_BUNDLE"
 #: Files a directory walk skips: hidden files and these (documentation/metadata next to images).
@@ -39,12 +32,6 @@ def resolve_bundle(bundle: Path | None) -> Path:
     if bundle is None:
         raise usage_error(f"no trained bundle: pass --bundle DIR or set {BUNDLE_ENV}")
     return bundle
-
-
-def save_png(rgb: np.ndarray, path: Path) -> None:
-    """RGB uint8 (rows, cols, 3) -> PNG at ``path``, atomically."""
-    with atomic_path(path) as tmp:
-        Image.fromarray(rgb, mode="RGB").save(tmp, format="PNG")
 
 
 def collect_inputs(paths: Sequence[Path]) -> list[Path]:
@@ -73,92 +60,6 @@ def parse_formats(text: str) -> tuple[str, ...]:
     return chosen
 
 
-@dataclass
-class _Job:
-    source: Path
-    name: str
-    image: CXRImage
-
-
-def _unique_names(paths: Sequence[Path]) -> list[str]:
-    """Output stems: the file stem, with ``_2``, ``_3``... when two inputs share one."""
-    seen: dict[str, int] = {}
-    names = []
-    for path in paths:
-        count = seen.get(path.stem, 0) + 1
-        seen[path.stem] = count
-        names.append(path.stem if count == 1 else f"{path.stem}_{count}")
-    return names
-
-
-def _write_outputs(
-    job: _Job, result: Explanation, predictor: Predictor, out: Path, formats: Sequence[str]
-) -> list[str]:
-    """Write the chosen outputs of one input; returns notes for the user (e.g. why no DICOM)."""
-    explained = explained_image(predictor, job.source.name, job.image, result)
-    notes: list[str] = []
-    if "png" in formats:
-        save_png(explained.overlay, out / f"{job.name}_gradcam.png")
-    if "dcm" in formats:
-        if job.image.dataset is None:
-            explained.record["secondary_capture"] = {
-                "written": False,
-                "reason": "not a DICOM input: no source study",
-            }
-            notes.append(f"{job.source.name}: not DICOM, no source study; Secondary Capture skipped")
-        else:
-            sc = explained.secondary_capture()  # also records the orientation used in the record
-            with atomic_path(out / f"{job.name}_gradcam.dcm") as tmp:
-                sc.save_as(tmp, enforce_file_format=True)
-    if "json" in formats:
-        write_json_atomic(out / f"{job.name}.json", explained.record)
-    return notes
-
-
-def run_explain(
-    files: Sequence[Path],
-    predictor: Predictor,
-    out: Path,
-    formats: Sequence[str],
-    target: int | None,
-    batch_size: int,
-    on_done: Callable[[], None] = lambda: None,
-) -> dict[Path, str]:
-    """Explain ``files`` in batches; returns {file: one-line error} for the inputs that failed."""
-    explainer = Explainer(predictor.model, predictor.preprocess, batch_size=batch_size)
-    failures: dict[Path, str] = {}
-    names = _unique_names(files)
-    for start in range(0, len(files), batch_size):
-        jobs: list[_Job] = []
-        for path, name in zip(
-            files[start : start + batch_size], names[start : start + batch_size], strict=True
-        ):
-            try:
-                jobs.append(_Job(path, name, read_cxr(path)))
-            except (CXRMonaiError, OSError) as exc:
-                failures[path] = (
-                    str(exc) if isinstance(exc, CXRMonaiError) else f"{path.name}: {exc.strerror}"
-                )
-                on_done()
-        if not jobs:
-            continue
-        try:
-            results = explainer.explain([job.image for job in jobs], target)
-        except (CXRMonaiError, RuntimeError, ValueError) as exc:
-            for job in jobs:
-                failures[job.source] = f"{job.source.name}: Grad-CAM failed ({exc})"
-                on_done()
-            continue
-        for job, result in zip(jobs, results, strict=True):
-            try:
-                for note in _write_outputs(job, result, predictor, out, formats):
-                    console.print(note, highlight=False, soft_wrap=True)
-            except (CXRMonaiError, OSError, ValueError) as exc:
-                failures[job.source] = f"{job.source.name}: outputs not written ({exc})"
-            on_done()
-    return failures
-
-
 def explain(
     inputs: list[Path] = typer.Argument(..., help="Image files (DICOM, PNG, JPEG, NIfTI) or directories."),
     bundle: Path | None = typer.Option(
@@ -180,6 +81,11 @@ def explain(
     """
     chosen = parse_formats(formats)
     bundle_dir = resolve_bundle(bundle)
+    # imported here so that `cxr-monai --help` and the other commands do not load torch
+    from cxr_monai.explain import class_index
+    from cxr_monai.explain_files import explain_files
+    from cxr_monai.predictor import Predictor
+
     with user_errors():
         predictor = Predictor.from_bundle(bundle_dir)
         target = None if class_name is None else class_index(class_name, predictor.class_names)
@@ -189,8 +95,15 @@ def explain(
         columns = (TextColumn("explain"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=console, transient=True, disable=len(files) < 2) as progress:
             task = progress.add_task("explain", total=len(files))
-            failures = run_explain(
-                files, predictor, out, chosen, target, batch_size, lambda: progress.advance(task)
+            failures = explain_files(
+                files,
+                predictor,
+                out,
+                chosen,
+                target,
+                batch_size,
+                on_done=lambda: progress.advance(task),
+                on_note=lambda note: console.print(note, highlight=False, soft_wrap=True),
             )
     for message in failures.values():
         console.print(f"[bold red]failed:[/] {message}", highlight=False, soft_wrap=True)

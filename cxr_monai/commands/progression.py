@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -11,16 +11,18 @@ from cxr_monai.atomic import atomic_path, write_json_atomic
 from cxr_monai.commands import console, user_errors
 from cxr_monai.commands.explain import BUNDLE_ENV, resolve_bundle, usage_error
 from cxr_monai.constants import RESEARCH_USE_NOTICE
-from cxr_monai.explain import AREA_THRESHOLD, Explainer, area_above, normalise_series, peak_location
-from cxr_monai.io import read_cxr
-from cxr_monai.predictor import Predictor
-from cxr_monai.progression import Study, datalist_series, order_studies, render_montage
+
+if TYPE_CHECKING:
+    from cxr_monai.progression import Study
 
 
 def _load_studies(
     files: list[Path], datalist: Path | None, patient_id: str | None
 ) -> tuple[list[Study], str, str]:
     """(studies in time order, how they were ordered, montage title)."""
+    from cxr_monai.io import read_cxr
+    from cxr_monai.progression import Study, datalist_series, order_studies
+
     if datalist is not None:
         if patient_id is None:
             raise usage_error("--datalist needs --patient-id")
@@ -57,6 +59,11 @@ def progression(
       cxr-monai progression --datalist out/datalist.json --patient-id 19 --bundle out/bundle --out out/prog
     """
     bundle_dir = resolve_bundle(bundle)
+    # imported here so that `cxr-monai --help` and the other commands do not load torch
+    from cxr_monai.explain import AREA_THRESHOLD, Explainer, area_above, normalise_series, peak_location
+    from cxr_monai.predictor import Predictor
+    from cxr_monai.progression import render_montage
+
     with user_errors():
         predictor = Predictor.from_bundle(bundle_dir)
         studies, ordered_by, title = _load_studies(list(files or []), datalist, patient_id)

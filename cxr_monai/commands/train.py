@@ -11,9 +11,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cxr_monai.commands import console, user_errors
-from cxr_monai.constants import DEFAULT_SPATIAL_SIZE, RESEARCH_USE_NOTICE
+from cxr_monai.constants import BACKBONES, DEFAULT_SPATIAL_SIZE, RESEARCH_USE_NOTICE
 from cxr_monai.errors import DatasetError
-from cxr_monai.networks import BACKBONES
 
 
 def _parse_folds(folds: str, available: list[int]) -> list[int]:

@@ -1,0 +1,119 @@
+"""Explain image files in batches and write what each gets: overlay PNG, JSON record, DICOM Secondary Capture.
+
+The work behind ``cxr-monai explain``; one input's failure (unreadable file, failed write) is recorded
+and the others still go through.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from cxr_monai.atomic import atomic_path, write_json_atomic
+from cxr_monai.errors import CXRMonaiError
+from cxr_monai.explain import Explainer, Explanation
+from cxr_monai.explain_report import explained_image
+from cxr_monai.io import CXRImage, read_cxr
+from cxr_monai.predictor import Predictor
+
+
+def save_png(rgb: np.ndarray, path: Path) -> None:
+    """RGB uint8 (rows, cols, 3) -> PNG at ``path``, atomically."""
+    with atomic_path(path) as tmp:
+        Image.fromarray(rgb, mode="RGB").save(tmp, format="PNG")
+
+
+@dataclass
+class _Job:
+    source: Path
+    name: str
+    image: CXRImage
+
+
+def _unique_names(paths: Sequence[Path]) -> list[str]:
+    """Output stems: the file stem, with ``_2``, ``_3``... when two inputs share one."""
+    seen: dict[str, int] = {}
+    names = []
+    for path in paths:
+        count = seen.get(path.stem, 0) + 1
+        seen[path.stem] = count
+        names.append(path.stem if count == 1 else f"{path.stem}_{count}")
+    return names
+
+
+def _write_outputs(
+    job: _Job, result: Explanation, predictor: Predictor, out: Path, formats: Sequence[str]
+) -> list[str]:
+    """Write the chosen outputs of one input; returns notes for the user (e.g. why no DICOM)."""
+    explained = explained_image(predictor, job.source.name, job.image, result)
+    notes: list[str] = []
+    if "png" in formats:
+        save_png(explained.overlay, out / f"{job.name}_gradcam.png")
+    if "dcm" in formats:
+        if job.image.dataset is None:
+            explained.record["secondary_capture"] = {
+                "written": False,
+                "reason": "not a DICOM input: no source study",
+            }
+            notes.append(f"{job.source.name}: not DICOM, no source study; Secondary Capture skipped")
+        else:
+            sc = explained.secondary_capture()  # also records the orientation used in the record
+            with atomic_path(out / f"{job.name}_gradcam.dcm") as tmp:
+                sc.save_as(tmp, enforce_file_format=True)
+    if "json" in formats:
+        write_json_atomic(out / f"{job.name}.json", explained.record)
+    return notes
+
+
+def explain_files(
+    files: Sequence[Path],
+    predictor: Predictor,
+    out: Path,
+    formats: Sequence[str],
+    target: int | None,
+    batch_size: int,
+    on_done: Callable[[], None] = lambda: None,
+    on_note: Callable[[str], None] = lambda _: None,
+) -> dict[Path, str]:
+    """Explain ``files`` in batches, writing ``formats`` (a subset of "png", "json", "dcm") into ``out``.
+
+    ``target`` is the class index to explain (None: the predicted class). ``on_done`` is called once per
+    input, ``on_note`` with remarks for the user (e.g. why no DICOM was written). Returns
+    {file: one-line error} for the inputs that failed.
+    """
+    explainer = Explainer(predictor.model, predictor.preprocess, batch_size=batch_size)
+    failures: dict[Path, str] = {}
+    names = _unique_names(files)
+    for start in range(0, len(files), batch_size):
+        jobs: list[_Job] = []
+        for path, name in zip(
+            files[start : start + batch_size], names[start : start + batch_size], strict=True
+        ):
+            try:
+                jobs.append(_Job(path, name, read_cxr(path)))
+            except (CXRMonaiError, OSError) as exc:
+                failures[path] = (
+                    str(exc) if isinstance(exc, CXRMonaiError) else f"{path.name}: {exc.strerror}"
+                )
+                on_done()
+        if not jobs:
+            continue
+        try:
+            results = explainer.explain([job.image for job in jobs], target)
+        except (CXRMonaiError, RuntimeError, ValueError) as exc:
+            for job in jobs:
+                failures[job.source] = f"{job.source.name}: Grad-CAM failed ({exc})"
+                on_done()
+            continue
+        for job, result in zip(jobs, results, strict=True):
+            try:
+                for note in _write_outputs(job, result, predictor, out, formats):
+                    on_note(note)
+            except (CXRMonaiError, OSError, ValueError) as exc:
+                failures[job.source] = f"{job.source.name}: outputs not written ({exc})"
+            on_done()
+    return failures
