@@ -85,7 +85,10 @@ def read_cxr(source: ImageSource) -> CXRImage:
         path = Path(source)
         if not path.is_file():
             raise InvalidImageError(f"{path}: no such file")
-        data, name = path.read_bytes(), path.name
+        try:
+            data, name = path.read_bytes(), path.name
+        except OSError as exc:
+            raise InvalidImageError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
     if not data:
         raise InvalidImageError(f"{name}: file is empty")
     return _dispatch(data, name)
@@ -110,6 +113,8 @@ def _pillow_identifies(data: bytes) -> bool:
     try:
         with Image.open(io.BytesIO(data)):
             return True
+    except Image.DecompressionBombError:
+        return True  # an image, too large: _read_pil says so
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         return False
 
@@ -132,6 +137,11 @@ def _read_pil(data: bytes, name: str) -> CXRImage:
             pixels = _pil_to_gray(ImageOps.exif_transpose(img))
     except InvalidImageError:
         raise
+    except Image.DecompressionBombError as exc:
+        # Pillow refuses, from the header alone, images of more than 2 x MAX_IMAGE_PIXELS pixels
+        raise InvalidImageError(
+            f"{name}: image is too large ({exc}); the limit is {MAX_SIDE} per side"
+        ) from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InvalidImageError(f"{name}: not a readable image ({exc})") from exc
     return CXRImage(pixels=pixels, source_format=fmt, color_mode=mode, extra={"pixel_spacing_mm": None})

@@ -5,5 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh --dev
 ruff check .
 ruff format --check .
-mypy cxr_monai
+mypy cxr_monai server
 python -m pytest -q "$@"

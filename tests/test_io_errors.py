@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import struct
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -117,3 +119,27 @@ def test_samples_per_pixel_must_match_photometric(tmp_path: Path) -> None:
     ds = make_dataset(gradient(8))
     ds.SamplesPerPixel = 3
     _refused(save(ds, tmp_path / "a.dcm"), "SamplesPerPixel 3", "MONOCHROME2 needs 1")
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose IHDR claims ``width`` x ``height`` pixels, with one empty IDAT (never decoded)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize("side", [12_000, 20_000])
+def test_huge_png_header_is_refused_with_a_typed_error(side: int) -> None:
+    """20000 x 20000 trips Pillow's decompression-bomb guard in Image.open; both must be InvalidImageError."""
+    with pytest.raises(InvalidImageError, match="limit is 10000 per side"):
+        read_cxr(_png_header_only(side, side))
+
+
+def test_directory_is_not_an_image(tmp_path: Path) -> None:
+    with pytest.raises(InvalidImageError, match="no such file"):
+        read_cxr(tmp_path)
