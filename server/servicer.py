@@ -10,14 +10,16 @@ import hashlib
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, NoReturn
 
 import grpc
 import numpy as np
 
 from cxr_monai.constants import RESEARCH_USE_NOTICE
-from cxr_monai.errors import CXRMonaiError, InvalidImageError
-from cxr_monai.explain import Explainer, class_index, peak_location
+from cxr_monai.errors import CXRMonaiError
+from cxr_monai.explain import Explainer, area_above, class_index, peak_location
 from cxr_monai.explain_report import explained_image
 from cxr_monai.io import CXRImage, read_cxr
 from cxr_monai.predictor import Predictor
@@ -36,7 +38,8 @@ class CXRTriageServicer(cxr_triage_pb2_grpc.CXRTriageServicer):
     """Serves one trained bundle.
 
     Model calls are serialised by a lock: Captum attaches hooks to the shared model during Grad-CAM,
-    and a concurrent forward pass would run through them. Reading and rendering run in parallel.
+    and a concurrent forward pass would run through them. Reading the file and rendering the outputs run
+    in parallel; pre-processing and the network run under the lock.
     """
 
     def __init__(self, predictor: Predictor, explain_batch_size: int = 1) -> None:
@@ -57,45 +60,43 @@ class CXRTriageServicer(cxr_triage_pb2_grpc.CXRTriageServicer):
 
     def Classify(self, request: pb.ClassifyRequest, context: grpc.ServicerContext) -> pb.ClassifyResponse:
         start = time.perf_counter()
-        image = self._read(request.image, context)
-        with self._model_lock:
-            prediction = self._predictor.predict([image])[0]
-        response = self._classification(image, prediction.probabilities)
+        with _user_errors(context, request.image):
+            image = self._read(request.image, context)
+            with self._model_lock:
+                prediction = self._predictor.predict([image])[0]
+            response = self._classification(image, prediction.probabilities)
         self._log("Classify", request.image, response.predicted_class, start)
         return response
 
     def Explain(self, request: pb.ExplainRequest, context: grpc.ServicerContext) -> pb.ExplainResponse:
         start = time.perf_counter()
-        target = self._target(request.target_class, context)
-        image = self._read(request.image, context)
-        if request.secondary_capture and image.dataset is None:
-            _abort(context, grpc.StatusCode.FAILED_PRECONDITION, "secondary_capture needs a DICOM input")
-        with self._model_lock:
-            result = self._explainer.explain([image], target)[0]
-        explained = explained_image(self._predictor, "<request>", image, result)
-        heat = explained.heatmap
-        response = pb.ExplainResponse(
-            classification=self._classification(image, result.probabilities),
-            explained_class=self._predictor.class_names[result.target_index],
-            heatmap_u8=np.round(heat * 255.0).astype(np.uint8).tobytes(),
-            area_above_half=float(np.mean(heat > 0.5)),
-            overlay_png=explained.overlay_png(),
-        )
-        if float(heat.max()) > 0:
-            response.peak_row, response.peak_column = peak_location(heat)
-        if request.secondary_capture:
-            response.secondary_capture_dicom = explained.secondary_capture_bytes()
+        with _user_errors(context, request.image):
+            target = self._target(request.target_class, context)
+            image = self._read(request.image, context)
+            if request.secondary_capture and image.dataset is None:
+                _abort(context, grpc.StatusCode.FAILED_PRECONDITION, "secondary_capture needs a DICOM input")
+            with self._model_lock:
+                result = self._explainer.explain([image], target)[0]
+            explained = explained_image(self._predictor, "<request>", image, result)
+            heat = explained.heatmap
+            response = pb.ExplainResponse(
+                classification=self._classification(image, result.probabilities),
+                explained_class=self._predictor.class_names[result.target_index],
+                heatmap_u8=np.round(heat * 255.0).astype(np.uint8).tobytes(),
+                area_above_half=area_above(heat, 0.5),
+                overlay_png=explained.overlay_png(),
+            )
+            if float(heat.max()) > 0:
+                response.peak_row, response.peak_column = peak_location(heat)
+            if request.secondary_capture:
+                response.secondary_capture_dicom = explained.secondary_capture_bytes()
         self._log("Explain", request.image, response.classification.predicted_class, start)
         return response
 
     def _read(self, data: bytes, context: grpc.ServicerContext) -> CXRImage:
         if not data:
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "image: empty; send the file's bytes")
-        try:
-            return read_cxr(data)
-        except InvalidImageError as exc:
-            logger.info("rejected request %s: %s", request_tag(data), exc)
-            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return read_cxr(data)
 
     def _target(self, name: str, context: grpc.ServicerContext) -> int | None:
         if not name:
@@ -127,6 +128,17 @@ class CXRTriageServicer(cxr_triage_pb2_grpc.CXRTriageServicer):
         logger.info(
             "%s %s (%d bytes): %s in %.0f ms", method, request_tag(data), len(data), predicted, elapsed_ms
         )
+
+
+@contextmanager
+def _user_errors(context: grpc.ServicerContext, data: bytes) -> Iterator[None]:
+    """Turn any :class:`CXRMonaiError` (unreadable image, a header the DICOM writer refuses ...) into
+    INVALID_ARGUMENT with its message; the request is logged by hash only."""
+    try:
+        yield
+    except CXRMonaiError as exc:
+        logger.info("rejected request %s: %s", request_tag(data), exc)
+        _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
 
 def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:

@@ -146,15 +146,42 @@ def test_secondary_capture_of_a_png_is_a_failed_precondition(
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
-def test_concurrent_calls_all_succeed_and_agree(stub: pb_grpc.CXRTriageStub, png_bytes: bytes) -> None:
-    def call(i: int) -> str:
-        if i % 2:
-            return stub.Explain(pb.ExplainRequest(image=png_bytes), timeout=60).classification.predicted_class
-        return stub.Classify(pb.ClassifyRequest(image=png_bytes), timeout=60).predicted_class
+def test_concurrent_calls_give_the_single_call_answers(
+    stub: pb_grpc.CXRTriageStub, png_bytes: bytes, dicom_file: Path
+) -> None:
+    """Classify and Explain interleaved from 6 threads on two images: every answer equals the one a
+    lone call gives (a Grad-CAM hook leaking into a concurrent forward pass would change it)."""
+    images = (png_bytes, dicom_file.read_bytes())
 
+    def probabilities(response: pb.ClassifyResponse) -> tuple[float, ...]:
+        return tuple(round(p.probability, 5) for p in response.probabilities)
+
+    def call(i: int) -> tuple[int, tuple[float, ...], bytes]:
+        image = images[i % 2]
+        if i % 3:
+            explained = stub.Explain(pb.ExplainRequest(image=image), timeout=60)
+            return i % 2, probabilities(explained.classification), explained.heatmap_u8
+        return i % 2, probabilities(stub.Classify(pb.ClassifyRequest(image=image), timeout=60)), b""
+
+    alone = {k: probabilities(stub.Classify(pb.ClassifyRequest(image=images[k]), timeout=60)) for k in (0, 1)}
+    maps = {k: stub.Explain(pb.ExplainRequest(image=images[k]), timeout=60).heatmap_u8 for k in (0, 1)}
     with ThreadPoolExecutor(max_workers=6) as pool:
-        answers = set(pool.map(call, range(12)))
-    assert len(answers) == 1
+        for k, probs, heat in pool.map(call, range(18)):
+            assert probs == alone[k]
+            if heat:
+                assert heat == maps[k]
+
+
+def test_a_dicom_the_secondary_capture_cannot_use_is_an_invalid_argument(
+    stub: pb_grpc.CXRTriageStub, dicom_file: Path, tmp_path: Path, png_bytes: bytes
+) -> None:
+    ds = pydicom.dcmread(dicom_file)
+    del ds.StudyInstanceUID
+    broken = save(ds, tmp_path / "no_study_uid.dcm").read_bytes()
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Explain(pb.ExplainRequest(image=broken, secondary_capture=True), timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert stub.Classify(pb.ClassifyRequest(image=png_bytes), timeout=10).predicted_class in CLASS_NAMES
 
 
 def test_message_limit_rejects_large_requests_only(predictor: Predictor, png_bytes: bytes) -> None:
