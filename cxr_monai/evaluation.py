@@ -72,6 +72,8 @@ def load_datalist(path: str | Path) -> dict[str, list[Item]]:
     """Read a MONAI datalist JSON (``training`` items with ``fold``, ``test`` items).
 
     Relative image paths are resolved against the datalist's folder (MONAI's ``base_dir`` convention).
+    Synthetic items (``"synthetic": true``, from ``cxr-monai synthesize``) are left out: figures are
+    always on real images, and the shortcut baseline is fitted on real images only.
     Returns ``{"training": [...], "test": [...], "fold:K": [...] for each fold}``.
 
     Raises:
@@ -89,6 +91,8 @@ def load_datalist(path: str | Path) -> dict[str, list[Item]]:
     splits: dict[str, list[Item]] = {"training": [], "test": []}
     for key in ("training", "test"):
         for n, entry in enumerate(raw.get(key) or []):
+            if isinstance(entry, dict) and entry.get("synthetic"):
+                continue
             item = _item(entry, path.parent, f"{path}: {key}[{n}]")
             splits[key].append(item)
             if key == "training" and isinstance(entry.get("fold"), int):

@@ -216,6 +216,24 @@ def test_datalist_errors_and_relative_paths(tmp_path: Path) -> None:
         evaluation.select_split(evaluation.load_datalist(good), "training")
 
 
+def test_synthetic_items_are_never_evaluated(tmp_path: Path) -> None:
+    """CycleGAN items (training-only, with their source image's fold) stay out of every split."""
+    real = {"image": "real.png", "label": 0, "fold": 0, "patient_id": "covid:1"}
+    fake = {
+        "image": "fake.png",
+        "label": 0,
+        "fold": 0,
+        "patient_id": "synthetic:kaggle:IM-1",
+        "synthetic": True,
+    }
+    path = tmp_path / "with_synthetic.json"
+    path.write_text(json.dumps({"training": [real, fake], "test": [{"image": "t.png", "label": 1}]}))
+    splits = evaluation.load_datalist(path)
+    for split in ("fold:0", "training", "all"):
+        images = [Path(item.image).name for item in evaluation.select_split(splits, split)]
+        assert "fake.png" not in images and "real.png" in images
+
+
 @pytest.mark.integration
 def test_evaluate_on_real_images(shared_data: Path, tmp_path: Path) -> None:
     """Real PNG/JPEG files of every class (grayscale, RGB, RGBA, many sizes) through the whole report."""
