@@ -68,7 +68,7 @@ _SPECS: dict[str, _BackboneSpec] = {
 
 #: VGG16's five conv blocks as index ranges of ``features`` (each ends with its max-pool).
 _VGG16_BLOCKS: tuple[tuple[int, int], ...] = ((0, 5), (5, 10), (10, 17), (17, 24), (24, 31))
-#: VGG16's last convolution (block5_conv3), before its ReLU: the layer the paper's Grad-CAM uses.
+#: VGG16's last convolution (block5_conv3), before its ReLU: the layer Grad-CAM hooks.
 _VGG16_LAST_CONV = 28
 
 
@@ -116,11 +116,12 @@ class CXRClassifier(nn.Module):
     def gradcam_layer(self) -> nn.Module:
         """The layer Grad-CAM hooks: its output is the last spatial feature map the decision uses.
 
-        VGG16: ``features[28]`` (block5_conv3, 14x14 at 224 px, as in the paper; hooked before its ReLU,
-        which is out-of-place here). ResNet50: ``layer4`` (2048 x 7 x 7). EfficientNet-B0: ``features[-1]``
-        (the 1x1 conv 320 -> 1280 + BN + SiLU, 7 x 7): the very map the head pools, so the heat map explains
-        exactly the features the classifier weighs; ``features[7]`` has the same 7 x 7 grid but only 320
-        channels before the final projection.
+        VGG16: ``features[28]`` (block5_conv3's convolution, 14x14 at 224 px), hooked before its ReLU as
+        the project's spec asks; Keras' block5_conv3, which the paper hooked, includes the ReLU, so the
+        paper's maps come from ``features[29]``'s output. ResNet50: ``layer4`` (2048 x 7 x 7).
+        EfficientNet-B0: ``features[-1]`` (the 1x1 conv 320 -> 1280 + BN + SiLU, 7 x 7): the very map the
+        head pools, so the heat map explains exactly the features the classifier weighs; ``features[7]``
+        has the same 7 x 7 grid but only 320 channels before the final projection.
         """
         if self.backbone_name == "vgg16":
             return self._features()[_VGG16_LAST_CONV]
