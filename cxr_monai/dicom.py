@@ -133,6 +133,10 @@ def check_header(ds: Dataset, name: str) -> None:
             f"{name}: DICOM has PhotometricInterpretation {photometric or '(none)'}; expected "
             f"MONOCHROME1, MONOCHROME2, RGB or YBR ({', '.join(COLOUR[1:])})"
         )
+    if photometric in COLOUR and bits_allocated != 8:
+        raise InvalidImageError(
+            f"{name}: DICOM {photometric} with BitsAllocated {bits_allocated}; colour images must have 8"
+        )
     samples, expected = int(ds.get("SamplesPerPixel") or 1), 1 if photometric in MONOCHROME else 3
     if samples != expected:
         raise InvalidImageError(

@@ -34,14 +34,18 @@ class _Job:
     image: CXRImage
 
 
-def _unique_names(paths: Sequence[Path]) -> list[str]:
-    """Output stems: the file stem, with ``_2``, ``_3``... when two inputs share one."""
-    seen: dict[str, int] = {}
+def unique_names(paths: Sequence[Path]) -> list[str]:
+    """Output stems, all different: the file stem, or the stem with ``_2``, ``_3``... when taken
+    (``x/a.png``, ``y/a.png``, ``z/a_2.png`` -> ``a``, ``a_2``, ``a_2_2``)."""
+    taken: set[str] = set()
     names = []
     for path in paths:
-        count = seen.get(path.stem, 0) + 1
-        seen[path.stem] = count
-        names.append(path.stem if count == 1 else f"{path.stem}_{count}")
+        name, n = path.stem, 1
+        while name in taken:
+            n += 1
+            name = f"{path.stem}_{n}"
+        taken.add(name)
+        names.append(name)
     return names
 
 
@@ -87,7 +91,7 @@ def explain_files(
     """
     explainer = Explainer(predictor.model, predictor.preprocess, batch_size=batch_size)
     failures: dict[Path, str] = {}
-    names = _unique_names(files)
+    names = unique_names(files)
     for start in range(0, len(files), batch_size):
         jobs: list[_Job] = []
         for path, name in zip(

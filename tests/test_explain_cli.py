@@ -146,3 +146,12 @@ def test_real_dicom_files_give_dciodvfy_clean_secondary_captures(bundle, shared_
             check = subprocess.run(["dciodvfy", str(sc_path)], capture_output=True, text=True)
             errors = [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
             assert errors == [], f"{source_path.name}: {errors}"
+
+
+def test_output_names_never_collide() -> None:
+    from cxr_monai.explain_files import unique_names
+
+    paths = [Path("x/a.png"), Path("y/a.png"), Path("z/a_2.png"), Path("w/a.dcm")]
+    names = unique_names(paths)
+    assert len(set(names)) == len(names)
+    assert names[0] == "a" and names[2].startswith("a_2")

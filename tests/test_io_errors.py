@@ -143,3 +143,9 @@ def test_huge_png_header_is_refused_with_a_typed_error(side: int) -> None:
 def test_directory_is_not_an_image(tmp_path: Path) -> None:
     with pytest.raises(InvalidImageError, match="no such file"):
         read_cxr(tmp_path)
+
+
+def test_sixteen_bit_colour_is_refused_by_name(tmp_path: Path) -> None:
+    rgb = (np.arange(48 * 64 * 3, dtype=np.uint16).reshape(48, 64, 3) % 4096).astype(np.uint16)
+    path = save(make_dataset(rgb, photometric="RGB", bits_stored=12), tmp_path / "rgb16.dcm")
+    _refused(path, "RGB with BitsAllocated 16")
