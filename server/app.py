@@ -75,9 +75,11 @@ def build_server(servicer: CXRTriageServicer, config: ServerConfig) -> tuple[grp
     )
 
     if config.tls_cert is not None and config.tls_key is not None:
-        credentials = grpc.ssl_server_credentials(
-            [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())]
-        )
+        try:
+            key, cert = config.tls_key.read_bytes(), config.tls_cert.read_bytes()
+        except OSError as exc:
+            raise CXRMonaiError(f"cannot read the TLS key or certificate: {exc}") from exc
+        credentials = grpc.ssl_server_credentials([(key, cert)])
         port = server.add_secure_port(config.address, credentials)
     else:
         port = server.add_insecure_port(config.address)

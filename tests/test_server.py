@@ -263,11 +263,14 @@ def test_tls(predictor: Predictor, png_bytes: bytes, tmp_path: Path) -> None:
         server.stop(None)
 
 
-def test_tls_needs_both_files(tmp_path: Path) -> None:
+def test_tls_needs_both_files_and_readable_ones(predictor: Predictor, tmp_path: Path) -> None:
     from cxr_monai.errors import CXRMonaiError
 
     with pytest.raises(CXRMonaiError, match="both"):
         ServerConfig(tls_cert=tmp_path / "a.crt")
+    config = ServerConfig(address="127.0.0.1:0", tls_cert=tmp_path / "a.crt", tls_key=tmp_path / "a.key")
+    with pytest.raises(CXRMonaiError, match="cannot read the TLS key or certificate"):
+        build_server(CXRTriageServicer(predictor), config)
 
 
 def test_server_logs_no_patient_data(
