@@ -68,7 +68,9 @@ def fold_items(datalist: str, fold: int, role: str) -> list[dict[str, Any]]:
     """Items of the datalist written by ``cxr-monai prepare`` for one role of a run.
 
     ``role``: ``"train"`` = training items outside ``fold`` (all of them when ``fold < 0``),
-    ``"validate"`` = real (not ``synthetic``) training items of ``fold`` (none when ``fold < 0``),
+    ``"validate"`` = real (not ``synthetic``) training items of ``fold`` (none when ``fold < 0``); for
+    ``"train"`` with ``fold >= 0`` synthetic items count only when their GAN never saw that fold
+    (``gan_fold == fold``), since a GAN trained on fold K's COVID-19 images leaks them into the run,
     ``"test"`` = the held-out test items, ``"training"`` = every training item. Each item is reduced to
     ``{"image": path, "label": index into CLASS_NAMES}``: the other keys vary by source (``offset`` may be
     null, Kaggle items have no ``view``), which batch collation refuses, and patient data has no business
@@ -82,6 +84,17 @@ def fold_items(datalist: str, fold: int, role: str) -> list[dict[str, Any]]:
         train, validate = items_for_fold(content, None if fold < 0 else int(fold))
         # Synthetic (CycleGAN) items may train but never validate: validation measures real images only.
         selected = train if role == "train" else [item for item in validate if not item.get("synthetic")]
+        if role == "train" and fold >= 0:
+            kept = [i for i in selected if not i.get("synthetic") or i.get("gan_fold", -1) == fold]
+            if len(kept) < len(selected):
+                logger.warning(
+                    "fold %d: %d synthetic items left out of training: their GAN saw this fold's images "
+                    "(train the GAN with --fold %d to use them)",
+                    fold,
+                    len(selected) - len(kept),
+                    fold,
+                )
+            selected = kept
         if role == "validate" and fold < 0:
             return []  # training on every item: nothing is held out
     elif role == "test":

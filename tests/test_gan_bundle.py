@@ -149,13 +149,46 @@ def test_synthesize_cli_writes_training_only_items_in_their_source_fold(
     assert (report["synthetic_images"], report["seed"], report["gan_dir"]) == (8, 0, str(gan_dir.resolve()))
     assert sum(report["synthetic_per_fold"].values()) == 8
 
+    assert all(item["gan_fold"] == -1 for item in synthetic)  # this GAN saw every training fold
+
     new_path = str(out / "datalist.json")
+    synthetic_images = {i["image"] for i in synthetic}
     for fold in range(3):
         validate = {item["image"] for item in fold_items(new_path, fold, "validate")}
         assert validate == {i["image"] for i in original["training"] if i["fold"] == fold}
+        # the GAN has seen fold K's COVID-19 images: none of its images may train the fold-K model
         train = {item["image"] for item in fold_items(new_path, fold, "train")}
-        assert {i["image"] for i in synthetic if i["fold"] != fold} <= train
-        assert not {i["image"] for i in synthetic if i["fold"] == fold} & train
+        assert not synthetic_images & train
+        assert {i["image"] for i in original["training"] if i["fold"] != fold} <= train
+    assert synthetic_images <= {item["image"] for item in fold_items(new_path, -1, "train")}
+
+
+def test_a_fold_specific_gan_trains_its_own_fold_only(tmp_path: Path) -> None:
+    """Synthetic items of a GAN trained without fold 1 train the fold-1 model, and no other fold's."""
+    real = [
+        {
+            "image": f"r{i}.png",
+            "label": i % 3,
+            "label_name": CLASS_NAMES[i % 3],
+            "patient_id": f"p{i}",
+            "fold": i % 3,
+        }
+        for i in range(9)
+    ]
+    fake = {
+        "image": "fake.png",
+        "label": COVID,
+        "label_name": "COVID-19",
+        "patient_id": "synthetic:p0",
+        "fold": 0,
+        "synthetic": True,
+        "gan_fold": 1,
+    }
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps({"class_names": list(CLASS_NAMES), "training": [*real, fake], "test": []}))
+    trains = {fold: {i["image"] for i in fold_items(str(path), fold, "train")} for fold in range(3)}
+    assert "fake.png" in trains[1]
+    assert "fake.png" not in trains[0] and "fake.png" not in trains[2]
 
 
 def test_synthesize_is_seeded_and_can_leave_a_fold_out(gan_dir: Path, datalist: Path, tmp_path: Path) -> None:

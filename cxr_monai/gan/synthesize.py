@@ -10,13 +10,17 @@ writes into ``output_dir``::
 
 A synthetic item is ``{"image", "label": 0, "label_name": "COVID-19", "patient_id":
 "synthetic:<source patient>", "source": "cyclegan", "fold": <source fold>, "synthetic": true,
-"source_image": <source path>}``: it keeps its source's fold, so no patient crosses folds, and it is
-never put in ``test``. Classifier validation skips synthetic items (``cxr_monai.training.fold_items``).
+"source_image": <source path>, "gan_fold": <fold the GAN left out, -1 for none>}``: it keeps its
+source's fold, so no patient crosses folds, and it is never put in ``test``. Classifier validation skips
+synthetic items, and a cross-validation run on fold K trains only on those whose GAN never saw fold K
+(``gan_fold == K``; ``cxr_monai.training.fold_items``): a GAN trained on every fold has seen fold K's
+COVID-19 images.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -39,6 +43,16 @@ from cxr_monai.gan.trainer import GENERATOR_FILE
 REPORT_FILE = "synthesize_report.json"
 IMAGES_DIR = "images"
 SYNTHETIC_SOURCE = "cyclegan"
+
+
+def gan_left_out_fold(gan_dir: str | Path) -> int:
+    """The cross-validation fold the GAN was trained without (``logs/run_info.json``); -1 when it saw
+    every training fold, or when the record is missing (the safe assumption)."""
+    info = Path(gan_dir) / "logs" / "run_info.json"
+    try:
+        return int(json.loads(info.read_text(encoding="utf-8"))["parameters"]["fold"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
 
 
 def load_generator(gan_dir: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, int]:
@@ -89,6 +103,7 @@ def synthesize_covid(
         raise DatasetError(f"n = {n}: ask for at least one synthetic image")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     generator, spatial_size = load_generator(gan_dir, device)
+    gan_fold = gan_left_out_fold(gan_dir)
     content = load_datalist(datalist)
     normal, _ = domain_items(content, fold)
     rng = np.random.default_rng(seed)
@@ -103,7 +118,7 @@ def synthesize_covid(
     staging = Path(tempfile.mkdtemp(prefix=f".{IMAGES_DIR}.", dir=out))
     try:
         new_items = _write_images(
-            generator, chosen, staging, final_images, spatial_size, batch_size, device, on_image
+            generator, chosen, staging, final_images, spatial_size, batch_size, device, on_image, gan_fold
         )
         if final_images.exists():
             shutil.rmtree(final_images)
@@ -120,6 +135,7 @@ def synthesize_covid(
         "datalist": str(out / DATALIST_FILENAME),
         "seed": int(seed),
         "fold_excluded": int(fold) if fold >= 0 else None,
+        "gan_fold": gan_fold,
         "spatial_size": spatial_size,
         "synthetic_images": len(new_items),
         "distinct_source_images": len({item["source_image"] for item in new_items}),
@@ -144,6 +160,7 @@ def _write_images(
     batch_size: int,
     device: torch.device,
     on_image: Callable[[int, int], None] | None,
+    gan_fold: int,
 ) -> list[dict[str, Any]]:
     """Generate from ``sources`` in order into PNGs in ``staging``; items name their ``final_dir`` path."""
     data = [{"image": item["image"]} for item in sources]
@@ -170,6 +187,7 @@ def _write_images(
                         "fold": int(source["fold"]),
                         "synthetic": True,
                         "source_image": str(source["image"]),
+                        "gan_fold": gan_fold,
                     }
                 )
             if on_image is not None:
