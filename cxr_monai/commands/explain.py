@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,8 +10,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from cxr_monai.commands import console, user_errors
 from cxr_monai.errors import CXRMonaiError
-
-logger = logging.getLogger(__name__)
 
 #: Outputs ``--format`` chooses from.
 FORMATS = ("png", "json", "dcm")

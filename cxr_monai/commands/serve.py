@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
 import typer
 
 from cxr_monai.commands import console, user_errors
-
-logger = logging.getLogger(__name__)
 
 TOKEN_ENV = "CXR_MONAI_TOKEN"
 
