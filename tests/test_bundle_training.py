@@ -412,9 +412,16 @@ def test_multi_gpu_config_runs_on_cpu_with_torchrun_and_gloo(datalist: Path, tmp
         "False",
     ]
     result = subprocess.run(command, capture_output=True, text=True, env=ONE_THREAD_ENV, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # Seen once in about ten full-suite runs on 2 busy cores: gloo aborts a rank while the process exits,
+    # after the run has finished ("terminate called without an active exception", SIGABRT). Any other
+    # failure fails the test; that one is recorded as an expected failure once the outputs are checked.
+    teardown_abort = result.returncode != 0
+    if teardown_abort:
+        assert "terminate called without an active exception" in result.stderr, result.stderr[-3000:]
     log = json.loads((out / "logs" / "training_log.json").read_text())
     assert [e["epoch"] for e in log] == [1, 2]  # written once, by rank 0
     build_network("efficientnet_b0").load_state_dict(
         torch.load(out / "models" / "model.pt", weights_only=True)
     )
+    if teardown_abort:
+        pytest.xfail("gloo aborted a rank during process teardown after training completed")
