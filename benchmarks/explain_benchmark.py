@@ -3,7 +3,7 @@ many consecutive calls.
 
 For each backbone (random weights, ``build_network``; no download) at S x S input:
 - ``forward``: one inference forward (``torch.inference_mode``), what a plain prediction costs;
-- ``gradcam``: one :class:`cxr_monai.explain.GradCAM` call (forward with autograd + backward from the
+- ``gradcam``: one :class:`cxr_monai.explain.gradcam.GradCAM` call (forward with autograd + backward from the
   target logit to the hooked block + bilinear upsampling); it also yields the probabilities.
 Forward and Grad-CAM runs alternate so background load hits both alike. Reported: the fastest run of
 each (the usual estimate of the uncontended cost on a shared machine), their ratio, and the median of
@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from cxr_monai.explain import GradCAM, count_hooks
+from cxr_monai.explain.gradcam import GradCAM, count_hooks
 from cxr_monai.networks import BACKBONES, build_network
 
 RESULTS = Path(__file__).resolve().parent / "results"

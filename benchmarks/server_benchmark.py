@@ -33,9 +33,9 @@ from cxr_monai.server.servicer import CXRTriageServicer
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
 
+from cxr_monai.api.v1 import cxr_triage_pb2 as pb
+from cxr_monai.api.v1 import cxr_triage_pb2_grpc as pb_grpc
 from cxr_monai.predictor import Predictor
-from cxr_monai.v1 import cxr_triage_pb2 as pb
-from cxr_monai.v1 import cxr_triage_pb2_grpc as pb_grpc
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MESSAGE_LIMIT = 64 * 1024 * 1024

@@ -15,8 +15,8 @@ from cxr_monai.server.servicer import CXRTriageServicer
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from cxr_monai.api.v1 import cxr_triage_pb2, cxr_triage_pb2_grpc
 from cxr_monai.errors import CXRMonaiError
-from cxr_monai.v1 import cxr_triage_pb2, cxr_triage_pb2_grpc
 
 logger = logging.getLogger(__name__)
 

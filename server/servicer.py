@@ -1,7 +1,7 @@
 """The CXRTriage gRPC servicer: read the bytes, predict, explain; errors mapped to status codes.
 
 Every request goes through the same reader, pre-processing and explanation code as the CLI
-(:mod:`cxr_monai.io`, :class:`~cxr_monai.predictor.Predictor`, :mod:`cxr_monai.explain_report`).
+(:mod:`cxr_monai.io`, :class:`~cxr_monai.predictor.Predictor`, :mod:`cxr_monai.explain.record`).
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ from typing import Any, NoReturn
 import grpc
 import numpy as np
 
+from cxr_monai.api.v1 import cxr_triage_pb2 as pb
+from cxr_monai.api.v1 import cxr_triage_pb2_grpc
 from cxr_monai.constants import RESEARCH_USE_NOTICE
 from cxr_monai.errors import CXRMonaiError
-from cxr_monai.explain import Explainer, area_above, class_index, peak_location
-from cxr_monai.explain_report import explained_image
+from cxr_monai.explain.gradcam import Explainer, area_above, class_index, peak_location
+from cxr_monai.explain.record import explained_image
 from cxr_monai.io import CXRImage, read_cxr
 from cxr_monai.predictor import Predictor
-from cxr_monai.v1 import cxr_triage_pb2 as pb
-from cxr_monai.v1 import cxr_triage_pb2_grpc
 
 logger = logging.getLogger(__name__)
 

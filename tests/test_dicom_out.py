@@ -12,10 +12,10 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from cxr_monai.dicom_out import FALLBACK_PATIENT_ORIENTATION, build_secondary_capture
 from cxr_monai.errors import InvalidImageError
+from cxr_monai.explain.overlay import render_overlay
+from cxr_monai.explain.secondary_capture import FALLBACK_PATIENT_ORIENTATION, build_secondary_capture
 from cxr_monai.io import read_cxr
-from cxr_monai.overlay import render_overlay
 from tests.dicom_factory import PATIENT_ID, PATIENT_NAME, gradient, make_dataset, save
 
 ROWS, COLS = 48, 64

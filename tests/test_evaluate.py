@@ -13,12 +13,12 @@ from bundle_factory import make_items, make_trained_bundle, write_datalist
 from PIL import Image
 from typer.testing import CliRunner
 
-from cxr_monai import evaluation
 from cxr_monai.cli import app
 from cxr_monai.constants import CLASS_NAMES, RESEARCH_USE_NOTICE
 from cxr_monai.errors import DatasetError
-from cxr_monai.metrics import PER_CLASS_FIGURES
-from cxr_monai.plots import training_curves_figure
+from cxr_monai.evaluation import report as evaluation
+from cxr_monai.evaluation.metrics import PER_CLASS_FIGURES
+from cxr_monai.evaluation.plots import training_curves_figure
 from cxr_monai.predictor import Predictor
 
 PNGS = ("confusion_matrix.png", "roc_curves.png", "reliability.png", "training_curves.png")

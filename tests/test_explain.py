@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from cxr_monai.errors import CXRMonaiError
-from cxr_monai.explain import (
+from cxr_monai.explain.gradcam import (
     Explainer,
     GradCAM,
     area_above,

@@ -149,7 +149,7 @@ def test_real_dicom_files_give_dciodvfy_clean_secondary_captures(bundle, shared_
 
 
 def test_output_names_never_collide() -> None:
-    from cxr_monai.explain_files import unique_names
+    from cxr_monai.explain.files import unique_names
 
     paths = [Path("x/a.png"), Path("y/a.png"), Path("z/a_2.png"), Path("w/a.dcm")]
     names = unique_names(paths)

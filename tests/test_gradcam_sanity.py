@@ -13,7 +13,7 @@ import torch
 from scipy.stats import spearmanr
 from torch import nn
 
-from cxr_monai.explain import GradCAM, count_hooks
+from cxr_monai.explain.gradcam import GradCAM, count_hooks
 
 SIZE = 32
 REGION = (2, 18, 14, 30)  # top, bottom, left, right: 16 x 16 pixels, 25 % of the image

@@ -1,6 +1,6 @@
 """read_cxr on 2-D NIfTI: the affine decides what is up and left, as in a NIfTI viewer.
 
-Convention under test (cxr_monai.nifti): rows run anterior->posterior (axial plane) or
+Convention under test (cxr_monai.io.nifti): rows run anterior->posterior (axial plane) or
 superior->inferior (coronal), columns run from the patient's right to left (radiological display).
 """
 

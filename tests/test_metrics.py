@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import precision_recall_fscore_support, recall_score, roc_auc_score
 
-from cxr_monai.metrics import (
+from cxr_monai.evaluation.metrics import (
     PER_CLASS_FIGURES,
     Estimate,
     bootstrap_indices,

@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 from cxr_monai.cli import app
 from cxr_monai.constants import CLASS_NAMES
 from cxr_monai.errors import DatasetError
+from cxr_monai.explain.progression import datalist_series, order_studies
 from cxr_monai.io import CXRImage
-from cxr_monai.progression import datalist_series, order_studies
 from tests.bundle_factory import blob_image, make_trained_bundle
 from tests.dicom_factory import gradient, make_dataset, save
 

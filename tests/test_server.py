@@ -25,10 +25,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from PIL import Image
 
+from cxr_monai.api.v1 import cxr_triage_pb2 as pb
+from cxr_monai.api.v1 import cxr_triage_pb2_grpc as pb_grpc
 from cxr_monai.constants import CLASS_NAMES, RESEARCH_USE_NOTICE
 from cxr_monai.predictor import Predictor
-from cxr_monai.v1 import cxr_triage_pb2 as pb
-from cxr_monai.v1 import cxr_triage_pb2_grpc as pb_grpc
 
 ROWS, COLS = 48, 64
 

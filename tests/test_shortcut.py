@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 from bundle_factory import blob_image, make_items
 
-from cxr_monai.io import CXRImage, read_cxr
-from cxr_monai.metrics import Estimate, classification_metrics
-from cxr_monai.shortcut import (
+from cxr_monai.evaluation.metrics import Estimate, classification_metrics
+from cxr_monai.evaluation.shortcut import (
     THUMBNAIL_SIDE,
     ShortcutBaseline,
     ShortcutFeatures,
@@ -18,6 +17,7 @@ from cxr_monai.shortcut import (
     shortcut_features,
     verdict,
 )
+from cxr_monai.io import CXRImage, read_cxr
 
 
 def _features(items: list[dict]) -> tuple[list[ShortcutFeatures], np.ndarray]:

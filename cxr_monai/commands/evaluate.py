@@ -14,8 +14,8 @@ from cxr_monai.commands import console, user_errors
 from cxr_monai.constants import CLASS_NAMES, RESEARCH_USE_NOTICE
 
 if TYPE_CHECKING:
-    from cxr_monai.evaluation import EvaluationReport
-    from cxr_monai.metrics import Estimate
+    from cxr_monai.evaluation.metrics import Estimate
+    from cxr_monai.evaluation.report import EvaluationReport
 
 _LABELS = {
     "precision": "precision (PPV)",
@@ -63,7 +63,7 @@ def evaluate(
         cxr-monai evaluate --bundle out/effb0 --datalist out/prep/datalist.json --split test --out out/eval
     """
     # imported here so that `cxr-monai --help` and the other commands do not load torch
-    from cxr_monai import evaluation
+    from cxr_monai.evaluation import report as evaluation
     from cxr_monai.predictor import Predictor
 
     with user_errors():
@@ -104,8 +104,8 @@ def evaluate(
 
 def _print_report(report: EvaluationReport, split: str) -> None:
     """Rich table of the model's figures with CIs and the baseline's beside them, then the verdict."""
-    from cxr_monai.metrics import PER_CLASS_FIGURES
-    from cxr_monai.shortcut import CONTEXT
+    from cxr_monai.evaluation.metrics import PER_CLASS_FIGURES
+    from cxr_monai.evaluation.shortcut import CONTEXT
 
     m = report.metrics
     model = report.model

@@ -79,8 +79,8 @@ def explain(
     chosen = parse_formats(formats)
     bundle_dir = resolve_bundle(bundle)
     # imported here so that `cxr-monai --help` and the other commands do not load torch
-    from cxr_monai.explain import class_index
-    from cxr_monai.explain_files import explain_files
+    from cxr_monai.explain.files import explain_files
+    from cxr_monai.explain.gradcam import class_index
     from cxr_monai.predictor import Predictor
 
     with user_errors():

@@ -13,15 +13,15 @@ from cxr_monai.commands.explain import BUNDLE_ENV, resolve_bundle, usage_error
 from cxr_monai.constants import RESEARCH_USE_NOTICE
 
 if TYPE_CHECKING:
-    from cxr_monai.progression import Study
+    from cxr_monai.explain.progression import Study
 
 
 def _load_studies(
     files: list[Path], datalist: Path | None, patient_id: str | None
 ) -> tuple[list[Study], str, str]:
     """(studies in time order, how they were ordered, montage title)."""
+    from cxr_monai.explain.progression import Study, datalist_series, order_studies
     from cxr_monai.io import read_cxr
-    from cxr_monai.progression import Study, datalist_series, order_studies
 
     if datalist is not None:
         if patient_id is None:
@@ -60,9 +60,15 @@ def progression(
     """
     bundle_dir = resolve_bundle(bundle)
     # imported here so that `cxr-monai --help` and the other commands do not load torch
-    from cxr_monai.explain import AREA_THRESHOLD, Explainer, area_above, normalise_series, peak_location
+    from cxr_monai.explain.gradcam import (
+        AREA_THRESHOLD,
+        Explainer,
+        area_above,
+        normalise_series,
+        peak_location,
+    )
+    from cxr_monai.explain.progression import render_montage
     from cxr_monai.predictor import Predictor
-    from cxr_monai.progression import render_montage
 
     with user_errors():
         predictor = Predictor.from_bundle(bundle_dir)

@@ -29,7 +29,7 @@ def serve(
         None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)."
     ),
 ) -> None:
-    """Serve classification and Grad-CAM over gRPC (API: protos/cxr_monai/v1/cxr_triage.proto).
+    """Serve classification and Grad-CAM over gRPC (API: protos/cxr_monai/api/v1/cxr_triage.proto).
 
     Health checking (grpc.health.v1) and server reflection are on. Set $CXR_MONAI_TOKEN to require
     `authorization: Bearer <token>` on every call (health and reflection stay open). Stop with Ctrl-C.

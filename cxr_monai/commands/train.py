@@ -82,8 +82,7 @@ def train(
     """
     import torch
 
-    from cxr_monai import crossval
-    from cxr_monai.training import datalist_folds
+    from cxr_monai.training import crossval, datalist_folds
 
     with user_errors():
         if backbone not in BACKBONES:

@@ -16,7 +16,7 @@ from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay
 
 from cxr_monai.atomic import atomic_path
 from cxr_monai.constants import CLASS_NAMES, RESEARCH_USE_NOTICE
-from cxr_monai.metrics import ReliabilityBins
+from cxr_monai.evaluation.metrics import ReliabilityBins
 
 
 def _figure(title: str, width: float, height: float) -> Figure:

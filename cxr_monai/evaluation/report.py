@@ -23,22 +23,20 @@ import numpy as np
 from cxr_monai.atomic import write_json_atomic, write_text_atomic
 from cxr_monai.constants import CLASS_NAMES, NUM_CLASSES, RESEARCH_USE_NOTICE
 from cxr_monai.errors import DatasetError, InvalidImageError
-from cxr_monai.io import CXRImage, read_cxr
-from cxr_monai.metrics import (
+from cxr_monai.evaluation.metrics import (
     DEFAULT_N_BOOT,
     ClassificationMetrics,
     classification_metrics,
     reliability_bins,
 )
-from cxr_monai.plots import (
+from cxr_monai.evaluation.plots import (
     confusion_matrix_figure,
     reliability_figure,
     roc_figure,
     save_png,
     training_curves_figure,
 )
-from cxr_monai.predictor import Predictor
-from cxr_monai.shortcut import (
+from cxr_monai.evaluation.shortcut import (
     CONTEXT,
     ShortcutBaseline,
     ShortcutFeatures,
@@ -47,6 +45,8 @@ from cxr_monai.shortcut import (
     shortcut_features,
     verdict,
 )
+from cxr_monai.io import CXRImage, read_cxr
+from cxr_monai.predictor import Predictor
 
 logger = logging.getLogger(__name__)
 

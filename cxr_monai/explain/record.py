@@ -13,11 +13,11 @@ import numpy as np
 from PIL import Image
 
 from cxr_monai.constants import RESEARCH_USE_NOTICE
-from cxr_monai.dicom_out import build_secondary_capture
 from cxr_monai.errors import CXRMonaiError
-from cxr_monai.explain import AREA_THRESHOLD, Explanation, area_above, normalise, peak_location
+from cxr_monai.explain.gradcam import AREA_THRESHOLD, Explanation, area_above, normalise, peak_location
+from cxr_monai.explain.overlay import render_overlay
+from cxr_monai.explain.secondary_capture import build_secondary_capture
 from cxr_monai.io import CXRImage
-from cxr_monai.overlay import render_overlay
 from cxr_monai.predictor import Predictor
 
 

@@ -25,7 +25,7 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut, convert_color_spac
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from cxr_monai.errors import InvalidImageError
-from cxr_monai.io import MAX_SIDE, CXRImage
+from cxr_monai.io.image import MAX_SIDE, CXRImage
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from cxr_monai.v1 import cxr_triage_pb2 as cxr__monai_dot_v1_dot_cxr__triage__pb2
+from cxr_monai.api.v1 import cxr_triage_pb2 as cxr__monai_dot_api_dot_v1_dot_cxr__triage__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in cxr_monai/v1/cxr_triage_pb2_grpc.py depends on'
+        + ' but the generated code in cxr_monai/api/v1/cxr_triage_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,18 +36,18 @@ class CXRTriageStub:
         """
         self.Classify = channel.unary_unary(
                 '/cxr_monai.v1.CXRTriage/Classify',
-                request_serializer=cxr__monai_dot_v1_dot_cxr__triage__pb2.ClassifyRequest.SerializeToString,
-                response_deserializer=cxr__monai_dot_v1_dot_cxr__triage__pb2.ClassifyResponse.FromString,
+                request_serializer=cxr__monai_dot_api_dot_v1_dot_cxr__triage__pb2.ClassifyRequest.SerializeToString,
+                response_deserializer=cxr__monai_dot_api_dot_v1_dot_cxr__triage__pb2.ClassifyResponse.FromString,
                 _registered_method=True)
         self.Explain = channel.unary_unary(
                 '/cxr_monai.v1.CXRTriage/Explain',
-                request_serializer=cxr__monai_dot_v1_dot_cxr__triage__pb2.ExplainRequest.SerializeToString,
-                response_deserializer=cxr__monai_dot_v1_dot_cxr__triage__pb2.ExplainResponse.FromString,
+                request_serializer=cxr__monai_dot_api_dot_v1_dot_cxr__triage__pb2.ExplainRequest.SerializeToString,
+                response_deserializer=cxr__monai_dot_api_dot_v1_dot_cxr__triage__pb2.ExplainResponse.FromString,
                 _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/cxr_monai.v1.CXRTriage/GetModelInfo',
-                request_serializer=cxr__monai_dot_v1_dot_cxr__triage__pb2.GetModelInfoRequest.SerializeToString,
-                response_deserializer=cxr__monai_dot_v1_dot_cxr__triage__pb2.ModelInfo.FromString,
+                request_serializer=cxr__monai_dot_api_dot_v1_dot_cxr__triage__pb2.GetModelInfoRequest.SerializeToString,
+                response_deserializer=cxr__monai_dot_api_dot_v1_dot_cxr__triage__pb2.ModelInfo.FromString,
                 _registered_method=True)
 
 
@@ -80,18 +80,18 @@ def add_CXRTriageServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Classify': grpc.unary_unary_rpc_method_handler(
                     servicer.Classify,
-                    request_deserializer=cxr__monai_dot_v1_dot_cxr__triage__pb2.ClassifyRequest.FromString,
-                    response_serializer=cxr__monai_dot_v1_dot_cxr__triage__pb2.ClassifyResponse.SerializeToString,
+                    request_deserializer=cxr__monai_dot_api_dot_v1_dot_cxr__triage__pb2.ClassifyRequest.FromString,
+                    response_serializer=cxr__monai_dot_api_dot_v1_dot_cxr__triage__pb2.ClassifyResponse.SerializeToString,
             ),
             'Explain': grpc.unary_unary_rpc_method_handler(
                     servicer.Explain,
-                    request_deserializer=cxr__monai_dot_v1_dot_cxr__triage__pb2.ExplainRequest.FromString,
-                    response_serializer=cxr__monai_dot_v1_dot_cxr__triage__pb2.ExplainResponse.SerializeToString,
+                    request_deserializer=cxr__monai_dot_api_dot_v1_dot_cxr__triage__pb2.ExplainRequest.FromString,
+                    response_serializer=cxr__monai_dot_api_dot_v1_dot_cxr__triage__pb2.ExplainResponse.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
-                    request_deserializer=cxr__monai_dot_v1_dot_cxr__triage__pb2.GetModelInfoRequest.FromString,
-                    response_serializer=cxr__monai_dot_v1_dot_cxr__triage__pb2.ModelInfo.SerializeToString,
+                    request_deserializer=cxr__monai_dot_api_dot_v1_dot_cxr__triage__pb2.GetModelInfoRequest.FromString,
+                    response_serializer=cxr__monai_dot_api_dot_v1_dot_cxr__triage__pb2.ModelInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -119,8 +119,8 @@ class CXRTriage:
             request,
             target,
             '/cxr_monai.v1.CXRTriage/Classify',
-            cxr__monai_dot_v1_dot_cxr__triage__pb2.ClassifyRequest.SerializeToString,
-            cxr__monai_dot_v1_dot_cxr__triage__pb2.ClassifyResponse.FromString,
+            cxr__monai_dot_api_dot_v1_dot_cxr__triage__pb2.ClassifyRequest.SerializeToString,
+            cxr__monai_dot_api_dot_v1_dot_cxr__triage__pb2.ClassifyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -146,8 +146,8 @@ class CXRTriage:
             request,
             target,
             '/cxr_monai.v1.CXRTriage/Explain',
-            cxr__monai_dot_v1_dot_cxr__triage__pb2.ExplainRequest.SerializeToString,
-            cxr__monai_dot_v1_dot_cxr__triage__pb2.ExplainResponse.FromString,
+            cxr__monai_dot_api_dot_v1_dot_cxr__triage__pb2.ExplainRequest.SerializeToString,
+            cxr__monai_dot_api_dot_v1_dot_cxr__triage__pb2.ExplainResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -173,8 +173,8 @@ class CXRTriage:
             request,
             target,
             '/cxr_monai.v1.CXRTriage/GetModelInfo',
-            cxr__monai_dot_v1_dot_cxr__triage__pb2.GetModelInfoRequest.SerializeToString,
-            cxr__monai_dot_v1_dot_cxr__triage__pb2.ModelInfo.FromString,
+            cxr__monai_dot_api_dot_v1_dot_cxr__triage__pb2.GetModelInfoRequest.SerializeToString,
+            cxr__monai_dot_api_dot_v1_dot_cxr__triage__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -2,7 +2,7 @@
 
 Ordering: DICOM studies by StudyDate + StudyTime when every input has a StudyDate, otherwise the given
 order; a covid-chestxray-dataset patient's images by ``offset`` (days since symptom onset). Maps are
-normalised by the series maximum (:func:`cxr_monai.explain.normalise_series`), so the heat-map area of
+normalised by the series maximum (:func:`cxr_monai.explain.gradcam.normalise_series`), so the heat-map area of
 one day compares with the next.
 """
 
@@ -24,8 +24,8 @@ from PIL import Image
 
 from cxr_monai.data.datalist import load_datalist
 from cxr_monai.errors import DatasetError
+from cxr_monai.explain.overlay import COLORMAP, blend, to_display_gray
 from cxr_monai.io import CXRImage
-from cxr_monai.overlay import COLORMAP, blend, to_display_gray
 
 #: Longest side (pixels) of each panel in the montage.
 PANEL_SIDE = 384

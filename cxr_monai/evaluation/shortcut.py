@@ -23,8 +23,8 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
 from cxr_monai.constants import CLASS_NAMES
+from cxr_monai.evaluation.metrics import DEFAULT_CONFIDENCE, DEFAULT_N_BOOT, Estimate, bootstrap_interval
 from cxr_monai.io import CXRImage
-from cxr_monai.metrics import DEFAULT_CONFIDENCE, DEFAULT_N_BOOT, Estimate, bootstrap_interval
 
 THUMBNAIL_SIDE = 16
 
@@ -145,7 +145,7 @@ def score_shortcut(
 ) -> ShortcutResult:
     """Accuracy and per-class recall of the baseline's predictions (N,), and the model's lead over it.
 
-    Uses the same resamples as :func:`cxr_monai.metrics.classification_metrics` with the same
+    Uses the same resamples as :func:`cxr_monai.evaluation.metrics.classification_metrics` with the same
     ``seed``/``groups``, so the intervals are paired with the model's.
     """
     y_true = np.asarray(y_true, dtype=np.int64)

@@ -27,7 +27,7 @@ from nibabel.spatialimages import HeaderDataError
 from nibabel.wrapstruct import WrapStructError
 
 from cxr_monai.errors import InvalidImageError
-from cxr_monai.io import MAX_SIDE, CXRImage
+from cxr_monai.io.image import MAX_SIDE, CXRImage
 
 #: Target voxel-axis directions after reorientation (see the module docstring).
 VIEWER_AXCODES = ("L", "P", "I")

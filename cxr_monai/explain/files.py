@@ -15,8 +15,8 @@ from PIL import Image
 
 from cxr_monai.atomic import atomic_path, write_json_atomic
 from cxr_monai.errors import CXRMonaiError
-from cxr_monai.explain import Explainer, Explanation
-from cxr_monai.explain_report import explained_image
+from cxr_monai.explain.gradcam import Explainer, Explanation
+from cxr_monai.explain.record import explained_image
 from cxr_monai.io import CXRImage, read_cxr
 from cxr_monai.predictor import Predictor
 

@@ -1,0 +1,1 @@
+"""Generated gRPC/protobuf modules, one subpackage per API version (``v1``)."""

@@ -1,0 +1,60 @@
+"""Datalist items for one role of a run: what the bundle configs' ``dataset`` sections load."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from cxr_monai.data import get_test_items, items_for_fold, load_datalist, num_folds
+from cxr_monai.errors import DatasetError
+
+logger = logging.getLogger(__name__)
+
+
+def fold_items(datalist: str, fold: int, role: str) -> list[dict[str, Any]]:
+    """Items of the datalist written by ``cxr-monai prepare`` for one role of a run.
+
+    ``role``: ``"train"`` = training items outside ``fold`` (all of them when ``fold < 0``),
+    ``"validate"`` = real (not ``synthetic``) training items of ``fold`` (none when ``fold < 0``); for
+    ``"train"`` with ``fold >= 0`` synthetic items count only when their GAN never saw that fold
+    (``gan_fold == fold``), since a GAN trained on fold K's COVID-19 images leaks them into the run,
+    ``"test"`` = the held-out test items, ``"training"`` = every training item. Each item is reduced to
+    ``{"image": path, "label": index into CLASS_NAMES}``: the other keys vary by source (``offset`` may be
+    null, Kaggle items have no ``view``), which batch collation refuses, and patient data has no business
+    in a batch.
+    Raises DatasetError for a missing/invalid datalist or an empty selection.
+    """
+    if not datalist:
+        raise DatasetError("no datalist given: pass --datalist FILE (made by `cxr-monai prepare`)")
+    content = load_datalist(datalist)
+    if role in ("train", "validate"):
+        train, validate = items_for_fold(content, None if fold < 0 else int(fold))
+        # Synthetic (CycleGAN) items may train but never validate: validation measures real images only.
+        selected = train if role == "train" else [item for item in validate if not item.get("synthetic")]
+        if role == "train" and fold >= 0:
+            kept = [i for i in selected if not i.get("synthetic") or i.get("gan_fold", -1) == fold]
+            if len(kept) < len(selected):
+                logger.warning(
+                    "fold %d: %d synthetic items left out of training: their GAN saw this fold's images "
+                    "(train the GAN with --fold %d to use them)",
+                    fold,
+                    len(selected) - len(kept),
+                    fold,
+                )
+            selected = kept
+        if role == "validate" and fold < 0:
+            return []  # training on every item: nothing is held out
+    elif role == "test":
+        selected = get_test_items(content)
+    elif role == "training":
+        selected = list(content["training"])
+    else:
+        raise DatasetError(f"unknown datalist role {role!r}; expected train, validate, test or training")
+    if not selected:
+        raise DatasetError(f"datalist {datalist} has no {role} items for fold {fold}")
+    return [{"image": item["image"], "label": int(item["label"])} for item in selected]
+
+
+def datalist_folds(datalist: str) -> list[int]:
+    """The cross-validation folds of the datalist: 0..num_folds-1."""
+    return list(range(num_folds(load_datalist(datalist))))
