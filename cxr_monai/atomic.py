@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-# mkstemp creates files 0600; finished files get the permissions an ordinary open() would give them.
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+#: Attempts at a free temporary name before giving up (names are 64 random bits: a clash is a bug).
+_NAME_ATTEMPTS = 8
 
 
 @contextmanager
@@ -25,14 +24,28 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` (parents created); on success it becomes ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _create_temporary(path)
     try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)
+        yield tmp
         os.replace(tmp, path)
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
+
+
+def _create_temporary(path: Path) -> Path:
+    """Create an empty hidden file beside ``path`` with mode 0666 less the process umask, as open() would.
+
+    (``tempfile.mkstemp`` creates 0600 files, and reading the umask to widen them means setting it, which
+    races with other threads; creating the file with an explicit mode lets the kernel apply the umask.)
+    """
+    for _ in range(_NAME_ATTEMPTS):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"no free temporary name beside {path}")
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

@@ -31,11 +31,21 @@ def test_failure_inside_the_block_leaves_nothing(tmp_path: Path) -> None:
 
 
 def test_finished_file_has_the_usual_permissions(tmp_path: Path) -> None:
-    umask = os.umask(0o022)
+    umask = os.umask(0o027)
     try:
         with atomic_path(tmp_path / "x.bin") as tmp:
             tmp.write_bytes(b"1")
     finally:
         os.umask(umask)
-    mode = stat.S_IMODE((tmp_path / "x.bin").stat().st_mode)
-    assert mode == 0o666 & ~0o022 or mode == 0o666 & ~umask  # not mkstemp's 0600
+    assert stat.S_IMODE((tmp_path / "x.bin").stat().st_mode) == 0o640  # 0666 less the umask, not 0600
+
+
+def test_the_umask_is_never_read_or_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Setting the umask to read it races with other threads' file creation."""
+
+    def forbidden(mask: int) -> int:
+        raise AssertionError("os.umask called")
+
+    monkeypatch.setattr(os, "umask", forbidden)
+    write_json_atomic(tmp_path / "a.json", [1])
+    assert json.loads((tmp_path / "a.json").read_text()) == [1]

@@ -160,9 +160,13 @@ class SaveResumeCheckpoint:
 
 
 class EarlyStopOnValidation:
-    """Stop training when ``metric`` of the validator has not improved for ``patience`` validations
-    (MONAI's ``EarlyStopHandler`` on the trainer's ``EPOCH_COMPLETED``; attach it after the
-    ``ValidationHandler``). ``patience <= 0`` turns it off."""
+    """Stop training when ``metric`` of the validator has not improved for ``patience`` validations.
+
+    MONAI's ``EarlyStopHandler`` is attached to the validator (it scores each validation run once, when it
+    completes, so ``val_interval > 1`` counts validations, never stale epochs) and stops ``engine``, the
+    trainer this handler is attached to. ``patience <= 0`` turns it off. (A wrapper because the config
+    cannot name the trainer from the validator's handler list without a reference cycle.)
+    """
 
     def __init__(self, validator: Engine, patience: int, metric: str = "val_accuracy") -> None:
         self.validator = validator
@@ -172,10 +176,9 @@ class EarlyStopOnValidation:
     def attach(self, engine: Engine) -> None:
         if self.patience <= 0:
             return
-        score = stopping_fn_from_metric(self.metric)
         EarlyStopHandler(
-            patience=self.patience, score_function=lambda _: score(self.validator), trainer=engine
-        ).attach(engine)
+            patience=self.patience, score_function=stopping_fn_from_metric(self.metric), trainer=engine
+        ).attach(self.validator)
 
 
 def _as_float(value: Any) -> float | None:
