@@ -43,6 +43,7 @@ from monai.transforms import (
 )
 
 from cxr_monai.constants import DEFAULT_SPATIAL_SIZE, IMAGENET_MEAN, IMAGENET_STD
+from cxr_monai.errors import BundleError
 from cxr_monai.io import CXRImage, ImageSource, read_cxr
 
 _MEAN = np.asarray(IMAGENET_MEAN, dtype=np.float32)
@@ -95,8 +96,34 @@ class LoadCXRd(MapTransform):
         return d
 
 
-def _size(spatial_size: int) -> tuple[int, int]:
-    return (int(spatial_size), int(spatial_size))
+_SIZE_FORMS = "expected a positive int or a list of two equal ints"
+
+
+def square_side(spatial_size: Any) -> int:
+    """The side in pixels of the square network input, from ``224``, ``"224"`` or ``[224, 224]``.
+
+    Bundles commonly take ``spatial_size`` as a list; this model's input is square, so a 2-sequence must
+    hold two equal sides. Raises BundleError with one line saying which form is expected.
+    """
+    value = spatial_size
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise BundleError(f"spatial_size {list(value)!r}: {_SIZE_FORMS} (the input is square)")
+        value = value[0]
+    try:
+        side = int(value)
+    except (TypeError, ValueError):
+        side = 0
+    if isinstance(value, bool) or side < 1 or str(side) != str(value).strip():
+        raise BundleError(
+            f"spatial_size {spatial_size!r}: expected a positive int or a list of two equal ints"
+        )
+    return side
+
+
+def _size(spatial_size: Any) -> tuple[int, int]:
+    side = square_side(spatial_size)
+    return (side, side)
 
 
 def inference_transforms(spatial_size: int = DEFAULT_SPATIAL_SIZE) -> Compose:
@@ -152,7 +179,7 @@ def augmentation_v1_d(
     width/height shift within +-``shift_fraction`` of the side (one interpolation, border padding,
     like Keras' default ``fill_mode="nearest"``), horizontal flip with p = 0.5; vertical flip off by
     default (an upside-down chest is not a plausible input)."""
-    shift = float(shift_fraction) * int(spatial_size)
+    shift = float(shift_fraction) * square_side(spatial_size)
     steps: list[Any] = [
         RandAffined(
             keys,

@@ -17,6 +17,7 @@ import torch
 
 from cxr_monai.atomic import write_json_atomic
 from cxr_monai.errors import BundleError
+from cxr_monai.transforms import square_side
 
 BUNDLE_NAME = "cxr_classifier"
 CONFIG_FILES: tuple[str, ...] = (
@@ -74,9 +75,11 @@ def prepare_output_dir(bundle_root: str, output_dir: str, run_parameters: Mappin
     source_bundles = Path(__file__).resolve().parents[2] / "bundles"
     if out == source_bundles or source_bundles in out.parents:
         raise BundleError(f"output_dir {out} is inside the source bundles; pass --output_dir DIR elsewhere")
+    params = dict(run_parameters)
+    if "spatial_size" in params:  # a trained bundle records the side as an int, whichever form was given
+        params["spatial_size"] = square_side(params["spatial_size"])
     for sub in ("configs", "models", "logs"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    params = dict(run_parameters)
     for name in CONFIG_FILES:
         src = source / name
         if not src.is_file():

@@ -1,0 +1,78 @@
+"""Bundle run parameters in the forms MONAI bundles commonly take them (``--spatial_size "[64,64]"``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from bundle_factory import make_items
+from monai.bundle import ConfigWorkflow
+
+from cxr_monai.constants import CLASS_NAMES
+from cxr_monai.errors import BundleError
+from cxr_monai.transforms import square_side
+
+CONFIGS = Path(__file__).resolve().parent.parent / "bundles" / "cxr_classifier" / "configs"
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.mark.parametrize(("given", "side"), [(64, 64), ("64", 64), ([64, 64], 64), ((32, 32), 32)])
+def test_square_side_accepts_an_int_or_two_equal_sides(given: object, side: int) -> None:
+    assert square_side(given) == side
+
+
+@pytest.mark.parametrize("given", [[64, 32], [64], [64, 64, 64], 0, -3, "large", 6.5, True, None])
+def test_square_side_refuses_other_forms_in_one_line(given: object) -> None:
+    with pytest.raises(BundleError, match="spatial_size") as caught:
+        square_side(given)
+    assert "\n" not in str(caught.value)
+
+
+def _train(tmp_path: Path, spatial_size: object) -> Path:
+    training = make_items(tmp_path / "img", 6, size_tells_class=False, fold=0) + make_items(
+        tmp_path / "img", 6, size_tells_class=False, fold=1, prefix="b", seed=1
+    )
+    datalist = tmp_path / "datalist.json"
+    test = make_items(tmp_path / "t", 3, prefix="t")
+    doc = {"class_names": list(CLASS_NAMES), "num_folds": 2, "training": training, "test": test}
+    datalist.write_text(json.dumps(doc))
+    out = tmp_path / "run"
+    workflow = ConfigWorkflow(
+        config_file=str(CONFIGS / "train.json"),
+        meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=False,
+        workflow_type="train",
+        datalist=str(datalist),
+        output_dir=str(out),
+        spatial_size=spatial_size,
+        batch_size=4,
+        num_workers=0,
+        verbose=False,
+        max_epochs=1,
+    )
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    return out
+
+
+def test_the_list_form_trains_and_the_trained_bundle_records_an_int(tmp_path: Path) -> None:
+    out = _train(tmp_path, [64, 64])
+    inference = json.loads((out / "configs" / "inference.json").read_text())
+    assert inference["spatial_size"] == 64
+    metadata = json.loads((out / "configs" / "metadata.json").read_text())
+    assert metadata["network_data_format"]["inputs"]["image"]["spatial_shape"] == [64, 64]
+
+
+def test_a_non_square_size_stops_at_initialisation_with_a_one_line_error(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError) as caught:  # MONAI wraps errors raised inside config expressions
+        _train(tmp_path, [64, 32])
+    cause = caught.value.__cause__
+    assert isinstance(cause, BundleError)
+    assert (
+        str(cause)
+        == "spatial_size [64, 32]: expected a positive int or a list of two equal ints (the input is square)"
+    )
+    assert not (tmp_path / "run" / "models").exists()
