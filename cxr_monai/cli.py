@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from cxr_monai.commands import configure_logging
+from cxr_monai.commands.bundle import bundle_app
 from cxr_monai.commands.evaluate import evaluate
 from cxr_monai.commands.explain import explain
 from cxr_monai.commands.prepare import prepare
@@ -37,3 +38,4 @@ app.command("evaluate")(evaluate)
 app.command("serve")(serve)
 app.command("train")(train)
 app.command("synthesize")(synthesize)
+app.add_typer(bundle_app)

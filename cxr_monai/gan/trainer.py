@@ -31,6 +31,7 @@ from PIL import Image
 from torchvision.utils import make_grid
 
 from cxr_monai.atomic import atomic_path, write_json_atomic, write_text_atomic
+from cxr_monai.bundles import bundle_dir
 from cxr_monai.data import load_datalist
 from cxr_monai.errors import BundleError
 from cxr_monai.gan.data import domain_items, domain_loader, endless
@@ -153,11 +154,8 @@ class CycleGAN:
 
 
 def default_bundle_root() -> str:
-    """``bundles/cxr_cyclegan`` next to the installed package (a checkout)."""
-    root = Path(__file__).resolve().parents[2] / "bundles" / BUNDLE_NAME
-    if not (root / "configs" / "train.json").is_file():
-        raise BundleError(f"the {BUNDLE_NAME} bundle is not next to the cxr_monai package ({root})")
-    return str(root)
+    """Directory of the shipped ``cxr_cyclegan`` bundle (package data of ``cxr_monai.bundles``)."""
+    return str(bundle_dir(BUNDLE_NAME))
 
 
 def train_cyclegan(

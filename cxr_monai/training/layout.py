@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from cxr_monai.atomic import write_json_atomic
+from cxr_monai.bundles import bundle_dir, bundles_root
 from cxr_monai.errors import BundleError
 from cxr_monai.transforms import square_side
 
@@ -36,14 +37,8 @@ _CHECKPOINT_NAME = re.compile(r"^checkpoint_epoch=(\d+)\.pt$")
 
 
 def default_bundle_root() -> str:
-    """Directory of the source bundle ``bundles/cxr_classifier`` next to the installed package (checkout)."""
-    root = Path(__file__).resolve().parents[2] / "bundles" / BUNDLE_NAME
-    if not (root / "configs" / "train.json").is_file():
-        raise BundleError(
-            f"the {BUNDLE_NAME} bundle is not next to the cxr_monai package ({root}); "
-            "pass --bundle_root /path/to/bundles/cxr_classifier"
-        )
-    return str(root)
+    """Directory of the shipped ``cxr_classifier`` bundle (package data of ``cxr_monai.bundles``)."""
+    return str(bundle_dir(BUNDLE_NAME))
 
 
 def latest_checkpoint(ckpt_dir: str) -> str:
@@ -72,7 +67,7 @@ def prepare_output_dir(bundle_root: str, output_dir: str, run_parameters: Mappin
         )
     out = Path(output_dir).resolve()
     source = Path(bundle_root).resolve() / "configs"
-    source_bundles = Path(__file__).resolve().parents[2] / "bundles"
+    source_bundles = bundles_root().resolve()
     if out == source_bundles or source_bundles in out.parents:
         raise BundleError(f"output_dir {out} is inside the source bundles; pass --output_dir DIR elsewhere")
     params = dict(run_parameters)
