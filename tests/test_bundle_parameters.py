@@ -10,7 +10,8 @@ from bundle_factory import make_items
 from monai.bundle import ConfigWorkflow
 
 from cxr_monai.constants import CLASS_NAMES
-from cxr_monai.errors import BundleError
+from cxr_monai.errors import BundleError, CXRMonaiError, DatasetError
+from cxr_monai.training.inference_inputs import inference_items
 from cxr_monai.transforms import square_side
 
 CONFIGS = Path(__file__).resolve().parent.parent / "bundles" / "cxr_classifier" / "configs"
@@ -76,3 +77,29 @@ def test_a_non_square_size_stops_at_initialisation_with_a_one_line_error(tmp_pat
         == "spatial_size [64, 32]: expected a positive int or a list of two equal ints (the input is square)"
     )
     assert not (tmp_path / "run" / "models").exists()
+
+
+def test_inference_items_from_a_datalist_resolve_relative_paths(tmp_path: Path) -> None:
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.png").write_bytes(b"")
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"test": [{"image": "img/a.png"}]}))  # no label: new films
+    assert inference_items(str(datalist), "test") == [{"image": str(tmp_path / "img" / "a.png")}]
+
+
+@pytest.mark.parametrize(
+    ("datalist", "input_dir", "message"),
+    [("", "", "exactly one of"), ("d.json", "films", "exactly one of"), ("", "missing", "not found")],
+)
+def test_inference_items_refuse_unclear_inputs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, datalist: str, input_dir: str, message: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CXRMonaiError, match=message):
+        inference_items(datalist, "test", input_dir)
+
+
+def test_a_folder_without_images_is_named_in_the_error(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(DatasetError, match=str(tmp_path)):
+        inference_items("", "test", str(tmp_path))

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from dicom_factory import gradient, make_dataset, save
 from ignite.engine import Events
 from monai.bundle import ConfigParser, ConfigWorkflow
 from PIL import Image
@@ -204,7 +205,31 @@ def test_inference_and_evaluate_configs_run_on_the_trained_bundle(cli_bundle: Pa
     infer.run()
     with open(cli_bundle / "eval" / "predictions.csv", newline="") as f:
         rows = list(csv.reader(f))
-    assert len(rows) == 3 and all(float(r[-1]) in (0.0, 1.0, 2.0) for r in rows)
+    assert len(rows) == 3
+    for row in rows:  # path, then one probability per class
+        assert len(row) == 1 + len(CLASS_NAMES)
+        assert sum(float(p) for p in row[1:]) == pytest.approx(1.0, abs=1e-5)
+
+    # the same bundle on a folder of new, unlabelled films (a DICOM without suffix among them)
+    new_films = cli_bundle.parent / "new_films"
+    new_films.mkdir()
+    for i, entry in enumerate(json.loads(datalist.read_text())["test"]):
+        shutil.copy(entry["image"], new_films / f"film_{i}.png")
+    (new_films / "nested").mkdir()
+    save(make_dataset(gradient(12)), new_films / "nested" / "IM0001")
+    (new_films / "notes.txt").write_text("not an image")
+    folder = ConfigWorkflow(
+        config_file=str(configs / "inference.json"),
+        logging_file=False,
+        workflow_type="infer",
+        input_dir=str(new_films),
+        output_dir=str(cli_bundle.parent / "new_eval"),
+    )
+    folder.initialize()
+    folder.run()
+    with open(cli_bundle.parent / "new_eval" / "predictions.csv", newline="") as f:
+        named = sorted(Path(r[0]).name for r in csv.reader(f))
+    assert named == ["IM0001", "film_0.png", "film_1.png", "film_2.png"]
 
     evaluate = ConfigWorkflow(
         config_file=[str(configs / "train.json"), str(configs / "evaluate.json")],

@@ -18,6 +18,7 @@ from cxr_monai.training.handlers import (
     SaveResumeCheckpoint,
     TrainingLog,
 )
+from cxr_monai.training.inference_inputs import inference_items
 from cxr_monai.training.layout import (
     BUNDLE_NAME,
     CONFIG_FILES,
@@ -47,6 +48,7 @@ __all__ = [
     "datalist_folds",
     "default_bundle_root",
     "fold_items",
+    "inference_items",
     "latest_checkpoint",
     "prepare_output_dir",
     "read_training_log",
