@@ -7,6 +7,7 @@ import typer
 from cxr_monai.commands import configure_logging
 from cxr_monai.commands.evaluate import evaluate
 from cxr_monai.commands.explain import explain
+from cxr_monai.commands.gateway import gateway
 from cxr_monai.commands.prepare import prepare
 from cxr_monai.commands.progression import progression
 from cxr_monai.commands.serve import serve
@@ -35,5 +36,6 @@ app.command("explain")(explain)
 app.command("progression")(progression)
 app.command("evaluate")(evaluate)
 app.command("serve")(serve)
+app.command("gateway")(gateway)
 app.command("train")(train)
 app.command("synthesize")(synthesize)

@@ -188,7 +188,7 @@ def build_secondary_capture(
             source, rgb, orientation or FRONTAL_PATIENT_ORIENTATION, series_number, pixel_spacing
         )
     if orientation is None:
-        sc.PatientOrientation = None  # Type 2: present and empty = unknown
+        sc.PatientOrientation = []  # Type 2: present and empty = unknown
     link_to_source(sc, source)
     # General Series Laterality is Type 2C: present for paired body parts, absent for unpaired ones.
     # With the source's BodyPartExamined copied, CHEST (unpaired) gets none; for other or unknown
