@@ -38,6 +38,7 @@ from typing import Any
 
 import highdicom as hd
 import numpy as np
+from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     JPEG2000,
@@ -47,11 +48,15 @@ from pydicom.uid import (
     JPEGExtended12Bit,
     JPEGLSNearLossless,
 )
+from pydicom.valuerep import validate_value
 
 from cxr_monai.constants import RESEARCH_USE_NOTICE
 from cxr_monai.errors import InvalidImageError
 
 logger = logging.getLogger(__name__)
+# highdicom logs the source's SOPInstanceUID at INFO when it copies patient and study attributes;
+# UIDs stay out of the logs (process-wide setting, as for pydicom's value validation in io.dicom).
+logging.getLogger("highdicom").setLevel(logging.WARNING)
 
 #: Row and column direction of a frontal chest film as displayed (the viewer faces the patient).
 FRONTAL_PATIENT_ORIENTATION: tuple[str, str] = ("L", "F")
@@ -135,6 +140,30 @@ def check_source(source: Dataset) -> None:
             raise InvalidImageError(f"source DICOM has no {keyword}; {why}")
 
 
+def blank_invalid_values(ds: Dataset) -> list[str]:
+    """Empty every top-level element whose value is invalid for its VR; returns their keywords.
+
+    highdicom copies patient and study attributes from the source as they are; a malformed one (a
+    PatientAge "81" instead of "081Y") would make the output invalid. Empty is allowed for the Type 2
+    and Type 3 attributes copied. The values are never quoted (they may be patient data).
+    """
+    blanked = []
+    for element in ds:
+        if element.VR in ("SQ", "OB", "OW", "UN") or element.value in (None, ""):
+            continue
+        values = element.value if element.VM > 1 else [element.value]
+        try:
+            for value in values:
+                if isinstance(value, str):  # numbers and names pydicom already converted are valid
+                    validate_value(element.VR, value, pydicom_config.RAISE)
+        except ValueError:
+            element.value = None
+            blanked.append(element.keyword or str(element.tag))
+    if blanked:
+        logger.warning("emptied source attribute(s) with values invalid for their VR: %s", blanked)
+    return blanked
+
+
 def link_to_source(derived: Dataset, source: Dataset) -> None:
     """Set the source references, derivation, lossy history and Modality on ``derived`` (an image)."""
     derived.SourceImageSequence = [source_reference(source)]
@@ -190,6 +219,7 @@ def build_secondary_capture(
     if orientation is None:
         sc.PatientOrientation = []  # Type 2: present and empty = unknown
     link_to_source(sc, source)
+    blank_invalid_values(sc)
     # General Series Laterality is Type 2C: present for paired body parts, absent for unpaired ones.
     # With the source's BodyPartExamined copied, CHEST (unpaired) gets none; for other or unknown
     # parts it is the source's, or empty (Type 2: "unknown"), as dciodvfy then requires it present.

@@ -36,7 +36,12 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from cxr_monai.constants import CLASS_NAMES, RESEARCH_USE_NOTICE
-from cxr_monai.explain.secondary_capture import MANUFACTURER, SERIES_NUMBER_OFFSET, check_source
+from cxr_monai.explain.secondary_capture import (
+    MANUFACTURER,
+    SERIES_NUMBER_OFFSET,
+    blank_invalid_values,
+    check_source,
+)
 
 #: SNOMED CT concept of each class (CLASS_NAMES order).
 CLASS_CODES: dict[str, hd.sr.CodedConcept] = {
@@ -147,7 +152,7 @@ def build_structured_report(
     with warnings.catch_warnings():
         # highdicom warns about single-component person names and quotes the name: never print it
         warnings.filterwarnings("ignore", message=".*person name.*", category=UserWarning)
-        return hd.sr.ComprehensiveSR(
+        sr = hd.sr.ComprehensiveSR(
             evidence=[evidence],
             content=report,
             series_instance_uid=hd.UID(),
@@ -162,3 +167,5 @@ def build_structured_report(
             content_qualification=hd.ContentQualificationValues.RESEARCH,
             software_versions=version("cxr-monai"),
         )
+    blank_invalid_values(sr)
+    return sr
