@@ -1,4 +1,5 @@
-"""Secondary Capture: highdicom from the source study, dciodvfy-clean, burned-in overlay, no patient leak."""
+"""Secondary Capture and Structured Report: highdicom from the source study, linked to the source,
+dciodvfy-clean, burned-in overlay, no patient leak."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from pydicom.dataset import Dataset
 
 from cxr_monai.errors import InvalidImageError
 from cxr_monai.explain.overlay import render_overlay
-from cxr_monai.explain.secondary_capture import FALLBACK_PATIENT_ORIENTATION, build_secondary_capture
+from cxr_monai.explain.secondary_capture import FRONTAL_PATIENT_ORIENTATION, build_secondary_capture
+from cxr_monai.explain.structured_report import CLASS_CODES, build_structured_report
 from cxr_monai.io import read_cxr
-from tests.dicom_factory import PATIENT_ID, PATIENT_NAME, gradient, make_dataset, save
+from tests.dicom_factory import PATIENT_ID, PATIENT_NAME, gradient, jpeg_baseline, make_dataset, save
 
 ROWS, COLS = 48, 64
 
@@ -58,8 +60,15 @@ def test_secondary_capture_joins_the_source_study_in_a_new_series(tmp_path):
     assert [float(v) for v in written.PixelSpacing] == [0.2, 0.25]
     assert written.SeriesNumber != source.SeriesNumber
     np.testing.assert_array_equal(written.pixel_array, rgb)
-    assert list(written.PatientOrientation) == list(FALLBACK_PATIENT_ORIENTATION)
-    assert notes["patient_orientation_fallback"] is True
+    assert list(written.PatientOrientation) == list(FRONTAL_PATIENT_ORIENTATION)
+    assert notes["patient_orientation_basis"] == "view_position"  # the factory's films are PA
+    (reference,) = written.SourceImageSequence
+    assert reference.ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert reference.ReferencedSOPClassUID == source.SOPClassUID
+    assert written.ReferencedImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert "Grad-CAM" in written.DerivationDescription
+    assert written.Modality == "CR"  # the source's, an allowed SC modality
+    assert "LossyImageCompression" not in written  # the source was never lossy
 
 
 def test_source_patient_orientation_is_kept(tmp_path):
@@ -70,10 +79,61 @@ def test_source_patient_orientation_is_kept(tmp_path):
     assert "PixelSpacing" not in sc  # none given
 
 
-@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) not installed")
+@pytest.mark.parametrize(
+    ("tags", "orientation", "basis"),
+    [
+        ({"ViewPosition": "AP"}, ["L", "F"], "view_position"),
+        ({"ViewPosition": ""}, ["L", "F"], "assumed_frontal"),
+        ({"ViewPosition": "LL"}, [], "unknown_view"),  # no frontal fallback for a lateral
+        ({"ViewPosition": "LL", "PatientOrientation": ["A", "F"]}, ["A", "F"], "source"),
+    ],
+)
+def test_patient_orientation_follows_the_view(tmp_path, tags, orientation, basis):
+    source = source_dataset(**tags)
+    sc, notes = build_secondary_capture(source, overlay_for(source, tmp_path))
+    assert list(sc.PatientOrientation or []) == orientation
+    assert notes["patient_orientation_basis"] == basis
+    assert ("note" in notes) == (basis != "source")
+
+
+def test_modality_outside_the_sc_list_becomes_ot(tmp_path):
+    source = source_dataset(Modality="MR")
+    sc, notes = build_secondary_capture(source, overlay_for(source, tmp_path))
+    assert sc.Modality == "OT" and notes["modality"] == "OT"
+
+
+@pytest.mark.parametrize("tagged", [True, False])
+def test_lossy_history_of_the_source_is_kept(tmp_path, tagged):
+    source = jpeg_baseline(gradient(8))
+    source.LossyImageCompressionRatio = "12.5"
+    if not tagged:  # received as JPEG baseline without the tags: the syntax says it was lossy
+        del source.LossyImageCompression, source.LossyImageCompressionRatio
+    rgb = np.zeros((ROWS, COLS, 3), np.uint8)
+    sc, notes = build_secondary_capture(source, rgb)
+    assert sc.LossyImageCompression == "01" and notes["lossy_image_compression"] is True
+    assert sc.LossyImageCompressionMethod == "ISO_10918_1"
+    assert ("LossyImageCompressionRatio" in sc) == tagged
+
+
+def dciodvfy_errors(path: Path, iod: str) -> list[str]:
+    result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    report = result.stdout + result.stderr
+    assert iod in report  # dciodvfy recognised the IOD it checked
+    return [line for line in report.splitlines() if line.startswith("Error")]
+
+
+needs_dciodvfy = pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy not installed")
+
+
+@needs_dciodvfy
 @pytest.mark.parametrize(
     ("tags", "body_part"),
-    [({}, True), ({}, False), ({"PatientOrientation": ["L", "F"], "Laterality": "R"}, True)],
+    [
+        ({}, True),
+        ({}, False),
+        ({"PatientOrientation": ["L", "F"], "Laterality": "R"}, True),
+        ({"ViewPosition": "LL", "LossyImageCompression": "01", "PatientAge": "81"}, True),
+    ],
 )
 def test_dciodvfy_reports_no_errors(tmp_path, tags, body_part):
     source = source_dataset(**tags)
@@ -82,13 +142,10 @@ def test_dciodvfy_reports_no_errors(tmp_path, tags, body_part):
     sc, _ = build_secondary_capture(source, overlay_for(source, tmp_path), pixel_spacing=(0.2, 0.25))
     path = tmp_path / "sc.dcm"
     sc.save_as(path, enforce_file_format=True)
-    result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
-    report = result.stdout + result.stderr
-    assert "SCImage" in report  # dciodvfy recognised the IOD it checked
-    errors = [line for line in report.splitlines() if line.startswith("Error")]
-    assert errors == []
+    assert dciodvfy_errors(path, "SCImage") == []
     if body_part:  # CHEST copied: dciodvfy knows the part is unpaired and has nothing to say on Laterality
-        assert "Laterality" not in report
+        report = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+        assert "Laterality" not in report.stdout + report.stderr
 
 
 def test_wrong_size_or_missing_study_is_refused(tmp_path):
@@ -98,9 +155,16 @@ def test_wrong_size_or_missing_study_is_refused(tmp_path):
         build_secondary_capture(source, rgb[:, :-1])
     with pytest.raises(InvalidImageError, match="source size"):
         build_secondary_capture(source, rgb.astype(np.uint16))
-    del source.StudyInstanceUID
-    with pytest.raises(InvalidImageError, match="StudyInstanceUID"):
+    del source.SOPInstanceUID
+    with pytest.raises(InvalidImageError, match="SOPInstanceUID"):
         build_secondary_capture(source, rgb)
+    del source.StudyInstanceUID
+    for build in (
+        lambda: build_secondary_capture(source, rgb),
+        lambda: build_structured_report(source, np.array([0.2, 0.3, 0.5]), 2, "m", "1"),
+    ):
+        with pytest.raises(InvalidImageError, match="StudyInstanceUID"):
+            build()
 
 
 def test_patient_name_is_never_printed(tmp_path, capsys, caplog):
@@ -111,3 +175,49 @@ def test_patient_name_is_never_printed(tmp_path, capsys, caplog):
     shown = capsys.readouterr()
     text = shown.out + shown.err + caplog.text + " ".join(str(w.message) for w in caught)
     assert "Single" not in text and PATIENT_NAME not in text and PATIENT_ID not in text
+
+
+def sr_items(ds: Dataset) -> list[Dataset]:
+    """Every content item of an SR tree, depth first."""
+    items = []
+    for item in ds.get("ContentSequence", []):
+        items.append(item)
+        items.extend(sr_items(item))
+    return items
+
+
+def test_structured_report_holds_probabilities_prediction_model_and_source(tmp_path):
+    source = source_dataset(PatientAge="81")  # malformed AS: must not make the SR invalid
+    probabilities = np.array([0.1, 0.25, 0.65])
+    sr = build_structured_report(source, probabilities, 2, "Tiny test classifier", "0.0.1")
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    written = pydicom.dcmread(path)
+    assert written.StudyInstanceUID == source.StudyInstanceUID and written.PatientID == PATIENT_ID
+    assert written.ContentQualification == "RESEARCH" and "NOT FOR CLINICAL USE" in written.SeriesDescription
+    items = sr_items(written)
+    numbers = [item for item in items if item.ValueType == "NUM"]
+    assert [float(n.MeasuredValueSequence[0].NumericValue) for n in numbers] == pytest.approx(probabilities)
+    assert {n.ConceptNameCodeSequence[0].CodeMeaning for n in numbers} == {"Probability"}
+    findings = [
+        item.ConceptCodeSequence[0].CodeValue
+        for item in items
+        if item.ValueType == "CODE" and item.ConceptNameCodeSequence[0].CodeMeaning == "Finding"
+    ]
+    # three finding types (one per class) and the predicted class as qualitative evaluation
+    assert findings.count(CLASS_CODES["Pneumonia"].value) == 2
+    texts = {
+        item.ConceptNameCodeSequence[0].CodeMeaning: item.TextValue
+        for item in items
+        if item.ValueType == "TEXT"
+    }
+    assert texts["Algorithm Name"] == "Tiny test classifier" and texts["Algorithm Version"] == "0.0.1"
+    assert "NOT FOR CLINICAL USE" in texts["Activity Session"]
+    images = [item for item in items if item.ValueType == "IMAGE"]
+    assert images and all(
+        i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID for i in images
+    )
+    evidence = written.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+    assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    if shutil.which("dciodvfy"):
+        assert dciodvfy_errors(path, "ComprehensiveSR") == []

@@ -70,7 +70,7 @@ def test_explain_writes_png_json_dcm_and_reports_the_broken_file(bundle, inputs,
     assert 0.0 <= report["heatmap"]["fraction_above_0.5"] <= 1.0
     assert "NOT FOR CLINICAL USE" in report["intended_use"]
     assert report["secondary_capture"]["written"] is True
-    assert report["secondary_capture"]["patient_orientation_fallback"] is True
+    assert report["secondary_capture"]["patient_orientation_basis"] == "view_position"  # PA, no orientation
 
     png = np.asarray(Image.open(out / "study_gradcam.png"))
     assert png.shape == (48, 64, 3)
@@ -88,6 +88,42 @@ def test_explain_writes_png_json_dcm_and_reports_the_broken_file(bundle, inputs,
     if shutil.which("dciodvfy"):
         check = subprocess.run(["dciodvfy", str(out / "study_gradcam.dcm")], capture_output=True, text=True)
         assert not [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
+
+
+def test_a_file_whose_dicom_output_cannot_be_built_leaves_no_partial_outputs(bundle, inputs, tmp_path):
+    ds = make_dataset(gradient(12).astype(np.uint16), bits_stored=12)
+    del ds.StudyInstanceUID
+    save(ds, inputs / "nostudy.dcm")
+    out = tmp_path / "out"
+    result = run("explain", str(inputs), "--bundle", str(bundle), "--out", str(out))
+    assert result.exit_code == 1
+    assert "nostudy.dcm" in result.output and "StudyInstanceUID" in result.output
+    names = sorted(p.name for p in out.iterdir())
+    assert not [n for n in names if n.startswith("nostudy")]  # neither PNG nor JSON nor DICOM
+    assert "study.json" in names and "study_gradcam.png" in names  # the others still go through
+    without_dicom = run("explain", str(inputs / "nostudy.dcm"), "--bundle", str(bundle), "--out", str(out),
+                        "--format", "png,json")  # fmt: skip
+    assert without_dicom.exit_code == 0, without_dicom.output
+    assert {"nostudy.json", "nostudy_gradcam.png"} <= {p.name for p in out.iterdir()}
+
+
+def test_a_failed_write_removes_the_outputs_already_written(bundle, inputs, tmp_path, monkeypatch):
+    import cxr_monai.explain.files as files
+
+    real = files.atomic_path
+    calls = {"n": 0}
+
+    def failing_second(path):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        return real(path)
+
+    monkeypatch.setattr(files, "atomic_path", failing_second)
+    out = tmp_path / "out"
+    result = run("explain", str(inputs / "study.dcm"), "--bundle", str(bundle), "--out", str(out))
+    assert result.exit_code == 1 and "No space left" in result.output
+    assert not out.exists() or list(out.iterdir()) == []
 
 
 def test_all_good_inputs_exit_zero_with_named_class_and_formats(bundle, inputs, tmp_path):

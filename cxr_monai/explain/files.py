@@ -6,25 +6,17 @@ and the others still go through.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
-from cxr_monai.atomic import atomic_path, write_json_atomic
+from cxr_monai.atomic import atomic_path
 from cxr_monai.errors import CXRMonaiError
 from cxr_monai.explain.gradcam import Explainer, Explanation
 from cxr_monai.explain.record import explained_image
 from cxr_monai.io import CXRImage, read_cxr
 from cxr_monai.predictor import Predictor
-
-
-def save_png(rgb: np.ndarray, path: Path) -> None:
-    """RGB uint8 (rows, cols, 3) -> PNG at ``path``, atomically."""
-    with atomic_path(path) as tmp:
-        Image.fromarray(rgb, mode="RGB").save(tmp, format="PNG")
 
 
 @dataclass
@@ -52,11 +44,20 @@ def unique_names(paths: Sequence[Path]) -> list[str]:
 def _write_outputs(
     job: _Job, result: Explanation, predictor: Predictor, out: Path, formats: Sequence[str]
 ) -> list[str]:
-    """Write the chosen outputs of one input; returns notes for the user (e.g. why no DICOM)."""
+    """Write the chosen outputs of one input, all or none; returns notes for the user (e.g. why no DICOM).
+
+    Every output is encoded in memory first, so an output that cannot be built (a DICOM without the
+    UIDs a Secondary Capture needs) fails the input before anything is written; when a write fails,
+    the outputs already written for this input are removed again.
+
+    Raises:
+        CXRMonaiError, OSError, ValueError: an output cannot be built or written (nothing left behind).
+    """
     explained = explained_image(predictor, job.source.name, job.image, result)
     notes: list[str] = []
+    payloads: dict[Path, bytes] = {}
     if "png" in formats:
-        save_png(explained.overlay, out / f"{job.name}_gradcam.png")
+        payloads[out / f"{job.name}_gradcam.png"] = explained.overlay_png()
     if "dcm" in formats:
         if job.image.dataset is None:
             explained.record["secondary_capture"] = {
@@ -65,11 +66,23 @@ def _write_outputs(
             }
             notes.append(f"{job.source.name}: not DICOM, no source study; Secondary Capture skipped")
         else:
-            sc = explained.secondary_capture()  # also records the orientation used in the record
-            with atomic_path(out / f"{job.name}_gradcam.dcm") as tmp:
-                sc.save_as(tmp, enforce_file_format=True)
+            try:  # also records the orientation basis in the record
+                payloads[out / f"{job.name}_gradcam.dcm"] = explained.secondary_capture_bytes()
+            except CXRMonaiError as exc:
+                raise CXRMonaiError(f"Secondary Capture cannot be built ({exc}); nothing written") from exc
     if "json" in formats:
-        write_json_atomic(out / f"{job.name}.json", explained.record)
+        text = json.dumps(explained.record, indent=2, ensure_ascii=False) + "\n"
+        payloads[out / f"{job.name}.json"] = text.encode("utf-8")
+    written: list[Path] = []
+    try:
+        for path, data in payloads.items():
+            with atomic_path(path) as tmp:
+                tmp.write_bytes(data)
+            written.append(path)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
     return notes
 
 

@@ -17,6 +17,7 @@ from cxr_monai.errors import CXRMonaiError
 from cxr_monai.explain.gradcam import AREA_THRESHOLD, Explanation, area_above, normalise, peak_location
 from cxr_monai.explain.overlay import render_overlay
 from cxr_monai.explain.secondary_capture import build_secondary_capture
+from cxr_monai.explain.structured_report import build_structured_report
 from cxr_monai.io import CXRImage
 from cxr_monai.predictor import Predictor
 
@@ -46,20 +47,18 @@ class ExplainedImage:
         return buffer.getvalue()
 
     def secondary_capture(self) -> Any:
-        """highdicom SCImage of the overlay in the source's study; records the orientation used.
+        """highdicom SCImage of the overlay in the source's study, referencing the source; records the
+        orientation basis, modality and lossy history used under ``record["secondary_capture"]``.
 
         Raises:
-            CXRMonaiError: the input was not DICOM, so there is no study to join.
+            CXRMonaiError: the input was not DICOM, so there is no study to join; InvalidImageError:
+                the source lacks a UID the SC needs (see ``build_secondary_capture``).
         """
         if self.image.dataset is None:
             raise CXRMonaiError("not a DICOM input: no source study for a Secondary Capture")
         spacing = self.image.extra.get("pixel_spacing_mm")
         sc, notes = build_secondary_capture(self.image.dataset, self.overlay, spacing)
         self.record["secondary_capture"] = {"written": True, **notes}
-        if notes["patient_orientation_fallback"]:
-            self.record["secondary_capture"]["note"] = (
-                "source has no PatientOrientation; assumed L\\F (frontal chest film as displayed)"
-            )
         return sc
 
     def secondary_capture_bytes(self) -> bytes:
@@ -67,6 +66,24 @@ class ExplainedImage:
         buffer = io.BytesIO()
         self.secondary_capture().save_as(buffer, enforce_file_format=True)
         return buffer.getvalue()
+
+    def structured_report(self) -> Any:
+        """highdicom Comprehensive SR (TID 1500) of the classification, referencing the source image.
+
+        Raises:
+            CXRMonaiError: the input was not DICOM; InvalidImageError: the source lacks a UID.
+        """
+        if self.image.dataset is None:
+            raise CXRMonaiError("not a DICOM input: no source study for a Structured Report")
+        model = self.record["model"]
+        return build_structured_report(
+            self.image.dataset,
+            self.result.probabilities,
+            self.result.predicted_index,
+            model["name"],
+            model["version"],
+            class_names=tuple(self.record["probabilities"]),
+        )
 
 
 def overlay_lines(predictor: Predictor, image: CXRImage, result: Explanation) -> list[str]:

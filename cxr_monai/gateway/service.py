@@ -1,0 +1,238 @@
+"""``cxr-monai gateway``: receive chest films over C-STORE, classify and explain them, C-STORE the results.
+
+Three activities share the on-disk queue (:mod:`cxr_monai.gateway.queue`):
+
+* the Storage SCP (pynetdicom's association server threads) checks each instance, writes it to the
+  inbox and only then answers success (:mod:`cxr_monai.gateway.scp`);
+* the processing thread takes inbox files in arrival order, up to ``batch_size`` per Grad-CAM batch,
+  runs the same code as ``cxr-monai explain`` (:class:`~cxr_monai.explain.gradcam.Explainer`,
+  :func:`~cxr_monai.explain.record.explained_image`) and queues the Secondary Capture and the
+  Structured Report in the outbox; a file that cannot be decoded after all goes to ``failed/``;
+* the delivery thread C-STOREs each outbox entry (SC, then SR) to the destination and removes it once
+  both are accepted. When the destination is unreachable or refuses, it waits and retries with
+  exponential back-off (``retry_initial_s`` doubling up to ``retry_max_s``); results keep their UIDs
+  across retries, so a partly delivered entry is sent again as the same instances.
+
+A stopped or crashed gateway loses nothing: on start it resumes the inbox and the outbox. Logs name
+queue entries (random names) and technical tags only, never patient data or UIDs.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom.uid import (
+    ComprehensiveSRStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    SecondaryCaptureImageStorage,
+)
+from pynetdicom import AE, evt
+from pynetdicom.transport import ThreadedAssociationServer
+
+from cxr_monai.errors import CXRMonaiError
+from cxr_monai.explain.gradcam import Explainer
+from cxr_monai.explain.record import explained_image
+from cxr_monai.gateway.queue import SC_FILE, SR_FILE, DiskQueue
+from cxr_monai.gateway.scp import STORAGE_CLASSES, TRANSFER_SYNTAXES, store_handler
+from cxr_monai.io import read_cxr
+from cxr_monai.predictor import Predictor
+
+logger = logging.getLogger(__name__)
+
+#: The Verification SOP Class (C-ECHO), which pydicom.uid does not name.
+VERIFICATION = "1.2.840.10008.1.1"
+#: C-STORE statuses the delivery counts as accepted: success and the warnings (PS3.4 B.2.3).
+_ACCEPTED = {0x0000, 0x0001, 0xB000, 0xB006, 0xB007}
+
+
+@dataclass(frozen=True)
+class Destination:
+    """The peer that receives the results: called AE title, host, port."""
+
+    ae_title: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """How the gateway listens, where it sends and how it retries (seconds)."""
+
+    destination: Destination
+    queue_dir: Path
+    ae_title: str = "CXR_MONAI"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    allowed_calling: tuple[str, ...] = ()
+    batch_size: int = 4
+    retry_initial_s: float = 1.0
+    retry_max_s: float = 60.0
+    network_timeout_s: float = 30.0
+    idle_poll_s: float = 5.0
+
+
+class DeliveryError(Exception):
+    """The destination could not be reached, or refused a result; the entry stays queued."""
+
+
+class Gateway:
+    """The running gateway: SCP + processing thread + delivery thread over one :class:`DiskQueue`."""
+
+    def __init__(self, predictor: Predictor, config: GatewayConfig) -> None:
+        self.predictor = predictor
+        self.config = config
+        self.queue = DiskQueue(config.queue_dir)
+        self._explainer = Explainer(predictor.model, predictor.preprocess, batch_size=config.batch_size)
+        self._stop = threading.Event()
+        self._received = threading.Event()
+        self._processed = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._server: ThreadedAssociationServer | None = None
+
+    @property
+    def port(self) -> int:
+        """The port the SCP listens on (the bound one when configured as 0)."""
+        if self._server is None:
+            raise RuntimeError("gateway not started")
+        return int(self._server.server_address[1])
+
+    def start(self) -> int:
+        """Start the SCP and both threads (the queue is resumed); returns the bound port."""
+        ae = AE(ae_title=self.config.ae_title)
+        for sop_class in STORAGE_CLASSES:
+            ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
+        ae.add_supported_context(VERIFICATION)  # C-ECHO
+        if self.config.allowed_calling:
+            ae.require_calling_aet = list(self.config.allowed_calling)
+        ae.network_timeout = self.config.network_timeout_s
+        handler = store_handler(self.queue.put, self._received.set)
+        self._server = ae.start_server(
+            (self.config.host, self.config.port), block=False, evt_handlers=[(evt.EVT_C_STORE, handler)]
+        )
+        for target, name in (
+            (self._process_loop, "gateway-process"),
+            (self._deliver_loop, "gateway-deliver"),
+        ):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        logger.info(
+            "gateway %s listening on %s:%d; %d queued, %d to deliver",
+            self.config.ae_title,
+            self.config.host,
+            self.port,
+            len(self.queue.inbox()),
+            len(self.queue.outbox()),
+        )
+        return self.port
+
+    def stop(self) -> None:
+        """Stop accepting, finish the current step of each thread, and return (the queue stays)."""
+        if self._server is not None:
+            self._server.shutdown()
+        self._stop.set()
+        self._received.set()
+        self._processed.set()
+        for thread in self._threads:
+            thread.join()
+        self._threads.clear()
+
+    # processing
+
+    def _process_loop(self) -> None:
+        while not self._stop.is_set():
+            self._received.clear()
+            pending = self.queue.inbox()[: self.config.batch_size]
+            if not pending:
+                self._received.wait(self.config.idle_poll_s)
+                continue
+            try:
+                self.process(pending)
+            except OSError as exc:  # the outbox cannot be written: keep the inbox, try again later
+                logger.error("processing failed (%s); retrying", exc.strerror or exc)
+                self._stop.wait(self.config.retry_initial_s)
+
+    def process(self, files: list[Path]) -> None:
+        """Classify + explain ``files`` (inbox paths) as one batch and queue their results."""
+        images = []
+        for path in files:
+            try:
+                images.append((path, read_cxr(path.read_bytes())))
+            except CXRMonaiError as exc:
+                logger.warning("queue entry %s cannot be processed: %s", path.stem, exc)
+                self.queue.to_failed(path, str(exc))
+        if not images:
+            return
+        results = self._explainer.explain([image for _, image in images], None)
+        for (path, image), result in zip(images, results, strict=True):
+            explained = explained_image(self.predictor, path.name, image, result)
+            try:
+                sc = explained.secondary_capture_bytes()
+                sr_buffer = io.BytesIO()
+                explained.structured_report().save_as(sr_buffer, enforce_file_format=True)
+            except CXRMonaiError as exc:
+                logger.warning("queue entry %s: no results (%s)", path.stem, exc)
+                self.queue.to_failed(path, str(exc))
+                continue
+            self.queue.to_outbox(path, sc, sr_buffer.getvalue())
+            logger.info("queue entry %s: %s, results queued", path.stem, explained.record["predicted_class"])
+        self._processed.set()
+
+    # delivery
+
+    def _deliver_loop(self) -> None:
+        delay = self.config.retry_initial_s
+        while not self._stop.is_set():
+            self._processed.clear()
+            entries = self.queue.outbox()
+            if not entries:
+                self._processed.wait(self.config.idle_poll_s)
+                continue
+            try:
+                self.deliver(entries)
+                delay = self.config.retry_initial_s
+            except DeliveryError as exc:
+                logger.warning(
+                    "delivery failed (%s); %d entries queued, retry in %.1f s", exc, len(entries), delay
+                )
+                self._stop.wait(delay)
+                delay = min(delay * 2, self.config.retry_max_s)
+
+    def deliver(self, entries: list[Path]) -> None:
+        """C-STORE each entry's SC and SR over one association; remove each entry once both are accepted.
+
+        Raises:
+            DeliveryError: no association, or a result was not accepted (the entry stays).
+        """
+        destination = self.config.destination
+        ae = AE(ae_title=self.config.ae_title)
+        for sop_class in (SecondaryCaptureImageStorage, ComprehensiveSRStorage):
+            ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.config.network_timeout_s
+        ae.connection_timeout = min(self.config.network_timeout_s, 10.0)
+        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+        if not assoc.is_established:
+            raise DeliveryError(
+                f"no association with {destination.ae_title}@{destination.host}:{destination.port}"
+            )
+        try:
+            for entry in entries:
+                if self._stop.is_set():
+                    return
+                for name in (SC_FILE, SR_FILE):
+                    status = assoc.send_c_store(entry / name)
+                    code = int(status.get("Status", -1)) if status else -1
+                    if code not in _ACCEPTED:
+                        raise DeliveryError(
+                            f"{name} of queue entry {entry.name} not accepted (status "
+                            f"{'none' if code < 0 else f'0x{code:04X}'})"
+                        )
+                self.queue.delivered(entry)
+                logger.info("queue entry %s delivered", entry.name)
+        finally:
+            assoc.release()
