@@ -12,7 +12,7 @@ import signal
 import threading
 import time
 from concurrent import futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -22,7 +22,7 @@ from cxr_monai.api.v1 import cxr_triage_pb2, cxr_triage_pb2_grpc
 from cxr_monai.errors import CXRMonaiError
 from cxr_monai.server.auth import BearerTokenInterceptor
 from cxr_monai.server.reflection import enable_reflection
-from cxr_monai.server.servicer import CXRTriageServicer, ServiceLimits
+from cxr_monai.server.servicer import CXRTriageServicer
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,6 @@ class ServerConfig:
     Attributes:
         address: ``host:port``; port 0 picks a free port. Loopback by default: expose deliberately.
         max_message_mb: largest request/response in MiB (Explain replies that could exceed it are refused).
-        limits: admission (in-flight calls), time limit per call, image budgets.
         tls_cert, tls_key: PEM files; both or neither (then the port is plaintext).
         tls_client_ca: PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS).
         token: when set, every call but health and reflection needs ``authorization: Bearer <token>``.
@@ -52,7 +51,6 @@ class ServerConfig:
 
     address: str = "127.0.0.1:50051"
     max_message_mb: int = DEFAULT_MAX_MESSAGE_MB
-    limits: ServiceLimits = field(default_factory=ServiceLimits)
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
@@ -110,12 +108,9 @@ class Service:
 
 
 def build_server(servicer: CXRTriageServicer, config: ServerConfig) -> Service:
-    """A built, not yet started, :class:`Service`."""
+    """A built, not yet started, :class:`Service`; threads are sized from ``servicer.limits``."""
     limit = config.max_message_mb * 1024 * 1024
-    if servicer.limits.max_reply_bytes > limit:
-        raise CXRMonaiError(
-            f"the servicer's reply limit ({servicer.limits.max_reply_bytes} bytes) exceeds the message limit"
-        )
+    servicer.max_reply_bytes = limit
     interceptors = [BearerTokenInterceptor(config.token)] if config.token else []
     threads = servicer.limits.max_inflight + SPARE_THREADS
     server = grpc.server(

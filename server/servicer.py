@@ -81,14 +81,11 @@ class ServiceLimits:
     Attributes:
         max_inflight: Classify/Explain calls admitted at once; more get RESOURCE_EXHAUSTED.
         request_timeout_s: server-side time limit per call (seconds), or None for the client's deadline only.
-        max_reply_bytes: largest reply; an Explain whose worst-case reply is larger is refused before
-            the model runs.
         image: pixel budgets checked from the header before decoding.
     """
 
     max_inflight: int = 4
     request_timeout_s: float | None = 60.0
-    max_reply_bytes: int = 64 * 1024 * 1024
     image: ImageLimits = field(default_factory=lambda: DEFAULT_LIMITS)
 
     def __post_init__(self) -> None:
@@ -128,11 +125,14 @@ class CXRTriageServicer(cxr_triage_pb2_grpc.CXRTriageServicer):
     """Serves one trained bundle; see the module docstring for stages, deadlines and load shedding.
 
     Starts in :attr:`State.WARMING` (work answered UNAVAILABLE) until :meth:`warm_up` has run the model.
+    ``max_reply_bytes`` (set by the server to its message limit): an Explain whose worst-case reply is
+    larger is refused before the model runs.
     """
 
     def __init__(self, predictor: Predictor, limits: ServiceLimits | None = None) -> None:
         self._predictor = predictor
         self.limits = limits or ServiceLimits()
+        self.max_reply_bytes = 64 * 1024 * 1024
         self._cam = GradCAM(predictor.model)
         self._model_lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(self.limits.max_inflight)
@@ -199,11 +199,11 @@ class CXRTriageServicer(cxr_triage_pb2_grpc.CXRTriageServicer):
             bound = reply_bytes_bound(
                 rows, cols, overlay=not request.omit_overlay_png, secondary_capture=request.secondary_capture
             )
-            if bound > self.limits.max_reply_bytes:
+            if bound > self.max_reply_bytes:
                 raise _Abandon(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"the reply for a {cols} x {rows} image could reach {bound / 2**20:.0f} MiB, over the "
-                    f"server's {self.limits.max_reply_bytes / 2**20:.0f} MiB message limit; ask without the "
+                    f"server's {self.max_reply_bytes / 2**20:.0f} MiB message limit; ask without the "
                     "overlay (omit_overlay_png) or the Secondary Capture, or send a smaller image",
                 )
             tensor = call.stage("pre-process", self._preprocess, image)

@@ -72,13 +72,11 @@ def serve(
         limits = ServiceLimits(
             max_inflight=max_inflight,
             request_timeout_s=request_timeout or None,
-            max_reply_bytes=max_message_mb * 1024 * 1024,
             image=ImageLimits(max_pixels=max_pixels),
         )
         config = ServerConfig(
             address=address,
             max_message_mb=max_message_mb,
-            limits=limits,
             tls_cert=tls_cert,
             tls_key=tls_key,
             tls_client_ca=tls_client_ca,
