@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import struct
+import warnings
 import zlib
 from typing import Any
 
@@ -41,6 +43,20 @@ logger = logging.getLogger(__name__)
 # '19700101x'"), which may be a birth date or a patient's name, into warnings and pydicom's logger.
 # Patient data must never reach a log, so values are not validated on reading (process-wide setting).
 pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+
+
+class _RedactQuotedValues(logging.Filter):
+    """pydicom logs header values it cannot use ("Unknown encoding 'X'" for a SpecificCharacterSet,
+    whenever text is decoded): the record is kept with every quoted value replaced by ``'...'``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = re.sub(r"'[^']*'", "'...'", record.getMessage()), ()
+        return True
+
+
+logging.getLogger("pydicom").addFilter(_RedactQuotedValues())
+# the same message also goes out as a UserWarning; the (redacted) log record above is kept instead
+warnings.filterwarnings("ignore", message="Unknown encoding", category=UserWarning, module="pydicom.charset")
 
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
