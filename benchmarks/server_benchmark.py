@@ -29,7 +29,7 @@ from typing import Any
 import grpc
 import numpy as np
 from cxr_monai.server.app import ServerConfig, build_server
-from cxr_monai.server.servicer import CXRTriageServicer
+from cxr_monai.server.servicer import CXRTriageServicer, ServiceLimits
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
 
@@ -92,8 +92,11 @@ def main() -> None:
     args = parser.parse_args()
 
     predictor = Predictor.from_bundle(args.bundle, device="cpu")
-    server, port = build_server(CXRTriageServicer(predictor), ServerConfig(address="127.0.0.1:0", workers=8))
-    server.start()
+    limits = ServiceLimits(max_inflight=max(8, args.clients))  # admit every client: measure, do not shed
+    service = build_server(CXRTriageServicer(predictor, limits), ServerConfig(address="127.0.0.1:0"))
+    service.start()
+    service.warm_up()
+    server, port = service.server, service.port
     inputs = {
         p.name[:24]: p.read_bytes() for p in sorted((args.dicom_dir or Path("/nonexistent")).glob("*.dcm"))
     }

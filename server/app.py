@@ -1,28 +1,41 @@
-"""Build and run the gRPC server: CXRTriage service, health, reflection, TLS, token auth, size limits."""
+"""Build and run the gRPC server: CXRTriage, health, reflection (v1 and v1alpha), TLS/mTLS, token, limits.
+
+Health (grpc.health.v1) reports NOT_SERVING for "" and the service until :meth:`Service.warm_up` has
+run the model, SERVING then, and NOT_SERVING again from the moment :meth:`Service.stop` starts.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import grpc
-from cxr_monai.server.auth import BearerTokenInterceptor
-from cxr_monai.server.servicer import CXRTriageServicer
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from cxr_monai.api.v1 import cxr_triage_pb2, cxr_triage_pb2_grpc
 from cxr_monai.errors import CXRMonaiError
+from cxr_monai.server.auth import BearerTokenInterceptor
+from cxr_monai.server.reflection import enable_reflection
+from cxr_monai.server.servicer import CXRTriageServicer
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = cxr_triage_pb2.DESCRIPTOR.services_by_name["CXRTriage"].full_name
+HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 #: gRPC's default receive limit is 4 MiB; a 16-bit 3000 x 3000 film is about 18 MB.
 DEFAULT_MAX_MESSAGE_MB = 64
+#: Threads beyond the work slots: health, reflection, GetModelInfo and refusals always find one.
+SPARE_THREADS = 4
+#: After the grace period, how long calls still running get to reach a stage boundary.
+ABANDON_MARGIN_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -31,69 +44,135 @@ class ServerConfig:
 
     Attributes:
         address: ``host:port``; port 0 picks a free port. Loopback by default: expose deliberately.
-        max_message_mb: largest request/response in MiB.
-        workers: threads serving requests (model calls are serialised; see the servicer).
+        max_message_mb: largest request/response in MiB (Explain replies that could exceed it are refused).
         tls_cert, tls_key: PEM files; both or neither (then the port is plaintext).
+        tls_client_ca: PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS).
         token: when set, every call but health and reflection needs ``authorization: Bearer <token>``.
+        max_metadata_kb: largest request metadata (headers) the server accepts, KiB.
     """
 
     address: str = "127.0.0.1:50051"
     max_message_mb: int = DEFAULT_MAX_MESSAGE_MB
-    workers: int = 4
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    tls_client_ca: Path | None = None
     token: str | None = None
+    max_metadata_kb: int = 16
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise CXRMonaiError("TLS needs both a certificate and a key (--tls-cert and --tls-key)")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise CXRMonaiError("mutual TLS (--tls-client-ca) needs --tls-cert and --tls-key")
         if self.max_message_mb < 1:
             raise CXRMonaiError(f"max message size must be at least 1 MiB, got {self.max_message_mb}")
+        if self.max_metadata_kb < 1:
+            raise CXRMonaiError(f"max metadata size must be at least 1 KiB, got {self.max_metadata_kb}")
 
 
-def build_server(servicer: CXRTriageServicer, config: ServerConfig) -> tuple[grpc.Server, int]:
-    """A started-ready (not started) server and the port it bound."""
+@dataclass
+class Service:
+    """A built server with its servicer and health state."""
+
+    server: grpc.Server
+    port: int
+    servicer: CXRTriageServicer
+    health: health.HealthServicer
+
+    def start(self) -> None:
+        """Listen; health says NOT_SERVING and work is answered UNAVAILABLE until :meth:`warm_up`."""
+        self.server.start()
+
+    def warm_up(self) -> None:
+        """Run the model once, then admit work and report SERVING."""
+        self.servicer.warm_up()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, grace_s: float = 5.0, notice_s: float = 0.0) -> int:
+        """Drain and stop within ``notice_s + grace_s + ABANDON_MARGIN_S``; the calls still running.
+
+        Health turns NOT_SERVING and new work is refused (UNAVAILABLE) at once; for ``notice_s`` the
+        port stays open so load balancers see NOT_SERVING; calls in flight then get ``grace_s`` to
+        finish, after which they are abandoned at their next stage boundary.
+        """
+        self.health.enter_graceful_shutdown()
+        self.servicer.drain()
+        time.sleep(notice_s)
+        stopped = self.server.stop(grace_s)
+        running = self.servicer.wait_idle(grace_s)
+        if running:
+            logger.warning("%d call(s) running after the %.1f s grace: abandoning them", running, grace_s)
+            self.servicer.abandon()
+            running = self.servicer.wait_idle(ABANDON_MARGIN_S)
+        stopped.wait(ABANDON_MARGIN_S)
+        return running
+
+
+def build_server(servicer: CXRTriageServicer, config: ServerConfig) -> Service:
+    """A built, not yet started, :class:`Service`; threads are sized from ``servicer.limits``."""
     limit = config.max_message_mb * 1024 * 1024
+    servicer.max_reply_bytes = limit
     interceptors = [BearerTokenInterceptor(config.token)] if config.token else []
+    threads = servicer.limits.max_inflight + SPARE_THREADS
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.workers),
+        futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cxr-grpc"),
         interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
+            ("grpc.max_metadata_size", config.max_metadata_kb * 1024),
         ],
+        # bounds what waits for a thread (each call may hold a request of up to `limit` bytes)
+        maximum_concurrent_rpcs=2 * threads,
     )
     cxr_triage_pb2_grpc.add_CXRTriageServicer_to_server(servicer, server)
-
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
-    )
-
-    if config.tls_cert is not None and config.tls_key is not None:
-        try:
-            key, cert = config.tls_key.read_bytes(), config.tls_cert.read_bytes()
-        except OSError as exc:
-            raise CXRMonaiError(f"cannot read the TLS key or certificate: {exc}") from exc
-        credentials = grpc.ssl_server_credentials([(key, cert)])
-        port = server.add_secure_port(config.address, credentials)
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    enable_reflection((SERVICE_NAME, HEALTH_SERVICE_NAME), server)
+    if config.tls_cert is not None:
+        port = server.add_secure_port(config.address, _credentials(config))
     else:
         port = server.add_insecure_port(config.address)
     if port == 0:
         raise CXRMonaiError(f"cannot bind {config.address}")
-    return server, port
+    return Service(server, port, servicer, health_servicer)
 
 
-def serve_until_signalled(server: grpc.Server, grace_s: float = 5.0) -> None:
-    """Start ``server`` and block until SIGINT/SIGTERM, then stop with ``grace_s`` for calls in flight."""
+def _credentials(config: ServerConfig) -> grpc.ServerCredentials:
+    assert config.tls_cert is not None and config.tls_key is not None
+    try:
+        key, cert = config.tls_key.read_bytes(), config.tls_cert.read_bytes()
+        ca = config.tls_client_ca.read_bytes() if config.tls_client_ca else None
+    except OSError as exc:
+        raise CXRMonaiError(f"cannot read the TLS key, certificate or client CA: {exc}") from exc
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
+    )
+
+
+def serve_until_signalled(service: Service, grace_s: float = 5.0, notice_s: float = 1.0) -> NoReturn:
+    """Start, warm up, serve until SIGINT/SIGTERM, then :meth:`Service.stop`.
+
+    A call still running after the grace period and the margin (inside a stage, e.g. a long model call)
+    cannot be interrupted in Python; the process exits without waiting for it (status 1; 0 when every
+    call ended). Never returns.
+    """
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    server.start()
+    service.start()
+    service.warm_up()
     stop.wait()
-    logger.info("stopping (grace %.1f s)", grace_s)
-    server.stop(grace_s).wait()
+    logger.info("stopping (notice %.1f s, grace %.1f s)", notice_s, grace_s)
+    running = service.stop(grace_s, notice_s)
+    if running:
+        logger.warning("exiting with %d abandoned call(s) still running", running)
+    # A normal exit would wait for the (non-daemon) worker threads of abandoned calls, and the
+    # interpreter's teardown of torch and grpc took ~6 s on a loaded 2-core machine: exit at once.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1 if running else 0)

@@ -1,19 +1,39 @@
 """Bearer-token authentication as a gRPC server interceptor (the pattern of grpc's examples/python/auth).
 
-Clients send ``authorization: Bearer <token>`` metadata. Health checks and reflection stay open so
-load balancers and ``grpcurl`` work without the token.
+Clients send ``authorization: Bearer <token>`` metadata (the scheme matched case-insensitively, as
+RFC 7235 says). Health checks and reflection stay open so load balancers and ``grpcurl`` work without
+the token. The interceptor runs when the call's metadata has arrived: a refused call is answered by a
+client-streaming handler that never reads the request, so an unauthenticated body is not read.
 """
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 
+from cxr_monai.errors import CXRMonaiError
+
 #: Methods reachable without a token (prefixes of the full method name).
 OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+def read_token_file(path: Path) -> str:
+    """The token in ``path`` (surrounding whitespace and the trailing newline stripped).
+
+    Raises:
+        CXRMonaiError: the file cannot be read or holds no token.
+    """
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CXRMonaiError(f"{path}: cannot read the token file ({type(exc).__name__})") from exc
+    if not token or any(c.isspace() for c in token):
+        raise CXRMonaiError(f"{path}: the token file must hold one token (no spaces), found none")
+    return token
 
 
 class BearerTokenInterceptor(grpc.ServerInterceptor):
@@ -22,12 +42,12 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
     def __init__(self, token: str) -> None:
         if not token:
             raise ValueError("token must not be empty")
-        self._expected = f"Bearer {token}".encode()
+        self._expected = token.encode()
 
-        def deny(request: Any, context: grpc.ServicerContext) -> Any:
+        def deny(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
 
-        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+        self._deny = grpc.stream_unary_rpc_method_handler(deny)
 
     def intercept_service(
         self,
@@ -38,8 +58,8 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         if method.startswith(OPEN_METHODS):
             return continuation(handler_call_details)
         metadata = dict(handler_call_details.invocation_metadata or ())
-        given = str(metadata.get("authorization", "")).encode()
+        scheme, _, given = str(metadata.get("authorization", "")).strip().partition(" ")
         # constant-time comparison: the token must not leak through response timing
-        if hmac.compare_digest(given, self._expected):
+        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self._expected):
             return continuation(handler_call_details)
         return self._deny

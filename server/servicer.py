@@ -2,31 +2,71 @@
 
 Every request goes through the same reader, pre-processing and explanation code as the CLI
 (:mod:`cxr_monai.io`, :class:`~cxr_monai.predictor.Predictor`, :mod:`cxr_monai.explain.record`).
+
+A call runs in stages: read -> pre-process -> model -> explain -> encode. Before each stage the call is
+abandoned when the client cancelled it, its deadline (the client's, or the server's per-request time
+limit, whichever is sooner) has passed, or the server is shutting down. Only the model stage is
+serialised (one lock per model: Captum attaches hooks to the shared model during Grad-CAM, and a
+concurrent forward pass would run through them); reading and pre-processing run in parallel.
+
+Load shedding: at most ``max_inflight`` Classify/Explain calls are admitted at once (running or waiting
+for the model); the next one is answered RESOURCE_EXHAUSTED at once, without reading its image. grpcio's
+synchronous server has one thread pool for all services, so the pool is sized ``max_inflight`` plus
+spare threads: work can never occupy the threads that answer health, reflection and refusals.
 """
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, NoReturn
+from dataclasses import dataclass, field
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 import numpy as np
+import torch
+from monai.data import MetaTensor
 
 from cxr_monai.api.v1 import cxr_triage_pb2 as pb
 from cxr_monai.api.v1 import cxr_triage_pb2_grpc
 from cxr_monai.constants import RESEARCH_USE_NOTICE
-from cxr_monai.errors import CXRMonaiError
-from cxr_monai.explain.gradcam import Explainer, area_above, class_index, peak_location
+from cxr_monai.errors import CXRMonaiError, InvalidImageError
+from cxr_monai.explain.gradcam import (
+    Explanation,
+    GradCAM,
+    area_above,
+    class_index,
+    peak_location,
+    to_original_grid,
+)
 from cxr_monai.explain.record import explained_image
-from cxr_monai.io import CXRImage, read_cxr
+from cxr_monai.io import DEFAULT_LIMITS, CXRImage, ImageLimits, read_cxr
 from cxr_monai.predictor import Predictor
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: What building the Secondary Capture raises for a malformed source header value (a date that is not
+#: a date, an unknown character set, a sex that is not M/F/O ...); the messages quote the value.
+_HEADER_VALUE_ERRORS = (
+    ValueError,
+    TypeError,
+    AttributeError,
+    KeyError,
+    IndexError,
+    LookupError,
+    UnicodeError,
+)
+#: Bytes of a reply besides the per-pixel parts (probabilities, names, warnings) - a generous bound.
+_REPLY_OVERHEAD_BYTES = 64 * 1024
+#: How often a call waiting for the model re-checks its deadline and the server's state.
+_POLL_S = 0.05
 
 
 def request_tag(data: bytes) -> str:
@@ -34,18 +74,100 @@ def request_tag(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:12]
 
 
-class CXRTriageServicer(cxr_triage_pb2_grpc.CXRTriageServicer):
-    """Serves one trained bundle.
+@dataclass(frozen=True)
+class ServiceLimits:
+    """What one server admits.
 
-    Model calls are serialised by a lock: Captum attaches hooks to the shared model during Grad-CAM,
-    and a concurrent forward pass would run through them. Reading the file and rendering the outputs run
-    in parallel; pre-processing and the network run under the lock.
+    Attributes:
+        max_inflight: Classify/Explain calls admitted at once; more get RESOURCE_EXHAUSTED.
+        request_timeout_s: server-side time limit per call (seconds), or None for the client's deadline only.
+        image: pixel budgets checked from the header before decoding.
     """
 
-    def __init__(self, predictor: Predictor, explain_batch_size: int = 1) -> None:
+    max_inflight: int = 4
+    request_timeout_s: float | None = 60.0
+    image: ImageLimits = field(default_factory=lambda: DEFAULT_LIMITS)
+
+    def __post_init__(self) -> None:
+        if self.max_inflight < 1:
+            raise CXRMonaiError(f"max in-flight calls must be at least 1, got {self.max_inflight}")
+        if self.request_timeout_s is not None and self.request_timeout_s <= 0:
+            raise CXRMonaiError(f"request timeout must be positive, got {self.request_timeout_s}")
+
+
+class State(enum.Enum):
+    """Where the servicer is in its life: it admits work only while SERVING."""
+
+    WARMING = "warming up"
+    SERVING = "serving"
+    DRAINING = "shutting down"
+
+
+class _Abandon(Exception):
+    """A call stops at a stage boundary; carries the status to answer with."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def reply_bytes_bound(rows: int, cols: int, *, overlay: bool, secondary_capture: bool) -> int:
+    """Worst-case size (bytes) of an ExplainResponse for a ``rows`` x ``cols`` image.
+
+    The heat map is one byte per pixel; the overlay PNG is bounded by its raw RGB size (PNG can exceed
+    it only by a few bytes per row, inside the overhead); the Secondary Capture is uncompressed RGB.
+    """
+    pixels = rows * cols
+    return pixels * (1 + 3 * overlay + 3 * secondary_capture) + rows * 8 + _REPLY_OVERHEAD_BYTES
+
+
+class CXRTriageServicer(cxr_triage_pb2_grpc.CXRTriageServicer):
+    """Serves one trained bundle; see the module docstring for stages, deadlines and load shedding.
+
+    Starts in :attr:`State.WARMING` (work answered UNAVAILABLE) until :meth:`warm_up` has run the model.
+    ``max_reply_bytes`` (set by the server to its message limit): an Explain whose worst-case reply is
+    larger is refused before the model runs.
+    """
+
+    def __init__(self, predictor: Predictor, limits: ServiceLimits | None = None) -> None:
         self._predictor = predictor
-        self._explainer = Explainer(predictor.model, predictor.preprocess, batch_size=explain_batch_size)
+        self.limits = limits or ServiceLimits()
+        self.max_reply_bytes = 64 * 1024 * 1024
+        self._cam = GradCAM(predictor.model)
         self._model_lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(self.limits.max_inflight)
+        self._inflight = 0
+        self._idle = threading.Condition()
+        self._abandon = threading.Event()
+        self.state = State.WARMING
+
+    # --- life cycle -------------------------------------------------------------------------------
+
+    def warm_up(self) -> None:
+        """One forward pass and one Grad-CAM on a blank input, then admit work (:attr:`State.SERVING`)."""
+        size = self._predictor.spatial_size
+        blank = torch.zeros(1, 3, size, size)
+        with self._model_lock:
+            self._predictor.predict_tensors(blank)
+            self._cam(blank.to(self._predictor.device), None)
+        self.state = State.SERVING
+        logger.info("model warm: serving")
+
+    def drain(self) -> None:
+        """Admit no new work (answered UNAVAILABLE); calls in flight go on."""
+        self.state = State.DRAINING
+
+    def abandon(self) -> None:
+        """Calls in flight stop at their next stage boundary (answered UNAVAILABLE)."""
+        self._abandon.set()
+
+    def wait_idle(self, timeout_s: float) -> int:
+        """Wait up to ``timeout_s`` for calls in flight to end; the number still running."""
+        with self._idle:
+            self._idle.wait_for(lambda: self._inflight == 0, timeout=max(0.0, timeout_s))
+            return self._inflight
+
+    # --- RPCs -------------------------------------------------------------------------------------
 
     def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
         p = self._predictor
@@ -59,52 +181,65 @@ class CXRTriageServicer(cxr_triage_pb2_grpc.CXRTriageServicer):
         )
 
     def Classify(self, request: pb.ClassifyRequest, context: grpc.ServicerContext) -> pb.ClassifyResponse:
-        start = time.perf_counter()
-        with _user_errors(context, request.image):
-            image = self._read(request.image, context)
-            with self._model_lock:
-                prediction = self._predictor.predict([image])[0]
-            response = self._classification(image, prediction.probabilities)
-        self._log("Classify", request.image, response.predicted_class, start)
+        with self._call("Classify", request.image, context) as call:
+            image = call.stage("read", self._read, request.image)
+            tensor = call.stage("pre-process", self._preprocess, image)
+            probabilities = call.model(lambda: self._predictor.predict_tensors(tensor)[0])
+            response = call.stage("encode", self._classification, image, probabilities)
+            call.predicted = response.predicted_class
         return response
 
     def Explain(self, request: pb.ExplainRequest, context: grpc.ServicerContext) -> pb.ExplainResponse:
-        start = time.perf_counter()
-        with _user_errors(context, request.image):
-            target = self._target(request.target_class, context)
-            image = self._read(request.image, context)
+        with self._call("Explain", request.image, context) as call:
+            target = self._target(request.target_class)
+            image = call.stage("read", self._read, request.image)
             if request.secondary_capture and image.dataset is None:
-                _abort(context, grpc.StatusCode.FAILED_PRECONDITION, "secondary_capture needs a DICOM input")
-            with self._model_lock:
-                result = self._explainer.explain([image], target)[0]
-            explained = explained_image(self._predictor, "<request>", image, result)
-            heat = explained.heatmap
-            response = pb.ExplainResponse(
-                classification=self._classification(image, result.probabilities),
-                explained_class=self._predictor.class_names[result.target_index],
-                heatmap_u8=np.round(heat * 255.0).astype(np.uint8).tobytes(),
-                area_above_half=area_above(heat, 0.5),
-                overlay_png=explained.overlay_png(),
+                raise _Abandon(grpc.StatusCode.FAILED_PRECONDITION, "secondary_capture needs a DICOM input")
+            rows, cols = image.shape
+            bound = reply_bytes_bound(
+                rows, cols, overlay=not request.omit_overlay_png, secondary_capture=request.secondary_capture
             )
-            if float(heat.max()) > 0:
-                response.peak_row, response.peak_column = peak_location(heat)
-            if request.secondary_capture:
-                response.secondary_capture_dicom = explained.secondary_capture_bytes()
-        self._log("Explain", request.image, response.classification.predicted_class, start)
+            if bound > self.max_reply_bytes:
+                raise _Abandon(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"the reply for a {cols} x {rows} image could reach {bound / 2**20:.0f} MiB, over the "
+                    f"server's {self.max_reply_bytes / 2**20:.0f} MiB message limit; ask without the "
+                    "overlay (omit_overlay_png) or the Secondary Capture, or send a smaller image",
+                )
+            tensor = call.stage("pre-process", self._preprocess, image)
+            out = call.model(lambda: self._cam(tensor.to(self._predictor.device), target))
+            result = Explanation(
+                probabilities=out.probabilities[0],
+                predicted_index=int(np.argmax(out.probabilities[0])),
+                target_index=int(out.target_indices[0]),
+                raw_map=to_original_grid(out.maps[0], image.shape),
+            )
+            explained = call.stage("explain", explained_image, self._predictor, "<request>", image, result)
+            response = call.stage("encode", self._explain_response, explained, request)
+            call.predicted = response.classification.predicted_class
         return response
 
-    def _read(self, data: bytes, context: grpc.ServicerContext) -> CXRImage:
-        if not data:
-            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "image: empty; send the file's bytes")
-        return read_cxr(data)
+    # --- stages -----------------------------------------------------------------------------------
 
-    def _target(self, name: str, context: grpc.ServicerContext) -> int | None:
+    def _read(self, data: bytes) -> CXRImage:
+        if not data:
+            raise InvalidImageError("image: empty; send the file's bytes")
+        return read_cxr(data, limits=self.limits.image)
+
+    def _preprocess(self, image: CXRImage) -> torch.Tensor:
+        """(1, 3, S, S) float32, outside the model lock."""
+        with torch.no_grad():
+            x = self._predictor.preprocess(image)
+        tensor = x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
+        return tensor.float().unsqueeze(0)
+
+    def _target(self, name: str) -> int | None:
         if not name:
             return None
         try:
             return class_index(name, self._predictor.class_names)
         except CXRMonaiError as exc:
-            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"target_class: {exc}")
+            raise _Abandon(grpc.StatusCode.INVALID_ARGUMENT, f"target_class: {exc}") from exc
 
     def _classification(self, image: CXRImage, probabilities: Any) -> pb.ClassifyResponse:
         names = self._predictor.class_names
@@ -122,23 +257,128 @@ class CXRTriageServicer(cxr_triage_pb2_grpc.CXRTriageServicer):
             columns=cols,
         )
 
-    @staticmethod
-    def _log(method: str, data: bytes, predicted: str, start: float) -> None:
-        elapsed_ms = (time.perf_counter() - start) * 1000.0
-        logger.info(
-            "%s %s (%d bytes): %s in %.0f ms", method, request_tag(data), len(data), predicted, elapsed_ms
+    def _explain_response(self, explained: Any, request: pb.ExplainRequest) -> pb.ExplainResponse:
+        heat, result = explained.heatmap, explained.result
+        response = pb.ExplainResponse(
+            classification=self._classification(explained.image, result.probabilities),
+            explained_class=self._predictor.class_names[result.target_index],
+            heatmap_u8=np.round(heat * 255.0).astype(np.uint8).tobytes(),
+            area_above_half=area_above(heat, 0.5),
         )
+        if not request.omit_overlay_png:
+            response.overlay_png = explained.overlay_png()
+        if float(heat.max()) > 0:
+            response.peak_row, response.peak_column = peak_location(heat)
+        if request.secondary_capture:
+            try:
+                response.secondary_capture_dicom = explained.secondary_capture_bytes()
+            except CXRMonaiError:
+                raise
+            # pydicom/highdicom quote the offending header value (patient data) in these messages:
+            # only the exception type is passed on
+            except _HEADER_VALUE_ERRORS as exc:
+                raise InvalidImageError(
+                    "the source DICOM header has a malformed value the Secondary Capture cannot carry "
+                    f"({type(exc).__name__}); fix the header or ask without secondary_capture"
+                ) from None
+        return response
+
+    # --- admission, deadlines, errors -------------------------------------------------------------
+
+    @contextmanager
+    def _call(self, method: str, data: bytes, context: grpc.ServicerContext) -> Iterator[_Call]:
+        """Admit one call (or refuse it), run its stages, map every error to a documented status."""
+        start = time.monotonic()
+        tag = request_tag(data)
+        if self.state is not State.SERVING:
+            _abort(context, grpc.StatusCode.UNAVAILABLE, f"server is {self.state.value}; retry later")
+        if not self._slots.acquire(blocking=False):
+            logger.warning("%s %s shed: %d calls in flight", method, tag, self.limits.max_inflight)
+            _abort(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"server busy: {self.limits.max_inflight} calls in flight; retry later",
+            )
+        with self._idle:
+            self._inflight += 1
+        call = _Call(self, context, start)
+        try:
+            call.checkpoint("read")
+            yield call
+        except _Abandon as exc:
+            logger.info("%s %s (%d bytes) %s: %s", method, tag, len(data), exc.code.name, exc)
+            _abort(context, exc.code, str(exc))
+        except CXRMonaiError as exc:
+            logger.info("%s %s (%d bytes) rejected: %s", method, tag, len(data), exc)
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Exception as exc:
+            # the message and traceback may quote input values (patient data): the type only
+            logger.error(
+                "%s %s (%d bytes) failed: internal error %s", method, tag, len(data), type(exc).__name__
+            )
+            _abort(
+                context,
+                grpc.StatusCode.INTERNAL,
+                f"internal error ({type(exc).__name__}); see the server log",
+            )
+        else:
+            elapsed_ms = (time.monotonic() - start) * 1000.0
+            logger.info("%s %s (%d bytes): %s in %.0f ms", method, tag, len(data), call.predicted, elapsed_ms)
+        finally:
+            self._slots.release()
+            with self._idle:
+                self._inflight -= 1
+                self._idle.notify_all()
 
 
-@contextmanager
-def _user_errors(context: grpc.ServicerContext, data: bytes) -> Iterator[None]:
-    """Turn any :class:`CXRMonaiError` (unreadable image, a header the DICOM writer refuses ...) into
-    INVALID_ARGUMENT with its message; the request is logged by hash only."""
-    try:
-        yield
-    except CXRMonaiError as exc:
-        logger.info("rejected request %s: %s", request_tag(data), exc)
-        _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+class _Call:
+    """One admitted call: its deadline and the checks between stages."""
+
+    def __init__(self, servicer: CXRTriageServicer, context: grpc.ServicerContext, start: float) -> None:
+        self._servicer = servicer
+        self._context = context
+        self.predicted = ""
+        remaining = context.time_remaining()
+        limit = servicer.limits.request_timeout_s
+        candidates = [start + r for r in (remaining, limit) if r is not None]
+        self._deadline = min(candidates) if candidates else None
+        self._server_limit = limit is not None and (remaining is None or limit < remaining)
+
+    def _left(self) -> float | None:
+        return None if self._deadline is None else self._deadline - time.monotonic()
+
+    def checkpoint(self, stage: str) -> None:
+        """Raise :class:`_Abandon` when the call must not go on to ``stage``."""
+        if self._servicer._abandon.is_set():
+            raise _Abandon(grpc.StatusCode.UNAVAILABLE, f"server shutting down; abandoned before {stage}")
+        if not self._context.is_active():
+            raise _Abandon(grpc.StatusCode.CANCELLED, f"call cancelled; abandoned before {stage}")
+        left = self._left()
+        if left is not None and left <= 0:
+            which = (
+                f"the server's {self._servicer.limits.request_timeout_s:g} s time limit"
+                if self._server_limit
+                else "the deadline"
+            )
+            raise _Abandon(grpc.StatusCode.DEADLINE_EXCEEDED, f"{which} passed before {stage}")
+
+    def stage(self, name: str, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` after a checkpoint."""
+        self.checkpoint(name)
+        return fn(*args)
+
+    def model(self, fn: Callable[[], T]) -> T:
+        """``fn()`` under the model lock; waiting for the lock is abandoned like a stage."""
+        lock = self._servicer._model_lock
+        while True:
+            self.checkpoint("model")
+            left = self._left()
+            if lock.acquire(timeout=_POLL_S if left is None else max(0.0, min(_POLL_S, left))):
+                break
+        try:
+            return fn()
+        finally:
+            lock.release()
 
 
 def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:

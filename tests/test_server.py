@@ -8,6 +8,7 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -18,8 +19,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from cxr_monai.server.app import SERVICE_NAME, ServerConfig, build_server
-from cxr_monai.server.servicer import CXRTriageServicer
 from dicom_factory import make_dataset, save
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
@@ -29,6 +28,8 @@ from cxr_monai.api.v1 import cxr_triage_pb2 as pb
 from cxr_monai.api.v1 import cxr_triage_pb2_grpc as pb_grpc
 from cxr_monai.constants import CLASS_NAMES, RESEARCH_USE_NOTICE
 from cxr_monai.predictor import Predictor
+from cxr_monai.server.app import SERVICE_NAME, ServerConfig, build_server
+from cxr_monai.server.servicer import CXRTriageServicer, ServiceLimits
 
 ROWS, COLS = 48, 64
 
@@ -53,15 +54,20 @@ def dicom_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save(ds, tmp_path_factory.mktemp("dicom") / "study.dcm")
 
 
-def _start(predictor: Predictor, **config: object) -> tuple[grpc.Server, int]:
-    server, port = build_server(CXRTriageServicer(predictor), ServerConfig(address="127.0.0.1:0", **config))
-    server.start()
-    return server, port
+def _start(
+    predictor: Predictor, limits: ServiceLimits | None = None, **config: Any
+) -> tuple[grpc.Server, int]:
+    service = build_server(
+        CXRTriageServicer(predictor, limits), ServerConfig(address="127.0.0.1:0", **config)
+    )
+    service.start()
+    service.warm_up()
+    return service.server, service.port
 
 
 @pytest.fixture(scope="module")
 def stub(predictor: Predictor) -> Iterator[pb_grpc.CXRTriageStub]:
-    server, port = _start(predictor)
+    server, port = _start(predictor, ServiceLimits(max_inflight=8))
     limit = 64 * 1024 * 1024
     options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
     with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
@@ -269,7 +275,7 @@ def test_tls_needs_both_files_and_readable_ones(predictor: Predictor, tmp_path: 
     with pytest.raises(CXRMonaiError, match="both"):
         ServerConfig(tls_cert=tmp_path / "a.crt")
     config = ServerConfig(address="127.0.0.1:0", tls_cert=tmp_path / "a.crt", tls_key=tmp_path / "a.key")
-    with pytest.raises(CXRMonaiError, match="cannot read the TLS key or certificate"):
+    with pytest.raises(CXRMonaiError, match="cannot read the TLS key, certificate or client CA"):
         build_server(CXRTriageServicer(predictor), config)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from cxr_monai.commands import console, user_errors
+from cxr_monai.io.image import MAX_PIXELS, MAX_SIDE
 
 TOKEN_ENV = "CXR_MONAI_TOKEN"
 
@@ -18,47 +19,79 @@ def serve(
         "127.0.0.1:50051", "--address", help="host:port to listen on (0.0.0.0:50051 for all interfaces)."
     ),
     max_message_mb: int = typer.Option(64, "--max-message-mb", help="Largest request or response, MiB."),
-    workers: int = typer.Option(4, "--workers", min=1, help="Request threads."),
+    max_inflight: int = typer.Option(
+        4,
+        "--max-inflight",
+        "--workers",
+        min=1,
+        help="Classify/Explain calls admitted at once; more shed.",
+    ),
+    request_timeout: float = typer.Option(
+        60.0, "--request-timeout", min=0.0, help="Server-side time limit per call, seconds (0: none)."
+    ),
+    max_pixels: int = typer.Option(
+        MAX_PIXELS, "--max-pixels", min=1, help=f"Pixel budget per image (and {MAX_SIDE} per side)."
+    ),
+    grace: float = typer.Option(5.0, "--grace", min=0.0, help="Seconds calls in flight get at shutdown."),
     tls_cert: Path | None = typer.Option(
         None, "--tls-cert", exists=True, help="PEM certificate (with --tls-key)."
     ),
     tls_key: Path | None = typer.Option(
         None, "--tls-key", exists=True, help="PEM private key (with --tls-cert)."
     ),
+    tls_client_ca: Path | None = typer.Option(
+        None, "--tls-client-ca", exists=True, help="PEM CA: require client certificates it signed (mTLS)."
+    ),
+    token_file: Path | None = typer.Option(
+        None, "--token-file", exists=True, help=f"File holding the bearer token (instead of ${TOKEN_ENV})."
+    ),
+    max_metadata_kb: int = typer.Option(16, "--max-metadata-kb", min=1, help="Request metadata limit, KiB."),
     device: str | None = typer.Option(
         None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)."
     ),
 ) -> None:
     """Serve classification and Grad-CAM over gRPC (API: protos/cxr_monai/api/v1/cxr_triage.proto).
 
-    Health checking (grpc.health.v1) and server reflection are on. Set $CXR_MONAI_TOKEN to require
-    `authorization: Bearer <token>` on every call (health and reflection stay open). Stop with Ctrl-C.
+    Health checking (grpc.health.v1: NOT_SERVING until the model is warm and while draining) and
+    server reflection (v1 and v1alpha) are on. A token from --token-file or $CXR_MONAI_TOKEN makes
+    every call need `authorization: Bearer <token>` (health and reflection stay open). Stop with
+    Ctrl-C or SIGTERM: the process exits within --grace seconds plus about 2.
 
-    Example: CXR_MONAI_TOKEN=s3cret cxr-monai serve --bundle out/bundle --address 0.0.0.0:50051 \\
-    --tls-cert server.crt --tls-key server.key
+    Example: cxr-monai serve --bundle out/bundle --address 0.0.0.0:50051 --token-file token \\
+    --tls-cert server.crt --tls-key server.key --tls-client-ca clients-ca.crt
     """
     # imported here so that `cxr-monai --help` and the other commands do not load grpc and torch
+    from cxr_monai.io import ImageLimits
     from cxr_monai.predictor import Predictor
     from cxr_monai.server.app import ServerConfig, build_server, serve_until_signalled
-    from cxr_monai.server.servicer import CXRTriageServicer
+    from cxr_monai.server.auth import read_token_file
+    from cxr_monai.server.servicer import CXRTriageServicer, ServiceLimits
 
     with user_errors():
+        token = read_token_file(token_file) if token_file else os.environ.get(TOKEN_ENV) or None
+        limits = ServiceLimits(
+            max_inflight=max_inflight,
+            request_timeout_s=request_timeout or None,
+            image=ImageLimits(max_pixels=max_pixels),
+        )
         config = ServerConfig(
             address=address,
             max_message_mb=max_message_mb,
-            workers=workers,
             tls_cert=tls_cert,
             tls_key=tls_key,
-            token=os.environ.get(TOKEN_ENV) or None,
+            tls_client_ca=tls_client_ca,
+            token=token,
+            max_metadata_kb=max_metadata_kb,
         )
         predictor = Predictor.from_bundle(bundle, device=device)
-        server, port = build_server(CXRTriageServicer(predictor), config)
+        service = build_server(CXRTriageServicer(predictor, limits), config)
     host = address.rsplit(":", 1)[0]
-    scheme = "TLS" if tls_cert else "plaintext"
+    scheme = "mutual TLS" if tls_client_ca else "TLS" if tls_cert else "plaintext"
     auth = "token required" if config.token else "no token"
     console.print(
-        f"serving {predictor.model_name} {predictor.model_version} ({predictor.backbone}) on {host}:{port} "
-        f"[{scheme}, {auth}]. Research use only - NOT FOR CLINICAL USE.",
+        f"serving {predictor.model_name} {predictor.model_version} ({predictor.backbone}) "
+        f"on {host}:{service.port} "
+        f"[{scheme}, {auth}, {max_inflight} calls at once]. Research use only - NOT FOR CLINICAL USE.",
         highlight=False,
     )
-    serve_until_signalled(server)
+    serve_until_signalled(service, grace_s=grace)

@@ -14,18 +14,28 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import struct
+import warnings
+import zlib
 from typing import Any
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
+from pydicom.filereader import read_preamble
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, convert_color_space
-from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from cxr_monai.errors import InvalidImageError
-from cxr_monai.io.image import MAX_SIDE, CXRImage
+from cxr_monai.io.image import DEFAULT_LIMITS, CXRImage, ImageLimits
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +43,20 @@ logger = logging.getLogger(__name__)
 # '19700101x'"), which may be a birth date or a patient's name, into warnings and pydicom's logger.
 # Patient data must never reach a log, so values are not validated on reading (process-wide setting).
 pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+
+
+class _RedactQuotedValues(logging.Filter):
+    """pydicom logs header values it cannot use ("Unknown encoding 'X'" for a SpecificCharacterSet,
+    whenever text is decoded): the record is kept with every quoted value replaced by ``'...'``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = re.sub(r"'[^']*'", "'...'", record.getMessage()), ()
+        return True
+
+
+logging.getLogger("pydicom").addFilter(_RedactQuotedValues())
+# the same message also goes out as a UserWarning; the (redacted) log record above is kept instead
+warnings.filterwarnings("ignore", message="Unknown encoding", category=UserWarning, module="pydicom.charset")
 
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
@@ -59,12 +83,53 @@ def looks_like_dicom(data: bytes) -> bool:
     return len(data) >= 132 and data[128:132] == b"DICM"
 
 
-def parse_dicom(data: bytes, name: str, *, force: bool) -> Dataset:
+#: Inflate in steps of this many bytes of output, so a bomb is stopped without holding its output.
+_INFLATE_STEP = 1024 * 1024
+
+
+def check_deflated_size(data: bytes, name: str, limits: ImageLimits) -> None:
+    """Refuse a Deflated Explicit VR Little Endian file whose data set inflates past the budget.
+
+    pydicom inflates the whole data set in one ``zlib.decompress`` before any element can be checked
+    (1.7 MB can become 1 GiB), so the inflated size is counted here first, in bounded steps, with the
+    output discarded. Files in any other transfer syntax pass unchanged.
+
+    Raises:
+        InvalidImageError: the data set inflates to more than ``limits.max_decoded_bytes``.
+    """
+    stream = io.BytesIO(data)
+    try:
+        read_preamble(stream, False)
+        meta = pydicom.filereader._read_file_meta_info(stream)  # public read_file_meta_info wants a path
+    except (InvalidDicomError, EOFError, OSError, *_CORRUPT_ELEMENT_ERRORS):
+        return  # parse_dicom reports the broken header
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        return
+    budget = limits.max_decoded_bytes
+    inflater, pending, inflated = zlib.decompressobj(-zlib.MAX_WBITS), data[stream.tell() :], 0
+    try:
+        while pending and not inflater.eof:
+            inflated += len(inflater.decompress(pending, _INFLATE_STEP))
+            pending = inflater.unconsumed_tail
+            if inflated > budget:
+                raise InvalidImageError(
+                    f"{name}: deflate-compressed DICOM data set inflates to more than "
+                    f"{budget / 2**20:.0f} MiB (the budget for {limits.max_pixels:,} pixels); "
+                    "refused before decoding"
+                )
+    except zlib.error:
+        return  # parse_dicom reports the corrupt stream
+
+
+def parse_dicom(data: bytes, name: str, *, force: bool, limits: ImageLimits = DEFAULT_LIMITS) -> Dataset:
     """Parse a DICOM file or raw data set (``force=True``) from its bytes; pixels are not decoded.
 
     Raises:
-        InvalidImageError: the bytes are not DICOM, or the file is truncated inside its header.
+        InvalidImageError: the bytes are not DICOM, the file is truncated inside its header, or a
+            deflate-compressed data set inflates past ``limits`` (:func:`check_deflated_size`).
     """
+    if not force:
+        check_deflated_size(data, name, limits)
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=force)
     except (InvalidDicomError, EOFError, OSError, *_CORRUPT_ELEMENT_ERRORS) as exc:
@@ -98,24 +163,24 @@ def ensure_transfer_syntax(ds: Dataset) -> bool:
     return True
 
 
-def check_header(ds: Dataset, name: str) -> None:
+def check_header(ds: Dataset, name: str, limits: ImageLimits = DEFAULT_LIMITS) -> None:
     """Refuse, before any decoding, what this reader cannot turn into one grayscale image.
 
+    The pixel budget is also the decoded-size budget of the compressed transfer syntaxes (RLE, JPEG,
+    JPEG-LS, JPEG 2000): a decoder's output is Rows x Columns x SamplesPerPixel x BitsAllocated / 8
+    bytes, at most 3 bytes per pixel for what passes here.
+
     Raises:
-        InvalidImageError: no PixelData, more than one frame, Rows/Columns above
-            :data:`~cxr_monai.io.MAX_SIDE`, BitsAllocated not 8 or 16, BitsStored out of range,
-            an unsupported PhotometricInterpretation, or SamplesPerPixel not matching it.
+        InvalidImageError: no PixelData, more than one frame, Rows/Columns over ``limits``,
+            BitsAllocated not 8 or 16, BitsStored out of range, an unsupported
+            PhotometricInterpretation, or SamplesPerPixel not matching it.
     """
     if "PixelData" not in ds:
         raise InvalidImageError(f"{name}: DICOM has no PixelData (not an image, or the file is truncated)")
     rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
     if rows < 1 or cols < 1:
         raise InvalidImageError(f"{name}: DICOM has no valid Rows/Columns ({rows} x {cols})")
-    if max(rows, cols) > MAX_SIDE:
-        raise InvalidImageError(
-            f"{name}: DICOM image is {cols} x {rows} pixels (columns x rows); "
-            f"the limit is {MAX_SIDE} per side"
-        )
+    limits.check(rows, cols, name, what="DICOM image")
     frames = int(ds.get("NumberOfFrames") or 1)
     if frames > 1:
         raise InvalidImageError(f"{name}: DICOM is multi-frame ({frames} frames); expected a single image")
@@ -155,6 +220,8 @@ def decode_stored(ds: Dataset, name: str) -> np.ndarray:
             without an installed decoder); the message names the transfer syntax.
     """
     syntax = UID(ds.file_meta.TransferSyntaxUID)
+    # more PixelData than Rows x Columns (x frames) need: decode the declared frame, not the excess
+    ds.pixel_array_options(allow_excess_frames=False)
     try:
         return np.asarray(ds.pixel_array)
     # Decoders raise many types (ValueError, RuntimeError, NotImplementedError, struct.error ...);
@@ -288,13 +355,16 @@ def _pixel_spacing(ds: Dataset) -> tuple[tuple[float, float] | None, str | None]
     return None, None
 
 
-def read_dicom(data: bytes, name: str, *, force: bool = False) -> CXRImage:
+def read_dicom(
+    data: bytes, name: str, *, force: bool = False, limits: ImageLimits = DEFAULT_LIMITS
+) -> CXRImage:
     """Read a single-frame DICOM (Part 10 file, or a raw data set with ``force=True``).
 
     Args:
         data: the whole file.
         name: how to name the input in error messages (file name or ``"<bytes>"``).
         force: parse without the ``DICM`` preamble check (raw data sets).
+        limits: size budgets checked before decoding.
 
     Returns:
         :class:`~cxr_monai.io.CXRImage` with float32 (rows, columns) display values (bright = dense),
@@ -305,9 +375,9 @@ def read_dicom(data: bytes, name: str, *, force: bool = False) -> CXRImage:
     Raises:
         InvalidImageError: see :func:`parse_dicom`, :func:`check_header` and :func:`decode_stored`.
     """
-    ds = parse_dicom(data, name, force=force)
+    ds = parse_dicom(data, name, force=force, limits=limits)
     try:
-        return _read_parsed(ds, name)
+        return _read_parsed(ds, name, limits)
     # pydicom converts element values on first access, so a corrupt header element raises here; its
     # message may quote the value, so only the exception type is reported.
     except _CORRUPT_ELEMENT_ERRORS as exc:
@@ -316,10 +386,10 @@ def read_dicom(data: bytes, name: str, *, force: bool = False) -> CXRImage:
         raise InvalidImageError(f"{name}: DICOM header has a corrupt element ({type(exc).__name__})") from exc
 
 
-def _read_parsed(ds: Dataset, name: str) -> CXRImage:
+def _read_parsed(ds: Dataset, name: str, limits: ImageLimits) -> CXRImage:
     """:func:`read_dicom` after parsing."""
     inferred = ensure_transfer_syntax(ds)
-    check_header(ds, name)
+    check_header(ds, name, limits)
     stored = decode_stored(ds, name)
     pixels, applied = to_display(stored, ds, name)
     spacing, spacing_tag = _pixel_spacing(ds)

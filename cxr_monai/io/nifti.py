@@ -27,7 +27,7 @@ from nibabel.spatialimages import HeaderDataError
 from nibabel.wrapstruct import WrapStructError
 
 from cxr_monai.errors import InvalidImageError
-from cxr_monai.io.image import MAX_SIDE, CXRImage
+from cxr_monai.io.image import DEFAULT_LIMITS, CXRImage, ImageLimits
 
 #: Target voxel-axis directions after reorientation (see the module docstring).
 VIEWER_AXCODES = ("L", "P", "I")
@@ -65,12 +65,13 @@ def _load(data: bytes, name: str) -> nib.Nifti1Image | nib.Nifti2Image:
         raise InvalidImageError(f"{name}: not a readable NIfTI file ({exc})") from exc
 
 
-def read_nifti(data: bytes, name: str) -> CXRImage:
+def read_nifti(data: bytes, name: str, *, limits: ImageLimits = DEFAULT_LIMITS) -> CXRImage:
     """Read a single-file NIfTI-1/2 (``.nii`` or ``.nii.gz``) holding one 2-D image.
 
     Args:
         data: the whole file (gzipped or not).
         name: how to name the input in error messages.
+        limits: size budgets, checked on the header's shape before the voxels are read.
 
     Returns:
         :class:`~cxr_monai.io.CXRImage` with float32 (rows, columns) values after the header's
@@ -79,8 +80,8 @@ def read_nifti(data: bytes, name: str) -> CXRImage:
         directions of columns and rows, e.g. "LP"); a warning when the file has no orientation.
 
     Raises:
-        InvalidImageError: unreadable or truncated, a 3-D volume or a time series, a side above
-            :data:`~cxr_monai.io.MAX_SIDE`, or a voxel type that is not a number (e.g. RGB24).
+        InvalidImageError: unreadable or truncated, a 3-D volume or a time series, over a budget
+            of ``limits``, or a voxel type that is not a number (e.g. RGB24).
     """
     img = _load(data, name)
     shape = tuple(int(n) for n in img.shape)
@@ -89,8 +90,8 @@ def read_nifti(data: bytes, name: str) -> CXRImage:
     shape3 = (*shape, 1, 1)[:3]
     if 1 not in shape3:
         raise InvalidImageError(f"{name}: NIfTI is a 3-D volume {shape3}; expected one 2-D image")
-    if max(shape3) > MAX_SIDE:
-        raise InvalidImageError(f"{name}: NIfTI image is {shape3}; the limit is {MAX_SIDE} per side")
+    in_plane = sorted(shape3)[1:]  # the two sides; the third is the singleton slice axis
+    limits.check(in_plane[0], in_plane[1], name, what=f"NIfTI image {shape3}")
     try:
         voxels = np.asarray(img.get_fdata(dtype=np.float32)).reshape(shape3)
     except (OSError, EOFError, ValueError, TypeError) as exc:

@@ -14,10 +14,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cxr_monai.errors import InvalidImageError
 from cxr_monai.io import dicom, nifti
-from cxr_monai.io.image import MAX_SIDE, CXRImage, ImageSource
+from cxr_monai.io.image import DEFAULT_LIMITS, CXRImage, ImageLimits, ImageSource, checked_content
 
 
-def read_cxr(source: ImageSource) -> CXRImage:
+def read_cxr(source: ImageSource, limits: ImageLimits = DEFAULT_LIMITS) -> CXRImage:
     """Read one chest X-ray from a path or from the file's bytes.
 
     The format is decided by content, never by extension alone: ``DICM`` after a 128-byte preamble
@@ -27,13 +27,17 @@ def read_cxr(source: ImageSource) -> CXRImage:
 
     Args:
         source: a file path, or the whole file as bytes (as the gRPC server receives it).
+        limits: size budgets checked from the header before decoding (and, for deflate-compressed
+            DICOM, on the inflated size while inflating).
 
     Returns:
-        The decoded image; see :class:`CXRImage`.
+        The decoded image; see :class:`CXRImage`. Degenerate images (tiny, extreme aspect ratio,
+        constant) carry a warning.
 
     Raises:
         InvalidImageError: the file is missing, empty, truncated, not an image, multi-frame, too large,
-            or in a representation this reader does not support; the message says which.
+            over a budget, NaN or infinite somewhere, or in a representation this reader does not
+            support; the message says which.
     """
     if isinstance(source, bytes):
         data, name = source, "<bytes>"
@@ -47,18 +51,18 @@ def read_cxr(source: ImageSource) -> CXRImage:
             raise InvalidImageError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
     if not data:
         raise InvalidImageError(f"{name}: file is empty")
-    return _dispatch(data, name)
+    return checked_content(_dispatch(data, name, limits), name)
 
 
-def _dispatch(data: bytes, name: str) -> CXRImage:
+def _dispatch(data: bytes, name: str, limits: ImageLimits) -> CXRImage:
     """Pick the reader from the content (see :func:`read_cxr`)."""
     if dicom.looks_like_dicom(data):
-        return dicom.read_dicom(data, name)
+        return dicom.read_dicom(data, name, limits=limits)
     if nifti.looks_like_nifti(data) or name.lower().endswith((".nii", ".nii.gz")):
-        return nifti.read_nifti(data, name)
+        return nifti.read_nifti(data, name, limits=limits)
     if _pillow_identifies(data):
-        return _read_pil(data, name)
-    return dicom.read_dicom(data, name, force=True)
+        return _read_pil(data, name, limits)
+    return dicom.read_dicom(data, name, force=True, limits=limits)
 
 
 def _pillow_identifies(data: bytes) -> bool:
@@ -72,15 +76,15 @@ def _pillow_identifies(data: bytes) -> bool:
         return False
 
 
-def _read_pil(data: bytes, name: str) -> CXRImage:
-    """Decode PNG/JPEG (anything Pillow opens) to grayscale float32 (rows, columns), EXIF-rotated."""
+def _read_pil(data: bytes, name: str, limits: ImageLimits) -> CXRImage:
+    """Decode PNG/JPEG (anything Pillow opens) to grayscale float32 (rows, columns), EXIF-rotated.
+
+    ``Image.open`` reads the header only; the size is checked against ``limits`` before ``load``.
+    """
     try:
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
-            if max(width, height) > MAX_SIDE:
-                raise InvalidImageError(
-                    f"{name}: image is {width} x {height} pixels; the limit is {MAX_SIDE} per side"
-                )
+            limits.check(height, width, name)
             frames = int(getattr(img, "n_frames", 1))
             if frames > 1:
                 raise InvalidImageError(f"{name}: image has {frames} frames; expected one")
@@ -93,7 +97,7 @@ def _read_pil(data: bytes, name: str) -> CXRImage:
     except Image.DecompressionBombError as exc:
         # Pillow refuses, from the header alone, images of more than 2 x MAX_IMAGE_PIXELS pixels
         raise InvalidImageError(
-            f"{name}: image is too large ({exc}); the limit is {MAX_SIDE} per side"
+            f"{name}: image is too large ({exc}); the limit is {limits.max_side} per side"
         ) from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InvalidImageError(f"{name}: not a readable image ({exc})") from exc

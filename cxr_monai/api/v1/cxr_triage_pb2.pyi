@@ -37,14 +37,16 @@ class ClassifyResponse(_message.Message):
     def __init__(self, probabilities: _Optional[_Iterable[_Union[ClassProbability, _Mapping]]] = ..., predicted_class: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ..., intended_use: _Optional[str] = ..., rows: _Optional[int] = ..., columns: _Optional[int] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
-    __slots__ = ("image", "target_class", "secondary_capture")
+    __slots__ = ("image", "target_class", "secondary_capture", "omit_overlay_png")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     TARGET_CLASS_FIELD_NUMBER: _ClassVar[int]
     SECONDARY_CAPTURE_FIELD_NUMBER: _ClassVar[int]
+    OMIT_OVERLAY_PNG_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     target_class: str
     secondary_capture: bool
-    def __init__(self, image: _Optional[bytes] = ..., target_class: _Optional[str] = ..., secondary_capture: _Optional[bool] = ...) -> None: ...
+    omit_overlay_png: bool
+    def __init__(self, image: _Optional[bytes] = ..., target_class: _Optional[str] = ..., secondary_capture: _Optional[bool] = ..., omit_overlay_png: _Optional[bool] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
     __slots__ = ("classification", "explained_class", "heatmap_u8", "peak_row", "peak_column", "area_above_half", "overlay_png", "secondary_capture_dicom")
