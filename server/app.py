@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import NoReturn
 
 import grpc
+from cxr_monai.server.auth import BearerTokenInterceptor
+from cxr_monai.server.reflection import enable_reflection
+from cxr_monai.server.servicer import CXRTriageServicer
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cxr_monai.api.v1 import cxr_triage_pb2, cxr_triage_pb2_grpc
 from cxr_monai.errors import CXRMonaiError
-from cxr_monai.server.auth import BearerTokenInterceptor
-from cxr_monai.server.reflection import enable_reflection
-from cxr_monai.server.servicer import CXRTriageServicer
 
 logger = logging.getLogger(__name__)
 

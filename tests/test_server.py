@@ -19,6 +19,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from cxr_monai.server.app import SERVICE_NAME, ServerConfig, build_server
+from cxr_monai.server.servicer import CXRTriageServicer, ServiceLimits
 from dicom_factory import make_dataset, save
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
@@ -28,8 +30,6 @@ from cxr_monai.api.v1 import cxr_triage_pb2 as pb
 from cxr_monai.api.v1 import cxr_triage_pb2_grpc as pb_grpc
 from cxr_monai.constants import CLASS_NAMES, RESEARCH_USE_NOTICE
 from cxr_monai.predictor import Predictor
-from cxr_monai.server.app import SERVICE_NAME, ServerConfig, build_server
-from cxr_monai.server.servicer import CXRTriageServicer, ServiceLimits
 
 ROWS, COLS = 48, 64
 

@@ -14,6 +14,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from cxr_monai.server.app import ServerConfig, Service, build_server
+from cxr_monai.server.servicer import CXRTriageServicer
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -22,8 +24,6 @@ from cxr_monai.api.v1 import cxr_triage_pb2_grpc as pb_grpc
 from cxr_monai.client import app
 from cxr_monai.constants import CLASS_NAMES
 from cxr_monai.predictor import Predictor
-from cxr_monai.server.app import ServerConfig, Service, build_server
-from cxr_monai.server.servicer import CXRTriageServicer
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,10 @@ import numpy as np
 import pydicom
 import pytest
 from bundle_factory import make_trained_bundle
+from cxr_monai.server import servicer as servicer_module
+from cxr_monai.server.app import SERVICE_NAME, ServerConfig, Service, build_server
+from cxr_monai.server.reflection import V1_SERVICE_NAME
+from cxr_monai.server.servicer import CXRTriageServicer, ServiceLimits
 from dicom_factory import gradient, make_dataset
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -29,10 +33,6 @@ from PIL import Image
 from cxr_monai.api.v1 import cxr_triage_pb2 as pb
 from cxr_monai.api.v1 import cxr_triage_pb2_grpc as pb_grpc
 from cxr_monai.predictor import Predictor
-from cxr_monai.server import servicer as servicer_module
-from cxr_monai.server.app import SERVICE_NAME, ServerConfig, Service, build_server
-from cxr_monai.server.reflection import V1_SERVICE_NAME
-from cxr_monai.server.servicer import CXRTriageServicer, ServiceLimits
 from tests.test_io_errors import deflate_bomb, one_bit_png
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -393,8 +393,9 @@ def test_bearer_is_case_insensitive_and_unauthenticated_bodies_are_not_read(make
 
 
 def test_token_file(tmp_path: Path) -> None:
-    from cxr_monai.errors import CXRMonaiError
     from cxr_monai.server.auth import read_token_file
+
+    from cxr_monai.errors import CXRMonaiError
 
     (tmp_path / "token").write_text("  s3cret\n")
     assert read_token_file(tmp_path / "token") == "s3cret"
