@@ -39,9 +39,7 @@ from cxr_monai.errors import CXRMonaiError, InvalidImageError
 from cxr_monai.explain.gradcam import (
     Explanation,
     GradCAM,
-    area_above,
     class_index,
-    peak_location,
     to_original_grid,
 )
 from cxr_monai.explain.record import explained_image
@@ -263,12 +261,12 @@ class CXRTriageServicer(cxr_triage_pb2_grpc.CXRTriageServicer):
             classification=self._classification(explained.image, result.probabilities),
             explained_class=self._predictor.class_names[result.target_index],
             heatmap_u8=np.round(heat * 255.0).astype(np.uint8).tobytes(),
-            area_above_half=area_above(heat, 0.5),
+            area_above_half=explained.area_above_threshold,
         )
         if not request.omit_overlay_png:
             response.overlay_png = explained.overlay_png()
-        if float(heat.max()) > 0:
-            response.peak_row, response.peak_column = peak_location(heat)
+        if explained.peak_row_col is not None:
+            response.peak_row, response.peak_column = explained.peak_row_col
         if request.secondary_capture:
             try:
                 response.secondary_capture_dicom = explained.secondary_capture_bytes()

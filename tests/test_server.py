@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import io
+import json
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -299,3 +300,45 @@ def test_grpc_threads_do_not_leak(predictor: Predictor) -> None:
         server, _port = _start(predictor)
         server.stop(None).wait()
     assert threading.active_count() <= before + 2
+
+
+def test_explain_over_grpc_matches_the_cli_record_and_map(
+    stub: pb_grpc.CXRTriageStub, predictor: Predictor, dicom_file: Path, tmp_path: Path
+) -> None:
+    """The server and ``cxr-monai explain`` share one path: same probabilities, peak, area and map."""
+    from cxr_monai.explain.files import explain_files
+    from cxr_monai.explain.gradcam import Explainer
+    from cxr_monai.explain.record import explained_image
+    from cxr_monai.io import read_cxr
+
+    reply = stub.Explain(pb.ExplainRequest(image=dicom_file.read_bytes(), secondary_capture=True), timeout=60)
+    explain_files([dicom_file], predictor, tmp_path, ("json", "dcm"), None, 1)
+    record = json.loads((tmp_path / "study.json").read_text())
+    served = {p.class_name: p.probability for p in reply.classification.probabilities}
+    assert served == pytest.approx(record["probabilities"], abs=1e-6)
+    assert reply.classification.predicted_class == record["predicted_class"]
+    assert [reply.peak_row, reply.peak_column] == record["heatmap"]["peak_row_col"]
+    assert reply.area_above_half == pytest.approx(record["heatmap"]["fraction_above_0.5"], abs=1e-6)
+    assert record["secondary_capture"]["written"] is True
+
+    image = read_cxr(dicom_file)
+    result = Explainer(predictor.model, predictor.preprocess, 1).explain([image])[0]
+    explained = explained_image(predictor, dicom_file.name, image, result)
+    served_map = np.frombuffer(reply.heatmap_u8, dtype=np.uint8).reshape(image.shape)
+    assert np.abs(served_map.astype(int) - np.round(explained.heatmap * 255).astype(int)).max() <= 1
+
+
+def test_building_the_secondary_capture_leaves_the_record_untouched(
+    predictor: Predictor, dicom_file: Path
+) -> None:
+    from cxr_monai.explain.gradcam import Explainer
+    from cxr_monai.explain.record import explained_image
+    from cxr_monai.io import read_cxr
+
+    image = read_cxr(dicom_file)
+    result = Explainer(predictor.model, predictor.preprocess, 1).explain([image])[0]
+    explained = explained_image(predictor, dicom_file.name, image, result)
+    before = json.dumps(explained.record, sort_keys=True)
+    sc, notes = explained.secondary_capture()
+    assert str(sc.SOPClassUID) == "1.2.840.10008.5.1.4.1.1.7" and notes
+    assert json.dumps(explained.record, sort_keys=True) == before

@@ -60,14 +60,9 @@ def progression(
     """
     bundle_dir = resolve_bundle(bundle)
     # imported here so that `cxr-monai --help` and the other commands do not load torch
-    from cxr_monai.explain.gradcam import (
-        AREA_THRESHOLD,
-        Explainer,
-        area_above,
-        normalise_series,
-        peak_location,
-    )
+    from cxr_monai.explain.gradcam import Explainer, normalise_series
     from cxr_monai.explain.progression import render_montage
+    from cxr_monai.explain.record import AREA_KEY, heatmap_summary
     from cxr_monai.predictor import Predictor
 
     with user_errors():
@@ -77,12 +72,12 @@ def progression(
             [s.image for s in studies]
         )
         heatmaps = normalise_series([r.raw_map for r in results])
-        areas = [area_above(h) for h in heatmaps]
+        summaries = [heatmap_summary(h) for h in heatmaps]
         fig = render_montage(
             studies,
             heatmaps,
             [r.probabilities for r in results],
-            areas,
+            [summary[AREA_KEY] for summary in summaries],
             predictor.class_names,
             f"{title} - {predictor.model_name} ({predictor.backbone}) - {RESEARCH_USE_NOTICE}",
         )
@@ -105,12 +100,11 @@ def progression(
                         c: float(p) for c, p in zip(predictor.class_names, r.probabilities, strict=True)
                     },
                     "predicted_class": predictor.class_names[r.predicted_index],
-                    "peak_row_col": list(peak_location(h)) if float(h.max()) > 0 else None,
+                    **summary,
                     "peak_value": float(h.max()),
-                    f"fraction_above_{AREA_THRESHOLD:g}": area,
                     "warnings": list(study.image.warnings),
                 }
-                for study, r, h, area in zip(studies, results, heatmaps, areas, strict=True)
+                for study, r, h, summary in zip(studies, results, heatmaps, summaries, strict=True)
             ],
             "intended_use": RESEARCH_USE_NOTICE,
         }

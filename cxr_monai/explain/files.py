@@ -14,7 +14,7 @@ from pathlib import Path
 from cxr_monai.atomic import atomic_path
 from cxr_monai.errors import CXRMonaiError
 from cxr_monai.explain.gradcam import Explainer, Explanation
-from cxr_monai.explain.record import explained_image
+from cxr_monai.explain.record import dicom_bytes, explained_image
 from cxr_monai.io import CXRImage, read_cxr
 from cxr_monai.predictor import Predictor
 
@@ -54,24 +54,24 @@ def _write_outputs(
         CXRMonaiError, OSError, ValueError: an output cannot be built or written (nothing left behind).
     """
     explained = explained_image(predictor, job.source.name, job.image, result)
+    record = dict(explained.record)
     notes: list[str] = []
     payloads: dict[Path, bytes] = {}
     if "png" in formats:
         payloads[out / f"{job.name}_gradcam.png"] = explained.overlay_png()
     if "dcm" in formats:
         if job.image.dataset is None:
-            explained.record["secondary_capture"] = {
-                "written": False,
-                "reason": "not a DICOM input: no source study",
-            }
+            record["secondary_capture"] = {"written": False, "reason": "not a DICOM input: no source study"}
             notes.append(f"{job.source.name}: not DICOM, no source study; Secondary Capture skipped")
         else:
-            try:  # also records the orientation basis in the record
-                payloads[out / f"{job.name}_gradcam.dcm"] = explained.secondary_capture_bytes()
+            try:
+                sc, sc_notes = explained.secondary_capture()
             except CXRMonaiError as exc:
                 raise CXRMonaiError(f"Secondary Capture cannot be built ({exc}); nothing written") from exc
+            payloads[out / f"{job.name}_gradcam.dcm"] = dicom_bytes(sc)
+            record["secondary_capture"] = {"written": True, **sc_notes}
     if "json" in formats:
-        text = json.dumps(explained.record, indent=2, ensure_ascii=False) + "\n"
+        text = json.dumps(record, indent=2, ensure_ascii=False) + "\n"
         payloads[out / f"{job.name}.json"] = text.encode("utf-8")
     written: list[Path] = []
     try:

@@ -21,6 +21,9 @@ from cxr_monai.explain.structured_report import build_structured_report
 from cxr_monai.io import CXRImage
 from cxr_monai.predictor import Predictor
 
+#: Record key of the fraction of the image above the map threshold.
+AREA_KEY = f"fraction_above_{AREA_THRESHOLD:g}"
+
 
 @dataclass(frozen=True)
 class ExplainedImage:
@@ -46,9 +49,20 @@ class ExplainedImage:
         Image.fromarray(self.overlay, mode="RGB").save(buffer, format="PNG")
         return buffer.getvalue()
 
-    def secondary_capture(self) -> Any:
-        """highdicom SCImage of the overlay in the source's study, referencing the source; records the
-        orientation basis, modality and lossy history used under ``record["secondary_capture"]``.
+    @property
+    def peak_row_col(self) -> tuple[int, int] | None:
+        """(row, column) of the map's maximum on the original grid; None for an all-zero map."""
+        peak = self.record["heatmap"]["peak_row_col"]
+        return None if peak is None else (int(peak[0]), int(peak[1]))
+
+    @property
+    def area_above_threshold(self) -> float:
+        """Fraction of the image where the normalised map exceeds :data:`AREA_THRESHOLD`."""
+        return float(self.record["heatmap"][AREA_KEY])
+
+    def secondary_capture(self) -> tuple[Any, dict[str, Any]]:
+        """(highdicom SCImage of the overlay in the source's study, referencing the source; notes for the
+        record: the orientation basis, modality and lossy history used).
 
         Raises:
             CXRMonaiError: the input was not DICOM, so there is no study to join; InvalidImageError:
@@ -57,15 +71,11 @@ class ExplainedImage:
         if self.image.dataset is None:
             raise CXRMonaiError("not a DICOM input: no source study for a Secondary Capture")
         spacing = self.image.extra.get("pixel_spacing_mm")
-        sc, notes = build_secondary_capture(self.image.dataset, self.overlay, spacing)
-        self.record["secondary_capture"] = {"written": True, **notes}
-        return sc
+        return build_secondary_capture(self.image.dataset, self.overlay, spacing)
 
     def secondary_capture_bytes(self) -> bytes:
         """The Secondary Capture as DICOM Part 10 bytes."""
-        buffer = io.BytesIO()
-        self.secondary_capture().save_as(buffer, enforce_file_format=True)
-        return buffer.getvalue()
+        return dicom_bytes(self.secondary_capture()[0])
 
     def structured_report(self) -> Any:
         """highdicom Comprehensive SR (TID 1500) of the classification, referencing the source image.
@@ -84,6 +94,20 @@ class ExplainedImage:
             model["version"],
             class_names=tuple(self.record["probabilities"]),
         )
+
+
+def dicom_bytes(dataset: Any) -> bytes:
+    """A pydicom/highdicom data set as DICOM Part 10 bytes (preamble + file meta)."""
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def heatmap_summary(heat: np.ndarray) -> dict[str, Any]:
+    """Where and how much a normalised map (rows, cols) in [0, 1] lights up: ``peak_row_col`` (None for an
+    all-zero map) and the fraction of pixels above :data:`AREA_THRESHOLD` (key :data:`AREA_KEY`)."""
+    row, col = peak_location(heat)
+    return {"peak_row_col": [row, col] if float(heat.max()) > 0 else None, AREA_KEY: area_above(heat)}
 
 
 def overlay_lines(predictor: Predictor, image: CXRImage, result: Explanation) -> list[str]:
@@ -105,7 +129,6 @@ def explanation_record(
 ) -> dict[str, Any]:
     """The JSON record of one input (no patient data, no UIDs)."""
     names = predictor.class_names
-    row, col = peak_location(heat)
     return {
         "input": source_name,
         "source_format": image.source_format,
@@ -122,8 +145,7 @@ def explanation_record(
         "heatmap": {
             "method": "Grad-CAM (Captum LayerGradCam, ReLU, bilinear), mapped to the original pixel grid",
             "normalisation": "per image, divided by its maximum",
-            "peak_row_col": [row, col] if float(heat.max()) > 0 else None,
-            f"fraction_above_{AREA_THRESHOLD:g}": area_above(heat),
+            **heatmap_summary(heat),
         },
         "warnings": list(image.warnings),
         "intended_use": RESEARCH_USE_NOTICE,
