@@ -203,7 +203,9 @@ def bootstrap_interval(
     return percentile_interval(replicates, confidence)
 
 
-def _estimate(value: float, low: float, high: float) -> Estimate:
+def to_estimate(value: float, low: float, high: float) -> Estimate:
+    """An :class:`Estimate` from a point and its interval bounds; NaN means undefined."""
+
     def clean(x: float) -> float | None:
         return None if np.isnan(x) else float(x)
 
@@ -252,7 +254,7 @@ def classification_metrics(
         )
     else:
         low = high = np.full_like(point, np.nan)
-    estimates = [_estimate(p, lo, hi) for p, lo, hi in zip(point, low, high, strict=True)]
+    estimates = [to_estimate(p, lo, hi) for p, lo, hi in zip(point, low, high, strict=True)]
     k = len(class_names)
     per_class = {
         name: {fig: estimates[1 + f * k + c] for f, fig in enumerate(PER_CLASS_FIGURES)}
