@@ -177,7 +177,7 @@ def _estimate_bars(
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
     ax.set_xlabel(xlabel)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
 
 
 def source_figure(by_source: Sequence[SourceMetrics], title: str = "") -> Figure:

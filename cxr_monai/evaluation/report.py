@@ -176,9 +176,10 @@ def select_split(splits: dict[str, list[Item]], split: str) -> list[Item]:
 def describe_split(split: str) -> str:
     """One line on what ``split`` holds (recorded in ``metrics.json`` as ``split_scope``)."""
     if split.startswith(SOURCE_SPLIT):
+        name = split[len(SOURCE_SPLIT) :]
         return (
-            f"every non-synthetic item of source {split[len(SOURCE_SPLIT) :]!r} in the datalist, training and "
-            "test alike: an honest test only for a model trained without that source"
+            f"every non-synthetic item of source {name!r} in the datalist, training and test alike: "
+            "an honest test only for a model trained without that source"
         )
     if split == "all":
         return "every non-synthetic item of the datalist (training and test)"
