@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -33,6 +32,7 @@ from cxr_monai.evaluation.metrics import (
     DEFAULT_CONFIDENCE,
     DEFAULT_N_BOOT,
     Estimate,
+    binary_auroc,
     bootstrap_interval,
     to_estimate,
 )
@@ -133,10 +133,7 @@ def _figures(y_true: np.ndarray, y_prob: np.ndarray, present: np.ndarray) -> np.
     if len(present) >= 2:
         within_pred = present[y_prob[:, present].argmax(axis=1)]
         out.append(float(np.mean(within_pred == y_true)))
-        for c in present:
-            positive = y_true == c
-            both = 0 < positive.sum() < positive.size
-            out.append(float(roc_auc_score(positive, y_prob[:, c])) if both else np.nan)
+        out += [binary_auroc(y_true == c, y_prob[:, c]) for c in present]
     return np.asarray(out)
 
 
