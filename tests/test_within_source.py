@@ -150,20 +150,24 @@ def test_probe_needs_two_sources_with_two_patients() -> None:
 
 
 def _source(
-    name: str, classes: dict[str, int], model: dict[str, Estimate], baseline: dict[str, Estimate] | None
+    name: str,
+    classes: dict[str, int],
+    model: dict[str, Estimate],
+    baseline: dict[str, Estimate] | None = None,
+    gap: dict[str, Estimate] | None = None,
 ) -> SourceMetrics:
-    def figures(auroc: dict[str, Estimate]) -> ScorerFigures:
+    """A hand-built source: AUROCs as given (baseline and paired gap optional), other figures 0.7."""
+
+    def figures(auroc: dict[str, Estimate] | None) -> ScorerFigures | None:
+        if auroc is None:
+            return None
         within = Estimate(0.7) if len(auroc) >= 2 else None
         return ScorerFigures(Estimate(0.7), {c: Estimate(0.7) for c in classes}, within, auroc)
 
-    return SourceMetrics(
-        name,
-        {c: classes.get(c, 0) for c in ("COVID-19", "Normal", "Pneumonia")},
-        10,
-        figures(model),
-        None if baseline is None else figures(baseline),
-        None,
-    )
+    model_figures = figures(model)
+    assert model_figures is not None
+    counts = {c: classes.get(c, 0) for c in ("COVID-19", "Normal", "Pneumonia")}
+    return SourceMetrics(name, counts, 10, model_figures, figures(baseline), figures(gap))
 
 
 def _probe(accuracy: float, majority: float = 0.5) -> SourceProbe:
@@ -177,44 +181,56 @@ def test_verdict_branches() -> None:
         "covid",
         two,
         {"COVID-19": good, "Pneumonia": good},
-        {"COVID-19": Estimate(0.6)} | {"Pneumonia": Estimate(0.6)},
+        {"COVID-19": Estimate(0.6, 0.5, 0.7), "Pneumonia": Estimate(0.6, 0.5, 0.7)},
+        {"COVID-19": Estimate(0.3, 0.1, 0.4), "Pneumonia": Estimate(0.3, 0.05, 0.45)},
     )
-    chance = _source(
+    nih = _source(
         "nih",
         {"Normal": 10, "Pneumonia": 10},
         {"Normal": Estimate(0.62, 0.45, 0.8), "Pneumonia": Estimate(0.7, 0.55, 0.85)},
-        {"Normal": Estimate(0.5), "Pneumonia": Estimate(0.75)},
+        {"Normal": Estimate(0.5, 0.4, 0.6), "Pneumonia": Estimate(0.75, 0.6, 0.9)},
+        {"Normal": Estimate(0.12, -0.1, 0.3), "Pneumonia": Estimate(-0.05, -0.2, 0.1)},
     )
-    text = source_verdict([signal, chance], _probe(0.6))
-    assert (
-        text[0].startswith("Disease signal within a source") and "COVID-19 vs Pneumonia in covid" in text[0]
+    # above chance and above the baseline's point estimate, but the paired gap's CI reaches 0
+    close = _source(
+        "kaggle",
+        {"Normal": 10, "Pneumonia": 10},
+        {"Normal": Estimate(0.84, 0.68, 0.96), "Pneumonia": Estimate(0.81, 0.63, 0.96)},
+        {"Normal": Estimate(0.74), "Pneumonia": Estimate(0.75)},
+        {"Normal": Estimate(0.1, -0.07, 0.28), "Pneumonia": Estimate(0.06, -0.1, 0.23)},
     )
-    assert "AUROC 0.90 [0.80, 0.97], baseline 0.60" in text[0]
+    text = source_verdict([signal, nih], _probe(0.6))
+    assert text[0].startswith("Disease signal within a source (model AUROC's 95% CI above 0.5 and its lead")
+    assert "COVID-19 vs Pneumonia in covid: AUROC 0.90 [0.80, 0.97], baseline 0.60 [0.50, 0.70]" in text[0]
     assert "Normal vs Pneumonia in nih" in text[1] and "(CI reaches chance)" in text[1]
     assert "Pneumonia vs Normal in nih" in text[1] and "(baseline as good)" in text[1]
     assert "little source information" in text[2]
     assert text[3].startswith("Disease signal shows in 2 of 4")
 
-    text = source_verdict([chance], _probe(0.95))
+    text = source_verdict([close], _probe(0.6))
+    assert text[0].startswith("No clear disease signal") and text[0].count("the gap's CI reaches 0") == 2
+
+    text = source_verdict([nih], _probe(0.95))
     assert not any(t.startswith("Disease signal within") for t in text)
     assert "encodes source almost perfectly" in text[1]
     assert text[-1].startswith("Taken together the representation is mostly source")
 
-    text = source_verdict([chance], _probe(0.75))
+    text = source_verdict([nih], _probe(0.75))
     assert "clearly encodes source" in text[1] and text[-1].startswith("No within-source comparison shows")
 
     text = source_verdict([signal], _probe(0.95))
     assert text[-1].startswith("Every within-source comparison shows disease signal, although")
 
-    single = _source("kaggle", {"Normal": 10}, {}, {})
+    single = _source("kaggle", {"Normal": 10}, {}, {}, {})
     text = source_verdict(
         [single], SourceProbe({"kaggle": 10}, 1.0, 0, "patient", None, None, "only one source")
     )
     assert text[0].startswith("No evaluated source holds two or more classes")
     assert text[1] == "Source probe not run: only one source."
 
-    no_baseline = _source("covid", two, {"COVID-19": good, "Pneumonia": Estimate(0.9)}, None)
+    no_baseline = _source("covid", two, {"COVID-19": good, "Pneumonia": Estimate(0.9)})
     text = source_verdict([no_baseline], None)
+    assert text[0].startswith("Disease signal within a source (model AUROC's 95% CI above 0.5):")
     assert "(no CI)" in text[1] and "No disease-blind baseline was scored" in text[2]
 
 

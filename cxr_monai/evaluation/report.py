@@ -1,7 +1,9 @@
-"""The evaluation report: score a trained bundle on a datalist split, with the shortcut check beside it.
+"""The evaluation report: score a trained bundle on a datalist split, with the shortcut check beside it,
+figures per source and within each source, and the source probe (:mod:`cxr_monai.evaluation.sources`).
 
-Each evaluated image is decoded once: the decoded image gives both the model's input tensor and the
-disease-blind baseline's features (kept; the pixels are dropped). Training items for the baseline are
+Each evaluated image is decoded once: the decoded image gives the model's input tensor (hence its
+probabilities and pooled features, in one forward pass) and the disease-blind baseline's features
+(kept; the pixels are dropped). Training items for the baseline are
 decoded once for their features only. Nothing is written until everything is computed, and every file
 is written atomically, so a failed run leaves no partial report.
 """

@@ -62,7 +62,9 @@ DEFINITIONS = {
     "model_minus_baseline": "model figure minus baseline figure on the same bootstrap resamples",
     "disease_signal": (
         "a within-source comparison shows disease signal when the model's AUROC has a 95% CI lower bound "
-        "above 0.5 and the model's AUROC is above the disease-blind baseline's"
+        "above 0.5 and, when the baseline was scored, the paired model-minus-baseline AUROC has a 95% CI "
+        "lower bound above 0 (a point estimate above the baseline's is not enough: on the public data an "
+        "untrained network's AUROC beat the baseline's inside NIH by chance)"
     ),
 }
 
@@ -353,9 +355,11 @@ def _comparison_name(source: SourceMetrics, name: str) -> str:
 
 
 def _verdict_on_comparison(source: SourceMetrics, name: str) -> tuple[bool, str]:
-    """(shows disease signal, "COVID-19 vs Pneumonia in S: AUROC 0.91 [0.85, 0.96], baseline 0.62")."""
+    """(shows disease signal, "COVID-19 vs Pneumonia in S: AUROC 0.91 [0.85, 0.96], baseline 0.62 [...]")
+    by the rule in :data:`DEFINITIONS`."""
     model = source.model.auroc[name]
     base = source.baseline.auroc[name] if source.baseline is not None else None
+    gap = source.gap.auroc[name] if source.gap is not None else None
     text = f"{_comparison_name(source, name)}: AUROC {model.format(2)}"
     if base is not None:
         text += f", baseline {base.format(2)}"
@@ -365,8 +369,10 @@ def _verdict_on_comparison(source: SourceMetrics, name: str) -> tuple[bool, str]
         return False, text + " (no CI)"
     if model.ci_low <= CHANCE_AUROC:
         return False, text + " (CI reaches chance)"
-    if base is not None and base.value is not None and base.value >= model.value:
+    if gap is not None and (gap.value is None or gap.value <= 0.0):
         return False, text + " (baseline as good)"
+    if gap is not None and (gap.ci_low is None or gap.ci_low <= 0.0):
+        return False, text + " (not clearly above the baseline: the gap's CI reaches 0)"
     return True, text
 
 
@@ -387,7 +393,8 @@ def source_verdict(by_source: Sequence[SourceMetrics], probe: SourceProbe | None
             "source: every figure above may measure where an image came from."
         )
     else:
-        rule = "model AUROC's 95% CI above 0.5" + (" and above the baseline's AUROC" if has_baseline else "")
+        rule = "model AUROC's 95% CI above 0.5"
+        rule += " and its lead over the baseline's AUROC with a 95% CI above 0" if has_baseline else ""
         if shown:
             sentences.append(f"Disease signal within a source ({rule}): " + "; ".join(shown) + ".")
         if missing:
