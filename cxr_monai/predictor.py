@@ -11,7 +11,7 @@ bundle's ``preprocessing`` - so a file gives the same tensor here as through ``m
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,16 +168,53 @@ class Predictor:
         Raises:
             InvalidImageError: an image cannot be read (the message names it).
         """
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         results: list[Prediction] = []
-        for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
-            batch = torch.stack([torch.as_tensor(self.preprocess(image)) for image in chunk])
+        for batch in self._batches(images, batch_size):
             for probs in self.predict_tensors(batch):
                 index = int(np.argmax(probs))
                 results.append(Prediction(probs, index, self.class_names[index]))
         return results
+
+    def predict_with_features(
+        self, images: Sequence[ImageSource | CXRImage], batch_size: int = 8
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities (N, K) and pooled trunk features (N, F), float32, from one forward pass per batch,
+        with the same pre-processing as :meth:`predict`.
+
+        The features are the input of the network's ``head`` (the paper's head: global average pooling,
+        dense, dropout, dense), global-average-pooled over space when it is a feature map (B, F, h, w):
+        for :class:`cxr_monai.networks.CXRClassifier` the trunk's pooled output (F = 1280 for
+        EfficientNet-B0, 2048 for ResNet50, 512 for VGG16).
+
+        Raises:
+            BundleError: the network has no ``head`` module.
+            InvalidImageError: an image cannot be read (the message names it).
+        """
+        if not images:
+            raise ValueError("no images given")
+        head = getattr(self.model, "head", None)
+        if not isinstance(head, nn.Module):
+            raise BundleError(
+                f"network {type(self.model).__name__} has no 'head' module: pooled features need one"
+            )
+        captured: list[torch.Tensor] = []
+        hook = head.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
+        probs: list[np.ndarray] = []
+        try:
+            for batch in self._batches(images, batch_size):
+                probs.append(self.predict_tensors(batch))
+        finally:
+            hook.remove()
+        pooled = [x.float().mean(dim=(2, 3)) if x.ndim == 4 else x.float().flatten(1) for x in captured]
+        return np.concatenate(probs), torch.cat(pooled).cpu().numpy()
+
+    def _batches(self, images: Sequence[ImageSource | CXRImage], batch_size: int) -> Iterator[torch.Tensor]:
+        """Pre-processed batches (B, 3, S, S) of ``images``, ``batch_size`` at a time."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            yield torch.stack([torch.as_tensor(self.preprocess(image)) for image in chunk])
 
 
 def _parsed(parser: ConfigParser, key: str, default: Any) -> Any:

@@ -21,18 +21,26 @@ from cxr_monai.evaluation.metrics import PER_CLASS_FIGURES
 from cxr_monai.evaluation.plots import training_curves_figure
 from cxr_monai.predictor import Predictor
 
-PNGS = ("confusion_matrix.png", "roc_curves.png", "reliability.png", "training_curves.png")
+PNGS = ("confusion_matrix.png", "roc_curves.png", "reliability.png", "sources.png", "training_curves.png")
+
+
+def with_sources(items: list[dict[str, Any]], names: list[str]) -> list[dict[str, Any]]:
+    """Items with ``source`` set to ``names[i]`` (and an extra key a newer datalist might carry)."""
+    return [{**item, "source": name, "age": 40} for item, name in zip(items, names, strict=True)]
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Bundle + datalist: 30 training items in 2 folds and 12 test items, image size tells the class;
-    test patients have two images each."""
+    """Bundle + datalist: 30 training items in 2 folds (fold 0 from site-a, fold 1 from site-b) and 12
+    test items (the first 6 from site-a, the rest from site-b; each site holds all three classes), image
+    size tells the class; test patients have two images each, both from one site."""
     root = tmp_path_factory.mktemp("evaluate")
-    training = make_items(root / "train0", 15, seed=1, prefix="a", fold=0) + make_items(
-        root / "train1", 15, seed=2, prefix="b", fold=1
+    training = with_sources(make_items(root / "train0", 15, seed=1, prefix="a", fold=0), ["site-a"] * 15)
+    training += with_sources(make_items(root / "train1", 15, seed=2, prefix="b", fold=1), ["site-b"] * 15)
+    test = with_sources(
+        make_items(root / "test", 12, seed=3, prefix="t", patients_per_item=2),
+        ["site-a"] * 6 + ["site-b"] * 6,
     )
-    test = make_items(root / "test", 12, seed=3, prefix="t", patients_per_item=2)
     return {
         "root": root,
         "bundle": make_trained_bundle(root / "bundle", spatial_size=32),
@@ -53,6 +61,8 @@ def test_evaluate_writes_the_report(setup: dict[str, Path]) -> None:
     assert result.exit_code == 0, result.output
     assert "disease-blind baseline reaches" in result.output
     assert "0.93" in result.output and "0.21" in result.output  # the context sentence
+    for heading in ("per source", "within source", "source probe", "disease or source?"):
+        assert heading in result.output
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["intended_use"] == RESEARCH_USE_NOTICE
@@ -77,14 +87,36 @@ def test_evaluate_writes_the_report(setup: dict[str, Path]) -> None:
     shortcut = metrics["shortcut_check"]
     assert shortcut["accuracy"]["value"] >= 0.9  # image size gives the class away here
     assert shortcut["n_training_items"] == 30 and not shortcut["fitted_on_evaluated_items"]
-    assert shortcut["verdict"].startswith("The disease-blind baseline reaches")
     assert set(shortcut["recall"]) == set(CLASS_NAMES)
+    assert metrics["verdict"][0].startswith("The disease-blind baseline reaches")
+    assert any(s.startswith(("Disease signal within", "No clear disease signal")) for s in metrics["verdict"])
+    assert metrics["split_scope"] == "the non-synthetic items of the datalist's 'test' list"
+
+    by_source = metrics["by_source"]
+    assert set(by_source["definitions"]) >= {"within_source.auroc", "disease_signal"}
+    assert by_source["bootstrap"]["unit"] == "patient"
+    assert list(by_source["sources"]) == ["site-a", "site-b"]
+    for site in by_source["sources"].values():
+        assert site["n_images"] == 6 and site["n_patients"] == 3
+        assert site["classes_present"] == list(CLASS_NAMES)
+        for scorer in ("model", "baseline", "model_minus_baseline"):
+            figures = site[scorer]
+            assert set(figures) == {"accuracy", "recall", "within_source"}
+            assert set(figures["within_source"]["auroc"]) == set(CLASS_NAMES)
+        assert site["baseline"]["accuracy"]["value"] >= 0.8  # the size shortcut works in each site
+    probe = metrics["source_probe"]
+    assert probe["n_per_source"] == {"site-a": 6, "site-b": 6} and probe["majority_source_rate"] == 0.5
+    assert probe["cross_validation"] == {"n_splits": 3, "unit": "patient"}
+    assert probe["model_features"]["n_features"] == 4  # TinyCNN's pooled trunk width
+    assert probe["baseline_features"]["n_features"] == 2 + 2 + 256  # L/RGB one-hot, size, thumbnail
+    assert 0.0 <= probe["model_features"]["accuracy"] <= 1.0
 
     with (out / "predictions.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 12
     assert list(rows[0]) == [
         "image",
+        "source",
         "true_class",
         "predicted_class",
         "prob_COVID-19",
@@ -94,6 +126,7 @@ def test_evaluate_writes_the_report(setup: dict[str, Path]) -> None:
     ]
     text = (out / "predictions.csv").read_text()
     assert "patient" not in text and "test:" not in text  # no patient ids, not even as values
+    assert [row["source"] for row in rows] == ["site-a"] * 6 + ["site-b"] * 6
     for row in rows:
         probs = [float(row[f"prob_{c}"]) for c in CLASS_NAMES]
         assert sum(probs) == pytest.approx(1.0, abs=1e-4)
@@ -122,6 +155,36 @@ def test_unknown_split_and_missing_fold(setup: dict[str, Path]) -> None:
     assert result.exit_code == 1 and "unknown split 'validation'" in result.output
     result = run(*common, "--split", "fold:7")
     assert result.exit_code == 1 and "fold:0, fold:1" in result.output
+    result = run(*common, "--split", "source:site-c")
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1
+    assert "source 'site-c' not in the datalist (sources present: site-a, site-b)" in lines[0]
+
+
+def test_source_split_scores_every_item_of_one_source_against_a_baseline_fitted_without_it(
+    setup: dict[str, Path],
+) -> None:
+    splits = evaluation.load_datalist(setup["datalist"])
+    items = evaluation.select_split(splits, "source:site-b")
+    expected = {i["image"] for i in json.loads(setup["datalist"].read_text())["training"][15:]}
+    expected |= {i["image"] for i in json.loads(setup["datalist"].read_text())["test"][6:]}
+    assert {item.image for item in items} == expected and len(items) == 21
+
+    out = setup["root"] / "out_source"
+    result = run(
+        "--bundle", str(setup["bundle"]), "--datalist", str(setup["datalist"]), "--out", str(out),
+        "--split", "source:site-b", "--bootstrap", "20",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["split"] == "source:site-b" and "'site-b'" in metrics["split_scope"]
+    assert "training and test alike" in metrics["split_scope"]
+    assert metrics["model_metrics"]["n_images"] == 21
+    assert list(metrics["by_source"]["sources"]) == ["site-b"]
+    assert metrics["shortcut_check"]["n_training_items"] == 15  # site-a's training items only
+    assert not metrics["shortcut_check"]["fitted_on_evaluated_items"]
+    assert metrics["source_probe"]["model_features"] is None
+    assert "only one source" in metrics["source_probe"]["note"]
 
 
 def test_fold_split_counts_each_image_once_and_fits_the_baseline_on_other_folds(
@@ -150,7 +213,7 @@ def test_fold_split_counts_each_image_once_and_fits_the_baseline_on_other_folds(
     )
     assert sorted(decoded) == sorted(item.image for item in splits["training"])
     assert report.shortcut is not None and report.shortcut.fitted_on_evaluated_items
-    assert "optimistic" in (report.verdict or "")
+    assert "optimistic" in report.verdict[0]
     assert report.metrics.bootstrap["unit"] == "image"
 
 
@@ -171,6 +234,9 @@ def test_unreadable_image_is_skipped_and_listed(setup: dict[str, Path], tmp_path
     assert [(s["image"], s["stage"]) for s in metrics["skipped_images"]] == [(str(broken), "evaluate")]
     assert metrics["model_metrics"]["n_images"] == 12
     assert metrics["shortcut_check"] is None
+    assert metrics["source_probe"]["baseline_features"] is None
+    assert metrics["by_source"]["sources"]["site-a"]["baseline"] is None
+    assert "No disease-blind baseline was scored" in " ".join(metrics["verdict"])
     assert metrics["model_metrics"]["accuracy"]["ci_low"] is None
     assert "baseline_predicted_class" not in (out / "predictions.csv").read_text()
 

@@ -10,6 +10,7 @@ from sklearn.metrics import precision_recall_fscore_support, recall_score, roc_a
 from cxr_monai.evaluation.metrics import (
     PER_CLASS_FIGURES,
     Estimate,
+    binary_auroc,
     bootstrap_indices,
     classification_metrics,
     expected_calibration_error,
@@ -72,6 +73,16 @@ def test_auroc_is_one_for_perfect_ranking_and_half_for_constant_scores() -> None
     assert point_figures(y_true, perfect)["auroc"] == pytest.approx([1.0, 1.0, 1.0])
     constant = np.full((6, 3), 1 / 3)
     assert point_figures(y_true, constant)["auroc"] == pytest.approx([0.5, 0.5, 0.5])
+
+
+def test_binary_auroc_equals_sklearn_with_ties_and_is_nan_for_one_kind() -> None:
+    rng = np.random.default_rng(0)
+    for n in (2, 7, 60):
+        positive = np.r_[True, False, rng.uniform(size=n - 2) < 0.4]
+        scores = rng.integers(0, 4, n) / 4.0  # many ties
+        assert binary_auroc(positive, scores) == pytest.approx(roc_auc_score(positive, scores))
+    assert np.isnan(binary_auroc(np.ones(4, dtype=bool), np.arange(4.0)))
+    assert np.isnan(binary_auroc(np.zeros(4, dtype=bool), np.arange(4.0)))
 
 
 def test_undefined_figures_are_none() -> None:

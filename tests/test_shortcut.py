@@ -13,6 +13,7 @@ from cxr_monai.evaluation.shortcut import (
     THUMBNAIL_SIDE,
     ShortcutBaseline,
     ShortcutFeatures,
+    encode_features,
     score_shortcut,
     shortcut_features,
     verdict,
@@ -64,6 +65,25 @@ def test_unknown_colour_mode_at_scoring_time_is_ignored_not_an_error() -> None:
 
     model = ShortcutBaseline().fit([feat("L", 64), feat("RGB", 96)] * 3, [0, 1] * 3)
     assert model.predict([feat("MONOCHROME1", 64)]).shape == (1,)
+
+
+def test_probabilities_agree_with_predictions_and_absent_classes_get_zero(tmp_path: Path) -> None:
+    items = [i for i in make_items(tmp_path / "train", 30, seed=1) if i["label"] != 1]  # no Normal
+    x, y = _features(items)
+    model = ShortcutBaseline().fit(x, y)
+    proba = model.predict_proba(x)
+    assert proba.shape == (len(items), 3)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0)
+    assert np.all(proba[:, 1] == 0.0)
+    np.testing.assert_array_equal(proba.argmax(axis=1), model.predict(x))
+
+
+def test_encoded_features_one_hot_the_modes_present(tmp_path: Path) -> None:
+    x, _ = _features(make_items(tmp_path / "items", 6, seed=1))  # RGB and L images
+    encoded = encode_features(x)
+    assert encoded.shape == (6, 2 + 2 + THUMBNAIL_SIDE**2) and encoded.dtype == np.float64
+    np.testing.assert_array_equal(encoded[:, :2].sum(axis=1), 1.0)
+    assert encoded[0, 2:4].tolist() == [x[0].width, x[0].height]
 
 
 def test_needs_two_classes() -> None:

@@ -16,6 +16,7 @@ from cxr_monai.constants import CLASS_NAMES, RESEARCH_USE_NOTICE
 if TYPE_CHECKING:
     from cxr_monai.evaluation.metrics import Estimate
     from cxr_monai.evaluation.report import EvaluationReport
+    from cxr_monai.evaluation.sources import ScorerFigures, SourceMetrics
 
 _LABELS = {
     "precision": "precision (PPV)",
@@ -34,7 +35,12 @@ def evaluate(
     out: Path = typer.Option(
         ..., "--out", help="Folder for metrics.json, predictions.csv and the PNG plots."
     ),
-    split: str = typer.Option("test", "--split", help="test | training | all | fold:K"),
+    split: str = typer.Option(
+        "test",
+        "--split",
+        help="test | training | all | fold:K | source:NAME (every non-synthetic item of source NAME, "
+        "training and test alike: for a model trained with --exclude-source NAME).",
+    ),
     shortcut: bool = typer.Option(
         True, "--shortcut/--no-shortcut", help="Fit and score the disease-blind baseline beside the model."
     ),
@@ -53,14 +59,19 @@ def evaluate(
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap and the baseline."),
 ) -> None:
     """Evaluate a trained bundle: accuracy, per-class precision/recall/specificity/F1/AUROC with 95%
-    bootstrap CIs, confusion matrix, calibration, and a disease-blind shortcut baseline beside the model.
+    bootstrap CIs, confusion matrix, calibration, and a disease-blind shortcut baseline beside the model;
+    per source and within each source of two or more classes (accuracy, one-vs-rest AUROC on that
+    source's images only), and a probe of how well the network's pooled features name the source.
 
     Writes metrics.json, predictions.csv (no patient data) and PNG plots into --out. Works on any
     datalist, so a site can score a model on its own images.
 
-    Example:
+    Examples:
 
         cxr-monai evaluate --bundle out/effb0 --datalist out/prep/datalist.json --split test --out out/eval
+
+        cxr-monai evaluate --bundle out/no-nih --datalist out/prep/datalist.json --split source:labels \
+            --out out/eval-nih
     """
     # imported here so that `cxr-monai --help` and the other commands do not load torch
     from cxr_monai.evaluation import report as evaluation
@@ -96,7 +107,13 @@ def evaluate(
                 progress=on_progress,
             )
         written = evaluation.write_report(
-            report, out, bundle, bundle=str(bundle.resolve()), datalist=str(datalist.resolve()), split=split
+            report,
+            out,
+            bundle,
+            bundle=str(bundle.resolve()),
+            datalist=str(datalist.resolve()),
+            split=split,
+            split_scope=evaluation.describe_split(split),
         )
         _print_report(report, split)
         console.print(f"wrote {', '.join(sorted(written))} to {out}", highlight=False)
@@ -139,5 +156,57 @@ def _print_report(report: EvaluationReport, split: str) -> None:
         console.print(
             f"[yellow]{len(report.skipped)} unreadable image(s) skipped[/] (listed in metrics.json)"
         )
-    if report.verdict is not None:
-        console.print(Panel(f"{report.verdict}\n\n{CONTEXT}", title="shortcut check"), highlight=False)
+    _print_sources(report)
+    verdict = "\n\n".join(report.verdict)
+    if baseline is not None:
+        verdict += f"\n\n{CONTEXT}"
+    console.print(Panel(verdict, title="disease or source?"), highlight=False)
+
+
+def _print_sources(report: EvaluationReport) -> None:
+    """Per-source table (accuracy, recall) and within-source table (accuracy, AUROC), model beside
+    baseline, then the source probe's line."""
+    has_baseline = report.shortcut is not None
+    per_source = Table(title="per source (accuracy over all classes; recall of each class present)")
+    within = Table(title="within source (on that source's images only)")
+    for table in (per_source, within):
+        table.add_column("source, figure")
+        table.add_column("model [95% CI]", justify="right")
+        if has_baseline:
+            table.add_column("baseline [95% CI]", justify="right")
+            table.add_column("model - baseline", justify="right")
+
+    def add(table: Table, label: str, source: SourceMetrics, figure: str, name: str | None = None) -> None:
+        """One row: ``figure`` (a :class:`ScorerFigures` field; ``name`` picks a class) per scorer."""
+
+        def pick(figures: ScorerFigures | None) -> str:
+            value = getattr(figures, figure, None)
+            value = value[name] if name is not None and value is not None else value
+            return value.format() if value is not None else "n/a"
+
+        table.add_row(
+            label, pick(source.model), *((pick(source.baseline), pick(source.gap)) if has_baseline else ())
+        )
+
+    for s in report.by_source:
+        counts = ", ".join(f"{name} {s.n_per_class[name]}" for name in s.classes)
+        add(per_source, f"{s.source} ({counts}) accuracy", s, "accuracy")
+        for name in s.classes:
+            add(per_source, f"  {name} recall", s, "recall", name)
+        if len(s.classes) < 2:
+            continue
+        add(within, f"{s.source}: accuracy among {' / '.join(s.classes)}", s, "within_accuracy")
+        for name in s.classes:
+            add(within, f"  {name} vs rest AUROC", s, "auroc", name)
+    console.print(per_source)
+    if within.row_count:
+        console.print(within)
+    probe = report.probe
+    if probe.model is not None:
+        line = (
+            f"source probe ({probe.n_splits}-fold CV by {probe.unit}): accuracy {probe.model.accuracy:.3f} "
+            "on the model's pooled features"
+        )
+        if probe.baseline is not None:
+            line += f", {probe.baseline.accuracy:.3f} on the baseline's features"
+        console.print(line + f"; always the largest source {probe.majority_rate:.3f}", highlight=False)

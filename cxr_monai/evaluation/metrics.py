@@ -4,9 +4,10 @@ Inputs everywhere: ``y_true`` int array (N,) of class indices, ``y_prob`` float 
 probabilities (rows sum to 1; the predicted class is the arg-max).
 
 Figures: accuracy; per class precision (PPV), recall (sensitivity), specificity, F1 and one-vs-rest AUROC
-(scikit-learn; specificity from the confusion matrix); the confusion matrix (rows = true class, columns =
-predicted class); top-label expected calibration error. A figure that is undefined on the data (AUROC of
-a class with no images, precision of a class never predicted) is ``None``.
+(the Mann-Whitney statistic, equal to scikit-learn's; specificity from the confusion matrix); the
+confusion matrix (rows = true class, columns = predicted class); top-label expected calibration error.
+A figure that is undefined on the data (AUROC of a class with no images, precision of a class never
+predicted) is ``None``.
 
 Confidence intervals: percentile bootstrap (Efron), seeded. Images are resampled with replacement; when
 ``groups`` (patient ids) are given, whole patients are resampled instead (cluster bootstrap), which is
@@ -23,7 +24,8 @@ from typing import Any
 
 import numpy as np
 import sklearn
-from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
+from scipy.stats import rankdata
+from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
 from cxr_monai.constants import CLASS_NAMES
 
@@ -117,6 +119,23 @@ def _check_inputs(y_true: np.ndarray, y_prob: np.ndarray) -> tuple[np.ndarray, n
     return y_true, y_prob
 
 
+def binary_auroc(positive: np.ndarray, scores: np.ndarray) -> float:
+    """AUROC of ``scores`` (N,) for the boolean labels ``positive`` (N,); NaN unless both kinds occur.
+
+    The Mann-Whitney form, (rank sum of the positives - n1 (n1 + 1) / 2) / (n1 n0) with tied scores
+    given average ranks (:func:`scipy.stats.rankdata`): equal to scikit-learn's ``roc_auc_score``
+    (a test checks it) and about 25 times faster, which matters inside the bootstrap where it runs
+    thousands of times per class and source.
+    """
+    positive = np.asarray(positive, dtype=bool)
+    n_pos = int(positive.sum())
+    n_neg = positive.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(scores)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
 def point_figures(y_true: np.ndarray, y_prob: np.ndarray) -> dict[str, np.ndarray]:
     """Accuracy (shape (1,)) and each per-class figure (shape (K,)); NaN where undefined."""
     y_true, y_prob = _check_inputs(y_true, y_prob)
@@ -133,11 +152,7 @@ def point_figures(y_true: np.ndarray, y_prob: np.ndarray) -> dict[str, np.ndarra
     tn = negatives - fp
     with np.errstate(invalid="ignore", divide="ignore"):
         specificity = np.where(negatives > 0, tn / np.maximum(negatives, 1), np.nan)
-    auroc = np.full(n_classes, np.nan)
-    for k in labels:
-        positive = y_true == k
-        if 0 < positive.sum() < positive.size:
-            auroc[k] = roc_auc_score(positive, y_prob[:, k])
+    auroc = np.array([binary_auroc(y_true == k, y_prob[:, k]) for k in labels])
     return {
         "accuracy": np.array([accuracy_score(y_true, y_pred)]),
         "precision": np.asarray(precision, dtype=np.float64),
@@ -203,7 +218,9 @@ def bootstrap_interval(
     return percentile_interval(replicates, confidence)
 
 
-def _estimate(value: float, low: float, high: float) -> Estimate:
+def to_estimate(value: float, low: float, high: float) -> Estimate:
+    """An :class:`Estimate` from a point and its interval bounds; NaN means undefined."""
+
     def clean(x: float) -> float | None:
         return None if np.isnan(x) else float(x)
 
@@ -252,7 +269,7 @@ def classification_metrics(
         )
     else:
         low = high = np.full_like(point, np.nan)
-    estimates = [_estimate(p, lo, hi) for p, lo, hi in zip(point, low, high, strict=True)]
+    estimates = [to_estimate(p, lo, hi) for p, lo, hi in zip(point, low, high, strict=True)]
     k = len(class_names)
     per_class = {
         name: {fig: estimates[1 + f * k + c] for f, fig in enumerate(PER_CLASS_FIGURES)}

@@ -16,7 +16,8 @@ from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay
 
 from cxr_monai.atomic import atomic_path
 from cxr_monai.constants import CLASS_NAMES, RESEARCH_USE_NOTICE
-from cxr_monai.evaluation.metrics import ReliabilityBins
+from cxr_monai.evaluation.metrics import Estimate, ReliabilityBins
+from cxr_monai.evaluation.sources import SourceMetrics
 
 
 def _figure(title: str, width: float, height: float) -> Figure:
@@ -153,4 +154,55 @@ def training_curves_figure(log: Sequence[Mapping[str, Any]], title: str = "") ->
         if name == "learning rate":
             ax.set_yscale("log")
         ax.legend()
+    return fig
+
+
+def _estimate_bars(
+    ax: Any, labels: Sequence[str], series: Mapping[str, Sequence[Estimate | None]], xlabel: str
+) -> None:
+    """Horizontal grouped bars, one group per label and one bar per series, with CI error bars; a
+    missing or undefined estimate leaves its bar out."""
+    height = 0.8 / max(len(series), 1)
+    y = np.arange(len(labels))
+    for s, (name, estimates) in enumerate(series.items()):
+        rows = [(i, e) for i, e in enumerate(estimates) if e is not None and e.value is not None]
+        if not rows:
+            continue
+        pos = np.array([y[i] for i, _ in rows]) + (s - (len(series) - 1) / 2) * height
+        values = np.array([e.value for _, e in rows], dtype=float)
+        lows = np.array([e.ci_low if e.ci_low is not None else e.value for _, e in rows], dtype=float)
+        highs = np.array([e.ci_high if e.ci_high is not None else e.value for _, e in rows], dtype=float)
+        ax.barh(pos, values, height=height, label=name, xerr=[values - lows, highs - values], capsize=3)
+    ax.set_yticks(y, labels)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel(xlabel)
+    ax.legend(loc="best", fontsize=8)
+
+
+def source_figure(by_source: Sequence[SourceMetrics], title: str = "") -> Figure:
+    """Left: accuracy per source; right: within-source one-vs-rest AUROC per (source, class) with the
+    chance line at 0.5. Model and disease-blind baseline side by side, 95% CI bars."""
+    comparisons = [(s, c) for s in by_source if len(s.classes) >= 2 for c in s.classes]
+    rows = max(len(by_source), len(comparisons), 1)
+    fig = _figure(title or "Per source and within source", 13.0, 2.5 + 0.45 * rows)
+    acc_ax, auc_ax = fig.subplots(1, 2)
+    has_baseline = any(s.baseline is not None for s in by_source)
+    acc_series: dict[str, list[Estimate | None]] = {"model": [s.model.accuracy for s in by_source]}
+    if has_baseline:
+        acc_series["baseline"] = [s.baseline.accuracy if s.baseline else None for s in by_source]
+    labels = [f"{s.source} (n={sum(s.n_per_class.values())})" for s in by_source]
+    _estimate_bars(acc_ax, labels, acc_series, "accuracy (all classes)")
+    acc_ax.set_title("per source")
+    if not comparisons:
+        auc_ax.text(0.5, 0.5, "no evaluated source holds two classes", ha="center", va="center")
+        auc_ax.set_axis_off()
+        return fig
+    auc_series: dict[str, list[Estimate | None]] = {"model": [s.model.auroc[c] for s, c in comparisons]}
+    if has_baseline:
+        auc_series["baseline"] = [s.baseline.auroc[c] if s.baseline else None for s, c in comparisons]
+    auc_labels = [f"{s.source}: {c} vs rest (n={s.n_per_class[c]})" for s, c in comparisons]
+    _estimate_bars(auc_ax, auc_labels, auc_series, "AUROC within the source")
+    auc_ax.axvline(0.5, color="gray", linestyle="--", linewidth=1)
+    auc_ax.set_title("within source (one-vs-rest on the source's images)")
     return fig

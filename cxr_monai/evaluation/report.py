@@ -1,7 +1,9 @@
-"""The evaluation report: score a trained bundle on a datalist split, with the shortcut check beside it.
+"""The evaluation report: score a trained bundle on a datalist split, with the shortcut check beside it,
+figures per source and within each source, and the source probe (:mod:`cxr_monai.evaluation.sources`).
 
-Each evaluated image is decoded once: the decoded image gives both the model's input tensor and the
-disease-blind baseline's features (kept; the pixels are dropped). Training items for the baseline are
+Each evaluated image is decoded once: the decoded image gives the model's input tensor (hence its
+probabilities and pooled features, in one forward pass) and the disease-blind baseline's features
+(kept; the pixels are dropped). Training items for the baseline are
 decoded once for their features only. Nothing is written until everything is computed, and every file
 is written atomically, so a failed run leaves no partial report.
 """
@@ -34,6 +36,7 @@ from cxr_monai.evaluation.plots import (
     reliability_figure,
     roc_figure,
     save_png,
+    source_figure,
     training_curves_figure,
 )
 from cxr_monai.evaluation.shortcut import (
@@ -41,17 +44,28 @@ from cxr_monai.evaluation.shortcut import (
     ShortcutBaseline,
     ShortcutFeatures,
     ShortcutResult,
+    encode_features,
     score_shortcut,
     shortcut_features,
     verdict,
+)
+from cxr_monai.evaluation.sources import (
+    DEFINITIONS,
+    UNKNOWN_SOURCE,
+    SourceMetrics,
+    SourceProbe,
+    source_metrics,
+    source_probe,
+    source_verdict,
 )
 from cxr_monai.io import CXRImage, read_cxr
 from cxr_monai.predictor import Predictor
 
 logger = logging.getLogger(__name__)
 
-#: ``--split`` values besides ``fold:K``.
+#: ``--split`` values besides ``fold:K`` and ``source:NAME``.
 SPLITS = ("test", "training", "all")
+SOURCE_SPLIT = "source:"
 TRAINING_LOG = Path("logs") / "training_log.json"
 
 #: Called as ``progress(stage, done, total)``; stages "evaluate" (evaluated items) then "baseline"
@@ -61,11 +75,18 @@ ProgressHook = Callable[[str, int, int], None]
 
 @dataclass(frozen=True)
 class Item:
-    """One datalist entry: absolute ``image`` path, class index ``label``, optional ``patient_id``."""
+    """One datalist entry: absolute ``image`` path, class index ``label``, optional ``patient_id`` and
+    ``source`` (other keys of the entry are ignored)."""
 
     image: str
     label: int
     patient_id: str | None = None
+    source: str | None = None
+
+    @property
+    def source_name(self) -> str:
+        """``source``, or :data:`~cxr_monai.evaluation.sources.UNKNOWN_SOURCE` when the entry has none."""
+        return self.source if self.source is not None else UNKNOWN_SOURCE
 
 
 def load_datalist(path: str | Path) -> dict[str, list[Item]]:
@@ -109,20 +130,35 @@ def _item(entry: Any, base: Path, where: str) -> Item:
             f"{where}: 'label' must be a class index 0..{NUM_CLASSES - 1} ({', '.join(CLASS_NAMES)})"
         )
     image = Path(entry["image"])
-    patient = entry.get("patient_id")
+    patient, source = entry.get("patient_id"), entry.get("source")
     return Item(
-        str(image if image.is_absolute() else base / image), label, None if patient is None else str(patient)
+        str(image if image.is_absolute() else base / image),
+        label,
+        None if patient is None else str(patient),
+        None if source is None else str(source),
     )
 
 
 def select_split(splits: dict[str, list[Item]], split: str) -> list[Item]:
-    """Items of ``test``, ``training``, ``all`` (training + test) or ``fold:K``.
+    """Items of ``test``, ``training``, ``all`` (training + test), ``fold:K`` or ``source:NAME``.
+
+    ``source:NAME`` is every (non-synthetic) item of source NAME in the datalist, training and test
+    alike: the honest test set of a model trained without that source (``train --exclude-source``).
 
     Raises:
-        DatasetError: unknown split name, or the split is empty.
+        DatasetError: unknown split name or source, or the split is empty.
     """
     if split == "all":
         items = splits["training"] + splits["test"]
+    elif split.startswith(SOURCE_SPLIT):
+        name = split[len(SOURCE_SPLIT) :]
+        everything = splits["training"] + splits["test"]
+        items = [item for item in everything if item.source == name]
+        if not items:
+            present = sorted({item.source for item in everything if item.source is not None})
+            raise DatasetError(
+                f"source {name!r} not in the datalist (sources present: {', '.join(present) or 'none'})"
+            )
     elif split in splits:
         items = splits[split]
     elif split.startswith("fold:"):
@@ -131,10 +167,27 @@ def select_split(splits: dict[str, list[Item]], split: str) -> list[Item]:
             f"split {split!r} not in the datalist (folds present: {', '.join(folds) or 'none'})"
         )
     else:
-        raise DatasetError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)} or fold:K")
+        raise DatasetError(
+            f"unknown split {split!r}; expected one of {', '.join(SPLITS)}, fold:K or source:NAME"
+        )
     if not items:
         raise DatasetError(f"split {split!r} of the datalist has no items")
     return items
+
+
+def describe_split(split: str) -> str:
+    """One line on what ``split`` holds (recorded in ``metrics.json`` as ``split_scope``)."""
+    if split.startswith(SOURCE_SPLIT):
+        name = split[len(SOURCE_SPLIT) :]
+        return (
+            f"every non-synthetic item of source {name!r} in the datalist, training and test alike: "
+            "an honest test only for a model trained without that source"
+        )
+    if split == "all":
+        return "every non-synthetic item of the datalist (training and test)"
+    if split.startswith("fold:"):
+        return f"the non-synthetic training items of {split}"
+    return f"the non-synthetic items of the datalist's {split!r} list"
 
 
 @dataclass
@@ -145,8 +198,13 @@ class EvaluationReport:
     y_prob: np.ndarray
     metrics: ClassificationMetrics
     shortcut: ShortcutResult | None
-    verdict: str | None
+    #: plain-words sentences: the overall baseline comparison, then :func:`source_verdict`'s
+    verdict: list[str]
     model: dict[str, Any]
+    by_source: list[SourceMetrics]
+    probe: SourceProbe
+    #: (N, K) the baseline's probabilities, when it was scored
+    baseline_prob: np.ndarray | None = None
     skipped: list[dict[str, str]] = field(default_factory=list)
 
     @property
@@ -182,10 +240,13 @@ def evaluate(
     by_patient: bool = True,
     progress: ProgressHook | None = None,
 ) -> EvaluationReport:
-    """Predict every item, measure the model, and (``shortcut``) fit and score the baseline.
+    """Predict every item, measure the model, and (``shortcut``) fit and score the baseline; figures per
+    source and within each source, and the source probe on the model's pooled features (and on the
+    baseline's features), for both side by side.
 
     Unreadable images are skipped and listed in the report. The bootstrap resamples patients when
-    ``by_patient`` and every evaluated item has a ``patient_id``, else images.
+    ``by_patient`` and every evaluated item has a ``patient_id``, else images; the probe's folds keep
+    patients whole under the same condition.
 
     Raises:
         DatasetError: no evaluated image could be read, or no usable training items for the baseline.
@@ -194,15 +255,18 @@ def evaluate(
     skipped: list[dict[str, str]] = []
     kept: list[Item] = []
     probs: list[np.ndarray] = []
+    pooled: list[np.ndarray] = []
     features: dict[str, ShortcutFeatures] = {}
     pending: list[tuple[Item, CXRImage]] = []
 
     def flush() -> None:
-        for (item, _), prediction in zip(
-            pending, predictor.predict([img for _, img in pending], batch_size), strict=True
-        ):
-            kept.append(item)
-            probs.append(prediction.probabilities)
+        if pending:
+            batch_probs, batch_pooled = predictor.predict_with_features(
+                [img for _, img in pending], batch_size
+            )
+            kept.extend(item for item, _ in pending)
+            probs.append(batch_probs)
+            pooled.append(batch_pooled)
         pending.clear()
 
     for item, image in _decode(items, skipped, "evaluate", report_progress):
@@ -216,24 +280,39 @@ def evaluate(
         raise DatasetError(f"none of the {len(items)} evaluated images could be read")
 
     y_true = np.asarray([item.label for item in kept], dtype=np.int64)
-    y_prob = np.stack(probs).astype(np.float64)
+    y_prob = np.concatenate(probs).astype(np.float64)
     groups = [item.patient_id for item in kept] if by_patient and all(i.patient_id for i in kept) else None
     metrics = classification_metrics(y_true, y_prob, CLASS_NAMES, n_boot=n_boot, seed=seed, groups=groups)
 
-    result = text = None
+    result = baseline_prob = None
+    sentences = []
     if shortcut:
-        result = _shortcut_check(
+        result, baseline_prob = _shortcut_check(
             kept, features, training_items, y_true, y_prob, skipped, n_boot, seed, groups, report_progress
         )
         majority = float(np.bincount(y_true, minlength=NUM_CLASSES).max() / len(y_true))
-        text = verdict(metrics.accuracy, result, majority)
+        sentences.append(verdict(metrics.accuracy, result, majority))
+    sources = [item.source_name for item in kept]
+    by_source = source_metrics(
+        y_true, y_prob, sources, baseline_prob, groups=groups, n_boot=n_boot, seed=seed
+    )
+    probe = source_probe(
+        np.concatenate(pooled),
+        sources,
+        encode_features([features[item.image] for item in kept]) if shortcut else None,
+        groups=groups,
+        seed=seed,
+    )
+    sentences += source_verdict(by_source, probe)
     model = {
         "name": predictor.model_name,
         "version": predictor.model_version,
         "backbone": predictor.backbone,
         "spatial_size": predictor.spatial_size,
     }
-    return EvaluationReport(kept, y_prob, metrics, result, text, model, skipped)
+    return EvaluationReport(
+        kept, y_prob, metrics, result, sentences, model, by_source, probe, baseline_prob, skipped
+    )
 
 
 def _shortcut_check(
@@ -247,9 +326,10 @@ def _shortcut_check(
     seed: int,
     groups: list[Any] | None,
     progress: ProgressHook,
-) -> ShortcutResult:
+) -> tuple[ShortcutResult, np.ndarray]:
     """Fit the baseline on training items not evaluated (all training items if that leaves fewer than
-    two classes, flagged), reusing features already computed, and score it on the evaluated items."""
+    two classes, flagged), reusing features already computed, and score it on the evaluated items.
+    Returns the scores and the baseline's probabilities (N, K) on the evaluated items."""
     evaluated = {item.image for item in kept}
     fit_items = [item for item in training_items if item.image not in evaluated]
     overlap = len({item.label for item in fit_items}) < 2
@@ -265,9 +345,9 @@ def _shortcut_check(
             "'training' list (or pass --no-shortcut)"
         )
     baseline = ShortcutBaseline(seed=seed).fit([features[i.image] for i in usable], [i.label for i in usable])
-    predicted = baseline.predict([features[item.image] for item in kept])
-    return score_shortcut(
-        predicted,
+    baseline_prob = baseline.predict_proba([features[item.image] for item in kept])
+    result = score_shortcut(
+        baseline_prob.argmax(axis=1),
         y_true,
         y_prob.argmax(axis=1),
         class_names=CLASS_NAMES,
@@ -277,6 +357,7 @@ def _shortcut_check(
         seed=seed,
         groups=groups,
     )
+    return result, baseline_prob
 
 
 def _versions() -> dict[str, str]:
@@ -298,11 +379,18 @@ def report_dict(report: EvaluationReport, **context: Any) -> dict[str, Any]:
         **context,
         "model_metrics": report.metrics.to_dict(),
         "shortcut_check": None,
+        "by_source": {
+            "definitions": dict(DEFINITIONS),
+            "bootstrap": report.metrics.bootstrap,
+            "sources": {s.source: s.to_dict() for s in report.by_source},
+        },
+        "source_probe": report.probe.to_dict(),
+        "verdict": list(report.verdict),
         "skipped_images": list(report.skipped),
         "versions": _versions(),
     }
     if report.shortcut is not None:
-        data["shortcut_check"] = {**report.shortcut.to_dict(), "verdict": report.verdict, "context": CONTEXT}
+        data["shortcut_check"] = {**report.shortcut.to_dict(), "context": CONTEXT}
     return data
 
 
@@ -311,12 +399,12 @@ def predictions_csv(report: EvaluationReport) -> str:
     prediction. No patient data (not even the patient id)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    header = ["image", "true_class", "predicted_class", *(f"prob_{name}" for name in CLASS_NAMES)]
+    header = ["image", "source", "true_class", "predicted_class", *(f"prob_{name}" for name in CLASS_NAMES)]
     if report.shortcut is not None:
         header.append("baseline_predicted_class")
     writer.writerow(header)
     for n, (item, probs) in enumerate(zip(report.items, report.y_prob, strict=True)):
-        row = [item.image, CLASS_NAMES[item.label], CLASS_NAMES[int(np.argmax(probs))]]
+        row = [item.image, item.source_name, CLASS_NAMES[item.label], CLASS_NAMES[int(np.argmax(probs))]]
         row += [f"{p:.6f}" for p in probs]
         if report.shortcut is not None:
             row.append(CLASS_NAMES[int(report.shortcut.predictions[n])])
@@ -356,6 +444,7 @@ def write_report(
             report.metrics.ece.value,
             f"Reliability diagram - {name}",
         ),
+        "sources.png": source_figure(report.by_source, f"Per source and within source - {name}"),
     }
     log = read_training_log(bundle_dir)
     curves = training_curves_figure(log, f"Training curves - {name}") if log else None

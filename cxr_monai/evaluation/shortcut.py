@@ -23,7 +23,13 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
 from cxr_monai.constants import CLASS_NAMES
-from cxr_monai.evaluation.metrics import DEFAULT_CONFIDENCE, DEFAULT_N_BOOT, Estimate, bootstrap_interval
+from cxr_monai.evaluation.metrics import (
+    DEFAULT_CONFIDENCE,
+    DEFAULT_N_BOOT,
+    Estimate,
+    bootstrap_interval,
+    to_estimate,
+)
 from cxr_monai.io import CXRImage
 
 THUMBNAIL_SIDE = 16
@@ -74,19 +80,30 @@ def _design_matrix(features: Sequence[ShortcutFeatures]) -> np.ndarray:
     return np.asarray(rows, dtype=object)
 
 
+def _encoder() -> ColumnTransformer:
+    """Design matrix (:func:`_design_matrix`) -> numeric: one-hot colour mode, the rest as is."""
+    return ColumnTransformer(
+        [
+            ("color_mode", OneHotEncoder(handle_unknown="ignore", sparse_output=False), [0]),
+            ("numeric", "passthrough", slice(1, None)),
+        ]
+    )
+
+
+def encode_features(features: Sequence[ShortcutFeatures]) -> np.ndarray:
+    """(N, D) float matrix of the baseline's features (one-hot colour mode over the modes present in
+    ``features``, width, height, 256 thumbnail pixels), unstandardised: the disease-blind input of the
+    source probe. The one-hot categories are learnt from ``features`` themselves (no labels involved)."""
+    return np.asarray(_encoder().fit_transform(_design_matrix(features)), dtype=np.float64)
+
+
 class ShortcutBaseline:
     """Standardise (one-hot colour mode, width, height, thumbnail) -> multinomial logistic regression."""
 
     def __init__(self, seed: int = 0) -> None:
-        encode = ColumnTransformer(
-            [
-                ("color_mode", OneHotEncoder(handle_unknown="ignore", sparse_output=False), [0]),
-                ("numeric", "passthrough", slice(1, None)),
-            ]
-        )
         self.pipeline = Pipeline(
             [
-                ("encode", encode),
+                ("encode", _encoder()),
                 ("standardise", StandardScaler()),
                 ("classify", LogisticRegression(max_iter=2000, random_state=seed)),
             ]
@@ -103,6 +120,15 @@ class ShortcutBaseline:
     def predict(self, features: Sequence[ShortcutFeatures]) -> np.ndarray:
         """(N,) predicted class indices."""
         return np.asarray(self.pipeline.predict(_design_matrix(features)), dtype=np.int64)
+
+    def predict_proba(
+        self, features: Sequence[ShortcutFeatures], n_classes: int = len(CLASS_NAMES)
+    ) -> np.ndarray:
+        """(N, n_classes) class probabilities; a class absent from the training items gets 0."""
+        fitted = self.pipeline.predict_proba(_design_matrix(features))
+        out = np.zeros((fitted.shape[0], n_classes))
+        out[:, self.pipeline.classes_] = fitted
+        return out
 
 
 @dataclass(frozen=True)
@@ -168,12 +194,7 @@ def score_shortcut(
         low = high = np.full_like(point, np.nan)
 
     def estimate(i: int) -> Estimate:
-        if np.isnan(point[i]):
-            return Estimate(None)
-        lo, hi = low[i], high[i]
-        return Estimate(
-            float(point[i]), None if np.isnan(lo) else float(lo), None if np.isnan(hi) else float(hi)
-        )
+        return to_estimate(point[i], low[i], high[i])
 
     return ShortcutResult(
         accuracy=estimate(0),
