@@ -24,6 +24,7 @@ from cxr_monai.data.datalist import (
     count_table,
     datalist_document,
 )
+from cxr_monai.data.figure import write_summary_figure
 from cxr_monai.data.findings import DEFAULT_FINDING_MAP, load_finding_map
 from cxr_monai.data.near_duplicates import (
     CROP_LEVELS,
@@ -108,21 +109,28 @@ def _scan_sources(options: PrepareOptions, finding_map: dict[str, str | None]) -
     return scans
 
 
-def _unique_images(scans: list[SourceScan], warnings: list[str]) -> list[DataItem]:
-    """All scanned items, an image path listed twice kept once (first source wins), with a warning."""
-    seen: set[str] = set()
+def _unique_images(
+    scans: list[SourceScan], warnings: list[str]
+) -> tuple[list[DataItem], list[tuple[str, str]]]:
+    """All scanned items, an image path listed twice kept once (first source wins), with a warning; and
+    the (kept, dropped) patient-id pairs of paths listed under two patients (one person: one split group).
+    """
+    seen: dict[str, str] = {}
     items: list[DataItem] = []
     duplicates = 0
+    same_patients: set[tuple[str, str]] = set()
     for scan in scans:
         for item in scan.items:
             if item.image in seen:
                 duplicates += 1
+                if seen[item.image] != item.patient_id:
+                    same_patients.add((seen[item.image], item.patient_id))
                 continue
-            seen.add(item.image)
+            seen[item.image] = item.patient_id
             items.append(item)
     if duplicates:
         warnings.append(f"{duplicates} image path(s) listed more than once; each kept once")
-    return items
+    return items, sorted(same_patients)
 
 
 def _source_confounding(items: list[DataItem]) -> str | None:
@@ -220,12 +228,13 @@ def assemble_dataset(
     )
     scans = _scan_sources(options, finding_map)
     warnings = [warning for scan in scans for warning in scan.warnings]
-    items = _unique_images(scans, warnings)
+    items, same_patients = _unique_images(scans, warnings)
     caps = dict(enumerate((options.n_covid, options.n_normal, options.n_pneumonia)))
     items, sampled, sample_warnings = subsample_per_class(items, caps, options.seed)
     warnings.extend(sample_warnings)
     items, pairs, near_duplicates = _readable(items, options.cache_dir, on_progress, warnings)
-    groups = split_groups(items, pairs)
+    groups = split_groups(items, pairs, same_patients)
+    near_duplicates["same_file_patients"] = [list(pair) for pair in same_patients]
     for name, sample in sampled.items():
         if sample.available == 0:
             warnings.append(f"no {name} images in the given sources")
@@ -273,10 +282,15 @@ def assemble_dataset(
 
 
 def write_prepared(prepared: PreparedDataset, out_dir: Path) -> tuple[Path, Path]:
-    """Write ``datalist.json`` and ``prepare_summary.json`` into ``out_dir`` (created), each atomically."""
+    """Write ``datalist.json``, ``prepare_summary.json`` and ``dataset_summary.png`` into ``out_dir``
+    (created), each atomically; returns the first two paths."""
     out_dir = Path(out_dir)
     datalist_path = out_dir / DATALIST_FILENAME
     summary_path = out_dir / SUMMARY_FILENAME
     write_json_atomic(datalist_path, prepared.datalist)
-    write_json_atomic(summary_path, prepared.summary | {"datalist": str(datalist_path.resolve())})
+    figure = write_summary_figure(prepared.datalist, out_dir)
+    write_json_atomic(
+        summary_path,
+        prepared.summary | {"datalist": str(datalist_path.resolve()), "figure": str(figure.resolve())},
+    )
     return datalist_path, summary_path

@@ -205,13 +205,19 @@ def near_duplicate_pairs(fingerprints: Sequence[Fingerprint]) -> list[NearDuplic
     return pairs
 
 
-def split_groups(items: Sequence[DataItem], pairs: Sequence[NearDuplicatePair]) -> list[str]:
-    """Split group of each item: the connected components of "same patient" and near-duplicate links,
-    named by their smallest patient id (so a patient without duplicates keeps its own id)."""
+def split_groups(
+    items: Sequence[DataItem],
+    pairs: Sequence[NearDuplicatePair],
+    same_patients: Sequence[tuple[str, str]] = (),
+) -> list[str]:
+    """Split group of each item: the connected components of "same patient", near-duplicate and
+    ``same_patients`` (two ids of one person, e.g. one file listed under both) links, named by their
+    smallest patient id (so a patient without duplicates keeps its own id)."""
     n = len(items)
     first_of: dict[str, int] = {}
     links = [(first_of.setdefault(item.patient_id, i), i) for i, item in enumerate(items)]
     links += [(pair.first, pair.second) for pair in pairs]
+    links += [(first_of[a], first_of[b]) for a, b in same_patients if a in first_of and b in first_of]
     rows, cols = zip(*links, strict=True) if links else ((), ())
     graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n))
     _, component = connected_components(graph, directed=False)
