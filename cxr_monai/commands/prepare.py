@@ -99,7 +99,8 @@ def prepare(
         "--finding-map",
         help="JSON {finding: class or null} or CSV finding,label updating the default "
         "covid-chestxray-dataset finding -> class map (COVID-19 findings -> COVID-19; bacterial, "
-        "viral, fungal pneumonias and SARS -> Pneumonia; No Finding -> Normal; todo, ARDS, Lipoid ... skipped). Null/empty = skip.",
+        "viral, fungal pneumonias and SARS -> Pneumonia; No Finding -> Normal; todo, ARDS, Lipoid ... "
+        "skipped). Null/empty = skip.",
     ),
     cache_dir: Path | None = typer.Option(
         None, "--cache-dir", help="Folder for the image fingerprint cache (default: OUT)."
