@@ -71,6 +71,7 @@ def test_summary_records_counts_options_versions_and_warnings(public: tuple[Path
         "missing": 0,
         "listing": "metadata.csv",
         "missing_lines": [],
+        "skipped_findings": {},
     }
     assert summary["warnings"] == prepared.warnings
     assert any("Pneumonia: only 18 images" in w for w in prepared.warnings)
@@ -119,7 +120,7 @@ def test_source_errors(tmp_path: Path) -> None:
         assemble_dataset(PrepareOptions())
     a = write_site_csv(tmp_path / "a", "site", patients=5, labels=("Normal",))
     b = write_site_csv(tmp_path / "b", "site", patients=5, labels=("Normal",))
-    with pytest.raises(DatasetError, match="distinct file names"):
+    with pytest.raises(DatasetError, match="distinct names"):
         assemble_dataset(PrepareOptions(site_csvs=(a, b)))
 
 
@@ -138,7 +139,13 @@ def test_cli_writes_datalist_and_summary(tmp_path: Path, public: tuple[Path, Pat
     assert summary["counts"]["images"]["Normal"]["total"] == 10
     assert str(out / "datalist.json") in result.stdout
     assert "Images per class and split" in result.output and "warning:" in result.output
-    assert sorted(p.name for p in out.iterdir()) == ["datalist.json", "prepare_summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "datalist.json",
+        "dataset_summary.png",
+        "near_duplicate_cache.npz",
+        "prepare_summary.json",
+    ]
+    assert "Images per source and class" in result.output and "Near-duplicates" in result.output
 
 
 def test_cli_views_option(tmp_path: Path, public: tuple[Path, Path]) -> None:
