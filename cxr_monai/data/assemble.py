@@ -31,9 +31,12 @@ from cxr_monai.data.near_duplicates import (
     NCC_THRESHOLD,
     PHASH_CANDIDATE_BITS,
     THUMBNAIL_SIZE,
+    Fingerprint,
     NearDuplicatePair,
     fingerprint_images,
+    load_cache,
     near_duplicate_pairs,
+    save_cache,
     split_groups,
 )
 from cxr_monai.data.sources import (
@@ -83,6 +86,9 @@ class PreparedDataset:
     datalist: dict[str, Any]
     summary: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
+    #: Image fingerprints by content key and where :func:`write_prepared` saves them (None: not saved).
+    fingerprints: dict[str, Fingerprint] = field(default_factory=dict)
+    cache_dir: Path | None = None
 
 
 def _sites(options: PrepareOptions) -> list[SiteCSV]:
@@ -150,12 +156,12 @@ def _source_confounding(items: list[DataItem]) -> str | None:
 
 def _readable(
     items: list[DataItem],
-    cache_dir: Path | None,
+    cache: dict[str, Fingerprint],
     on_progress: Callable[[int, int], None] | None,
     warnings: list[str],
 ) -> tuple[list[DataItem], list[NearDuplicatePair], dict[str, Any]]:
     """Items whose image decodes, their near-duplicate pairs and the report of the fingerprinting."""
-    fingerprints, cached = fingerprint_images([item.image for item in items], cache_dir, on_progress)
+    fingerprints, cached = fingerprint_images([item.image for item in items], cache, on_progress)
     unreadable = Counter(item.source for item, fp in zip(items, fingerprints, strict=True) if fp is None)
     if unreadable:
         listing = ", ".join(f"{source} {n}" for source, n in sorted(unreadable.items()))
@@ -217,7 +223,8 @@ def assemble_dataset(
     options: PrepareOptions, on_progress: Callable[[int, int], None] | None = None
 ) -> PreparedDataset:
     """Scan the sources, cap each class, fingerprint the images, split by patient merged with its
-    near-duplicates: the datalist and its summary (nothing written but the fingerprint cache).
+    near-duplicates: the datalist and its summary (nothing written; the cache is read from
+    ``options.cache_dir``).
 
     ``on_progress(done, total)`` after each image fingerprinted. Images that cannot be decoded are skipped
     with a warning. DatasetError for a missing source layout, a bad site CSV or finding map, impossible
@@ -232,7 +239,8 @@ def assemble_dataset(
     caps = dict(enumerate((options.n_covid, options.n_normal, options.n_pneumonia)))
     items, sampled, sample_warnings = subsample_per_class(items, caps, options.seed)
     warnings.extend(sample_warnings)
-    items, pairs, near_duplicates = _readable(items, options.cache_dir, on_progress, warnings)
+    cache = load_cache(options.cache_dir) if options.cache_dir is not None else {}
+    items, pairs, near_duplicates = _readable(items, cache, on_progress, warnings)
     groups = split_groups(items, pairs, same_patients)
     near_duplicates["same_file_patients"] = [list(pair) for pair in same_patients]
     for name, sample in sampled.items():
@@ -278,13 +286,18 @@ def assemble_dataset(
         "warnings": warnings,
     }
     logger.debug("assembled %d training and %d test images", len(training), len(test))
-    return PreparedDataset(datalist=datalist, summary=summary, warnings=warnings)
+    return PreparedDataset(
+        datalist=datalist, summary=summary, warnings=warnings, fingerprints=cache, cache_dir=options.cache_dir
+    )
 
 
 def write_prepared(prepared: PreparedDataset, out_dir: Path) -> tuple[Path, Path]:
     """Write ``datalist.json``, ``prepare_summary.json`` and ``dataset_summary.png`` into ``out_dir``
-    (created), each atomically; returns the first two paths."""
+    (created), each atomically, and the fingerprint cache into ``prepared.cache_dir``; returns the first
+    two paths."""
     out_dir = Path(out_dir)
+    if prepared.cache_dir is not None:
+        save_cache(prepared.cache_dir, prepared.fingerprints)
     datalist_path = out_dir / DATALIST_FILENAME
     summary_path = out_dir / SUMMARY_FILENAME
     write_json_atomic(datalist_path, prepared.datalist)

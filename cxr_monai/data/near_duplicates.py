@@ -100,8 +100,10 @@ def _content_key(path: str) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def _load_cache(path: Path) -> dict[str, Fingerprint]:
-    """The cache file's fingerprints by content key; empty when absent, unreadable or of another version."""
+def load_cache(cache_dir: Path) -> dict[str, Fingerprint]:
+    """Fingerprints by content key from ``cache_dir/near_duplicate_cache.npz``; empty when absent,
+    unreadable or of another version."""
+    path = Path(cache_dir) / CACHE_FILENAME
     try:
         with np.load(path, allow_pickle=False) as data:
             if int(data["version"]) != _CACHE_VERSION or data["thumbnails"].shape[1:] != (
@@ -118,9 +120,10 @@ def _load_cache(path: Path) -> dict[str, Fingerprint]:
         return {}
 
 
-def _save_cache(path: Path, cache: dict[str, Fingerprint]) -> None:
+def save_cache(cache_dir: Path, cache: dict[str, Fingerprint]) -> None:
+    """Write ``cache`` to ``cache_dir/near_duplicate_cache.npz`` (created), atomically."""
     keys = sorted(cache)
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+    with atomic_path(Path(cache_dir) / CACHE_FILENAME) as tmp, open(tmp, "wb") as handle:
         np.savez(
             handle,
             version=np.array(_CACHE_VERSION),
@@ -134,15 +137,12 @@ def _save_cache(path: Path, cache: dict[str, Fingerprint]) -> None:
 
 def fingerprint_images(
     paths: Sequence[str],
-    cache_dir: Path | None,
+    cache: dict[str, Fingerprint],
     on_progress: Callable[[int, int], None] | None = None,
 ) -> tuple[list[Fingerprint | None], int]:
     """Fingerprints of ``paths`` (None where the file cannot be read or decoded) and how many came from
-    the cache ``cache_dir/near_duplicate_cache.npz`` (None = no cache), which is then updated.
-    ``on_progress(done, total)`` after each image."""
-    cache_path = Path(cache_dir) / CACHE_FILENAME if cache_dir is not None else None
-    cache = _load_cache(cache_path) if cache_path is not None else {}
-    known = len(cache)
+    ``cache`` (content key -> fingerprint; new ones are added to it). ``on_progress(done, total)`` after
+    each image."""
     results: list[Fingerprint | None] = []
     cached = 0
     for done, path in enumerate(paths, start=1):
@@ -158,8 +158,6 @@ def fingerprint_images(
             results.append(None)
         if on_progress is not None:
             on_progress(done, len(paths))
-    if cache_path is not None and len(cache) > known:
-        _save_cache(cache_path, cache)
     return results, cached
 
 
