@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Install cxr-monai, then run the main job end to end on the data it can reach:
-#   1. prepare:  the patient-disjoint datalist from the two public datasets
+#   1. prepare:  the patient-disjoint datalist from the three sources (near-duplicates grouped)
 #   2. train:    EfficientNet-B0 from scratch, one fold, a short run (the cxr_classifier MONAI bundle)
 #   3. evaluate: the test split, with 95 % CIs, plots and the disease-blind shortcut baseline
-# Data: $CXR_DATA (default ../shared/data) holding covid-chestxray-dataset/ and chest_xray/.
+# Data: $CXR_DATA (default ../shared/data) holding covid-chestxray-dataset/, chest_xray/ and nih-chestxray8/.
 # Outputs: $CXR_OUT (default out/). Run length: $CXR_EPOCHS (default 3) epochs at $CXR_SIZE px (224).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,12 +11,17 @@ bash scripts/install.sh
 
 data="${CXR_DATA:-../shared/data}"
 out="${CXR_OUT:-out}"
-if [[ ! -d "$data/covid-chestxray-dataset" || ! -d "$data/chest_xray" ]]; then
-    echo "No data found under '$data'. Put the covid-chestxray-dataset checkout (metadata.csv + images/)" >&2
-    echo "and the Kaggle chest_xray folder ({train,val,test}/{NORMAL,PNEUMONIA}/) there, or set CXR_DATA." >&2
+if [[ ! -d "$data/covid-chestxray-dataset" || ! -d "$data/chest_xray" || ! -f "$data/nih-chestxray8/labels.csv" ]]
+then
+    echo "No data found under '$data'. Put the covid-chestxray-dataset checkout (metadata.csv + images/)," >&2
+    echo "the Kaggle chest_xray folder ({train,val,test}/{NORMAL,PNEUMONIA}/) and nih-chestxray8/" >&2
+    echo "(labels.csv + images) there, or set CXR_DATA." >&2
     exit 1
 fi
-cxr-monai prepare --covid-dir "$data/covid-chestxray-dataset" --kaggle-dir "$data/chest_xray" --out "$out/prep"
+# Every image of every source (no per-class cap): each class then comes from more than one source.
+cxr-monai prepare --covid-dir "$data/covid-chestxray-dataset" --kaggle-dir "$data/chest_xray" \
+    --site-csv "nih-chestxray8=$data/nih-chestxray8/labels.csv" --n-normal all --n-pneumonia all \
+    --out "$out/prep"
 cxr-monai train --datalist "$out/prep/datalist.json" --out "$out/train" --backbone efficientnet_b0 \
     --folds 0 --final best-fold --max-epochs "${CXR_EPOCHS:-3}" --spatial-size "${CXR_SIZE:-224}"
 cxr-monai evaluate --bundle "$out/train/final" --datalist "$out/prep/datalist.json" --split test \

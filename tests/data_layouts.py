@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -18,11 +19,19 @@ COVID_HEADER = (
 COVID_COLUMNS = COVID_HEADER.split(",")  # the trailing comma gives an unnamed last column, as published
 
 
+def distinct_image(seed: int, size: int = 64) -> Image.Image:
+    """A smooth random grayscale image (a 6x6 random grid, bicubic-upsampled): different seeds give
+    different pictures, as different films are, so prepare's near-duplicate check keeps them apart."""
+    grid = np.random.default_rng(seed).integers(0, 256, (6, 6), dtype=np.uint8)
+    return Image.fromarray(grid).resize((size, size), Image.Resampling.BICUBIC)
+
+
 def write_image(path: Path) -> Path:
-    """A real 8x8 grayscale image, PNG or JPEG after the suffix; parents created."""
+    """A real 64x64 grayscale image, PNG or JPEG after the suffix, its picture seeded by the file name;
+    parents created."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = (np.arange(64, dtype=np.uint8).reshape(8, 8) * 4).astype(np.uint8)
-    Image.fromarray(pixels).save(path, format="PNG" if path.suffix.lower() == ".png" else "JPEG")
+    image = distinct_image(zlib.crc32(path.name.encode()))
+    image.save(path, format="PNG" if path.suffix.lower() == ".png" else "JPEG")
     return path
 
 
@@ -35,6 +44,8 @@ def covid_row(
     modality: str = "X-ray",
     offset: str = "0",
     folder: str = "images",
+    age: str = "",
+    sex: str = "",
 ) -> dict[str, str]:
     """One metadata.csv row (other columns blank)."""
     row = dict.fromkeys(COVID_COLUMNS, "")
@@ -46,6 +57,8 @@ def covid_row(
         modality=modality,
         offset=offset,
         folder=folder,
+        age=age,
+        sex=sex,
     )
     return row
 

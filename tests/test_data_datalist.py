@@ -7,9 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from data_layouts import synthetic_public_data
+from data_layouts import synthetic_public_data, write_image
+from monai.bundle import ConfigParser
 from monai.data import load_decathlon_datalist
+from typer.testing import CliRunner
 
+from cxr_monai.cli import app
 from cxr_monai.constants import CLASS_NAMES
 from cxr_monai.data import (
     PrepareOptions,
@@ -18,9 +21,11 @@ from cxr_monai.data import (
     get_test_items,
     items_for_fold,
     load_datalist,
+    site_csv,
     write_prepared,
 )
 from cxr_monai.errors import DatasetError
+from cxr_monai.training import fold_items
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +127,63 @@ def test_load_datalist_missing_or_not_json(tmp_path: Path) -> None:
     (tmp_path / "broken.json").write_text('{"training": [')
     with pytest.raises(DatasetError, match="not readable JSON"):
         load_datalist(tmp_path / "broken.json")
+
+
+@pytest.fixture(scope="module")
+def three_sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A datalist of covid-chestxray-dataset, Kaggle and a site CSV named ``nih``."""
+    root = tmp_path_factory.mktemp("three")
+    covid, kaggle = synthetic_public_data(root, patients_per_class=12)
+    site = root / "nih" / "labels.csv"
+    for k in range(16):
+        write_image(site.parent / f"{k}.png")
+    site.write_text("image,label,patient_id\n" + "".join(f"{k}.png,{1 + k % 2},{k}\n" for k in range(16)))
+    options = PrepareOptions(
+        covid_dir=covid, kaggle_dir=kaggle, site_csvs=(site_csv(f"nih={site}"),), folds=3
+    )
+    path, _ = write_prepared(assemble_dataset(options), root / "out")
+    return path
+
+
+@pytest.mark.parametrize("excluded", [["site:nih"], ["site:nih", "kaggle-chest-xray"]])
+def test_exclude_source_leaves_no_item_of_it_in_training_or_validation(
+    three_sources: Path, excluded: list[str]
+) -> None:
+    datalist = load_datalist(three_sources)
+    source_of = {item["image"]: item["source"] for item in datalist["training"] + datalist["test"]}
+    for fold in (-1, 0, 1, 2):
+        for role in ("train", "validate"):
+            kept = fold_items(str(three_sources), fold, role, excluded)
+            assert all(set(item) == {"image", "label"} for item in kept)
+            assert not {source_of[item["image"]] for item in kept} & set(excluded)
+            everything = fold_items(str(three_sources), fold, role)
+            assert len(kept) < len(everything) or not everything
+    test = fold_items(str(three_sources), -1, "test", excluded)
+    assert {source_of[item["image"]] for item in test} >= set(excluded), "the left-out source is still scored"
+
+
+def test_exclude_unknown_source_names_the_sources_present(three_sources: Path) -> None:
+    with pytest.raises(
+        DatasetError, match="its sources are covid-chestxray-dataset, kaggle-chest-xray, site:nih"
+    ):
+        fold_items(str(three_sources), 0, "train", ["nih"])
+
+
+def test_bundle_config_passes_exclude_sources(three_sources: Path) -> None:
+    parser = ConfigParser()
+    parser.read_config(Path(__file__).resolve().parents[1] / "bundles/cxr_classifier/configs/train.json")
+    parser.update({"datalist": str(three_sources), "fold": 0, "exclude_sources": ["site:nih"]})
+    train = parser.get_parsed_content("train#dataset#data")
+    assert train == fold_items(str(three_sources), 0, "train", ["site:nih"])
+    parser.update({"exclude_sources": []})
+    parser.parse(reset=True)
+    assert len(parser.get_parsed_content("train#dataset#data")) > len(train)
+
+
+def test_train_cli_refuses_an_unknown_source_before_training(three_sources: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app,
+        ["train", "--datalist", str(three_sources), "--out", str(tmp_path / "t"), "--exclude-source", "nope"],
+    )
+    assert result.exit_code == 1 and "its sources are" in result.output
+    assert not (tmp_path / "t").exists()

@@ -8,11 +8,19 @@ from pathlib import Path
 
 import pytest
 from data_layouts import synthetic_public_data, write_image
+from PIL import Image
 from typer.testing import CliRunner
 
 from cxr_monai.cli import app
 from cxr_monai.constants import CLASS_NAMES
-from cxr_monai.data import PrepareOptions, assemble_dataset, load_datalist
+from cxr_monai.data import (
+    FIGURE_FILENAME,
+    PrepareOptions,
+    assemble_dataset,
+    load_datalist,
+    site_csv,
+    write_prepared,
+)
 from cxr_monai.errors import DatasetError
 
 runner = CliRunner()
@@ -71,6 +79,7 @@ def test_summary_records_counts_options_versions_and_warnings(public: tuple[Path
         "missing": 0,
         "listing": "metadata.csv",
         "missing_lines": [],
+        "skipped_findings": {},
     }
     assert summary["warnings"] == prepared.warnings
     assert any("Pneumonia: only 18 images" in w for w in prepared.warnings)
@@ -119,7 +128,7 @@ def test_source_errors(tmp_path: Path) -> None:
         assemble_dataset(PrepareOptions())
     a = write_site_csv(tmp_path / "a", "site", patients=5, labels=("Normal",))
     b = write_site_csv(tmp_path / "b", "site", patients=5, labels=("Normal",))
-    with pytest.raises(DatasetError, match="distinct file names"):
+    with pytest.raises(DatasetError, match="distinct names"):
         assemble_dataset(PrepareOptions(site_csvs=(a, b)))
 
 
@@ -138,7 +147,13 @@ def test_cli_writes_datalist_and_summary(tmp_path: Path, public: tuple[Path, Pat
     assert summary["counts"]["images"]["Normal"]["total"] == 10
     assert str(out / "datalist.json") in result.stdout
     assert "Images per class and split" in result.output and "warning:" in result.output
-    assert sorted(p.name for p in out.iterdir()) == ["datalist.json", "prepare_summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "datalist.json",
+        "dataset_summary.png",
+        "near_duplicate_cache.npz",
+        "prepare_summary.json",
+    ]
+    assert "Images per source and class" in result.output and "Near-duplicates" in result.output
 
 
 def test_cli_views_option(tmp_path: Path, public: tuple[Path, Path]) -> None:
@@ -184,3 +199,30 @@ def test_cli_help_has_an_example() -> None:
     result = runner.invoke(app, ["prepare", "--help"])
     assert result.exit_code == 0
     assert "Example" in result.output and "cxr-monai prepare --covid-dir" in result.output
+
+
+def test_every_item_carries_its_source_and_the_figure_is_written(
+    tmp_path: Path, public: tuple[Path, Path]
+) -> None:
+    covid, kaggle = public
+    site = tmp_path / "site" / "labels.csv"
+    site.parent.mkdir()
+    rows = []
+    for k, label in enumerate(["Normal", "Pneumonia"] * 6):
+        write_image(site.parent / f"{k}.png")
+        rows.append(f"{k}.png,{label},{k},{30 + k},{'MF'[k % 2]}\n")
+    site.write_text("image,label,patient_id,age,sex\n" + "".join(rows))
+    options = PrepareOptions(covid_dir=covid, kaggle_dir=kaggle, site_csvs=(site_csv(f"nih={site}"),))
+    prepared = assemble_dataset(options)
+    items = prepared.datalist["training"] + prepared.datalist["test"]
+    assert {item["source"] for item in items} == {"covid-chestxray-dataset", "kaggle-chest-xray", "site:nih"}
+    nih = [item for item in items if item["source"] == "site:nih"]
+    assert len(nih) == 12 and all(item["age"] >= 30 and item["sex"] in ("M", "F") for item in nih)
+    assert prepared.summary["counts_by_source"]["site:nih"] == {"COVID-19": 0, "Normal": 6, "Pneumonia": 6}
+    assert prepared.summary["options"]["site_csvs"] == [f"nih={site}"]
+    write_prepared(prepared, tmp_path / "out")
+    figure = tmp_path / "out" / FIGURE_FILENAME
+    with Image.open(figure) as image:
+        assert image.format == "PNG" and image.size[0] > 1000
+    summary = json.loads((tmp_path / "out" / "prepare_summary.json").read_text())
+    assert summary["figure"] == str(figure.resolve())

@@ -10,7 +10,7 @@ from data_layouts import covid_row, make_covid, make_kaggle, write_image
 
 from cxr_monai.constants import CLASS_NAMES
 from cxr_monai.data import COVID_SOURCE, KAGGLE_SOURCE, kaggle_patient_id, scan_covid_dir, scan_kaggle_dir
-from cxr_monai.data.sources import parse_label, scan_site_csv
+from cxr_monai.data.sources import parse_label, scan_site_csv, site_csv
 from cxr_monai.errors import DatasetError
 
 COVID, NORMAL, PNEUMONIA = (CLASS_NAMES.index(name) for name in ("COVID-19", "Normal", "Pneumonia"))
@@ -98,31 +98,43 @@ def test_kaggle_dir_without_layout_is_a_dataset_error(tmp_path: Path) -> None:
         scan_kaggle_dir(tmp_path / "nowhere")
 
 
-def test_covid_scan_filters_modality_finding_and_view(tmp_path: Path) -> None:
+def test_covid_scan_filters_modality_and_view_and_labels_by_finding(tmp_path: Path) -> None:
     rows = [
-        covid_row(1, "keep-pa.png", offset="0"),
+        covid_row(1, "keep-pa.png", offset="0", age="61", sex="M"),
         covid_row(1, "keep-ap-supine.jpeg", view="AP Supine", offset="5", finding="COVID-19, ARDS"),
-        covid_row(2, "keep-ap.jpg", view="AP", offset="", finding="Pneumonia/Viral/COVID-19"),
+        covid_row(2, "keep-ap.jpg", view="AP", offset="", finding="Pneumonia/Viral/COVID-19", sex="F"),
         covid_row(3, "drop-ct.png", view="Axial", modality="CT"),
-        covid_row(4, "drop-sars.png", finding="SARS"),
-        covid_row(5, "drop-nofinding.png", finding="No Finding"),
+        covid_row(4, "sars.png", finding="SARS", age="44.5"),
+        covid_row(5, "nofinding.png", finding="No Finding"),
         covid_row(6, "drop-lateral.png", view="L"),
         covid_row(7, "drop-ct-volume.png", view="Coronal", modality="CT", folder="volumes"),
         covid_row(8, "fractional.png", offset="2.5"),
+        covid_row(9, "drop-todo.png", finding="todo"),
     ]
     root = make_covid(tmp_path / "covid", rows)
 
     scan = scan_covid_dir(root)
 
     kept = {Path(item.image).name: item for item in scan.items}
-    assert sorted(kept) == ["fractional.png", "keep-ap-supine.jpeg", "keep-ap.jpg", "keep-pa.png"]
-    assert scan.source == COVID_SOURCE and scan.eligible == 4 and not scan.warnings
+    expected = [
+        *("fractional.png", "keep-ap-supine.jpeg", "keep-ap.jpg", "keep-pa.png"),
+        *("nofinding.png", "sars.png"),
+    ]
+    assert sorted(kept) == expected
+    assert scan.source == COVID_SOURCE and scan.eligible == 6
+    assert scan.skipped_findings == {"todo": 1} and "todo 1" in scan.warnings[0]
     assert kept["keep-pa.png"].patient_id == kept["keep-ap-supine.jpeg"].patient_id == "covid:1"
     assert kept["keep-ap-supine.jpeg"].view == "AP Supine" and kept["keep-ap-supine.jpeg"].offset == 5
     assert kept["keep-ap.jpg"].offset is None and kept["fractional.png"].offset == 2.5
-    assert all(item.label == COVID and Path(item.image).is_absolute() for item in scan.items)
+    labels = {name: CLASS_NAMES[item.label] for name, item in kept.items()}
+    others = {"sars.png": "Pneumonia", "nofinding.png": "Normal"}
+    assert labels == dict.fromkeys(expected, "COVID-19") | others
+    assert all(Path(item.image).is_absolute() for item in scan.items)
     entry = kept["keep-ap.jpg"].to_json()
     assert entry["label_name"] == "COVID-19" and entry["view"] == "AP" and entry["offset"] is None
+    assert entry["sex"] == "F" and "age" not in entry
+    assert (kept["keep-pa.png"].age, kept["keep-pa.png"].sex) == (61, "M")
+    assert (kept["sars.png"].age, kept["sars.png"].sex) == (44.5, None)
 
     laterals = scan_covid_dir(root, views=["L"])
     assert [Path(item.image).name for item in laterals.items] == ["drop-lateral.png"]
@@ -265,3 +277,39 @@ def test_site_csv_not_a_file(tmp_path: Path) -> None:
 )
 def test_parse_label(text: str, index: int | None) -> None:
     assert parse_label(text) == index
+
+
+def test_site_csv_name_age_and_sex(tmp_path: Path) -> None:
+    write_image(tmp_path / "site" / "a.png")
+    write_image(tmp_path / "site" / "b.png")
+    path = _write_csv(
+        tmp_path / "site" / "labels.csv",
+        ["image", "label", "patient_id", "age", "sex"],
+        [["a.png", "Normal", "1", "70", "female"], ["b.png", "Pneumonia", "2", "", ""]],
+    )
+    scan = scan_site_csv(site_csv(f"nih-chestxray8={path}"))
+    assert scan.source == "site:nih-chestxray8"
+    a, b = scan.items
+    assert (a.patient_id, a.age, a.sex) == ("nih-chestxray8:1", 70, "F")
+    assert (b.age, b.sex) == (None, None) and "age" not in b.to_json() and "sex" not in b.to_json()
+    assert a.to_json()["age"] == 70 and a.to_json()["sex"] == "F"
+    assert scan_site_csv(path).source == "site:labels", "a bare path is named after its stem"
+
+
+@pytest.mark.parametrize(
+    ("age", "sex", "message"),
+    [("old", "", "age is not a number"), ("200", "", "age is not a number"), ("", "x", "sex is not one of")],
+)
+def test_site_csv_bad_age_or_sex_names_the_line_not_the_value(
+    tmp_path: Path, age: str, sex: str, message: str
+) -> None:
+    path = _write_csv(tmp_path / "s.csv", ["image", "label", "age", "sex"], [["a.png", "Normal", age, sex]])
+    with pytest.raises(DatasetError, match=message) as info:
+        scan_site_csv(path)
+    assert "line 2" in str(info.value)
+    assert not any(value and f"{value!r}" in str(info.value) for value in (age, sex))
+
+
+def test_site_csv_bad_name(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="site name"):
+        site_csv(f"bad name={tmp_path / 'x.csv'}")

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich import box
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from cxr_monai.commands import console, user_errors
 from cxr_monai.constants import CLASS_NAMES
-from cxr_monai.data import DEFAULT_COVID_VIEWS, PrepareOptions, assemble_dataset, write_prepared
+from cxr_monai.data import (
+    DEFAULT_COVID_VIEWS,
+    FIGURE_FILENAME,
+    PrepareOptions,
+    assemble_dataset,
+    site_csv,
+    write_prepared,
+)
 
 
 def _count(text: str, option: str) -> int | None:
@@ -34,6 +43,36 @@ def _table(title: str, counts: dict[str, dict[str, int]]) -> Table:
     return table
 
 
+def _source_table(counts: dict[str, dict[str, int]]) -> Table:
+    """Images per source (rows) and class (columns)."""
+    table = Table(title="Images per source and class", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("source")
+    for name in CLASS_NAMES:
+        table.add_column(name, justify="right")
+    for source, row in counts.items():
+        table.add_row(source, *(str(row[name]) for name in CLASS_NAMES))
+    return table
+
+
+def _duplicate_table(report: dict[str, Any]) -> Table:
+    """The near-duplicate pairs of different patients merged into one split group."""
+    count = len(report["merged_pairs"])
+    table = Table(
+        title=f"Near-duplicates of different patients merged into one split group: {count}",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+    for column in ("image A", "image B", "r", "phash bits"):
+        table.add_column(column, justify="right" if column in ("r", "phash bits") else "left")
+    for pair in report["merged_pairs"]:
+        a, b = (
+            f"{image['patient_id']} {image.get('file', '')} ({image['label_name']})".replace("  ", " ")
+            for image in pair["images"]
+        )
+        table.add_row(a, b, f"{pair['correlation']:.3f}", str(pair["phash_bits"]))
+    return table
+
+
 def prepare(
     covid_dir: Path | None = typer.Option(
         None, "--covid-dir", help="covid-chestxray-dataset checkout (metadata.csv + images/)."
@@ -43,16 +82,28 @@ def prepare(
         "--kaggle-dir",
         help="Kaggle chest-xray-pneumonia folder holding {train,val,test}/{NORMAL,PNEUMONIA}/.",
     ),
-    site_csv: list[Path] | None = typer.Option(
+    site_csvs: list[str] | None = typer.Option(
         None,
         "--site-csv",
-        help="Site CSV with columns image,label[,patient_id] (label: class name or index; "
-        "relative paths from the CSV's folder). Repeatable.",
+        help="[NAME=]CSV with columns image,label[,patient_id,age,sex] (label: class name or index; "
+        "relative paths from the CSV's folder). Its source is site:NAME (default NAME: the file stem). "
+        "Repeatable.",
     ),
     views: str = typer.Option(
         ",".join(DEFAULT_COVID_VIEWS),
         "--views",
         help="covid-chestxray-dataset views to keep, comma-separated.",
+    ),
+    finding_map: Path | None = typer.Option(
+        None,
+        "--finding-map",
+        help="JSON {finding: class or null} or CSV finding,label updating the default "
+        "covid-chestxray-dataset finding -> class map (COVID-19 findings -> COVID-19; bacterial, "
+        "viral, fungal pneumonias and SARS -> Pneumonia; No Finding -> Normal; todo, ARDS, Lipoid ... "
+        "skipped). Null/empty = skip.",
+    ),
+    cache_dir: Path | None = typer.Option(
+        None, "--cache-dir", help="Folder for the image fingerprint cache (default: OUT)."
     ),
     n_covid: str = typer.Option("all", "--n-covid", help="COVID-19 images to take (a number or 'all')."),
     n_normal: str = typer.Option("300", "--n-normal", help="Normal images to take (a number or 'all')."),
@@ -68,24 +119,30 @@ def prepare(
         Path("out/prep"), "--out", help="Output folder for datalist.json and prepare_summary.json."
     ),
 ) -> None:
-    """Build a patient-disjoint datalist (test split + cross-validation folds) from any of the three sources.
+    """Build a patient-disjoint datalist (test split + cross-validation folds) from any of the sources.
 
-    Reads file names and CSVs only, no pixels. Rows whose image file is missing are counted and skipped.
+    Rows whose image file is missing are counted and skipped. Every image is fingerprinted (perceptual
+    hash + thumbnail correlation, cached by file content): near-duplicates of different patients are put
+    in one split group and listed; images that cannot be decoded are skipped with a warning.
 
-    Writes OUT/datalist.json (MONAI datalist: "training" items with "fold", "test" items) and
-    OUT/prepare_summary.json (counts, options, versions, warnings); prints the datalist path on stdout.
+    Writes OUT/datalist.json (MONAI datalist: "training" items with "fold", "test" items; each with
+    source, group and, where known, age and sex), OUT/prepare_summary.json (counts, near-duplicate pairs,
+    options, versions, warnings) and OUT/dataset_summary.png; prints the datalist path on stdout.
 
     Example:
 
         cxr-monai prepare --covid-dir ../shared/data/covid-chestxray-dataset \\
-            --kaggle-dir ../shared/data/chest_xray --out out/prep
+            --kaggle-dir ../shared/data/chest_xray \\
+            --site-csv nih-chestxray8=../shared/data/nih-chestxray8/labels.csv --out out/prep
     """
     with user_errors():
         options = PrepareOptions(
             covid_dir=covid_dir,
             kaggle_dir=kaggle_dir,
-            site_csvs=tuple(site_csv or ()),
+            site_csvs=tuple(site_csv(spec) for spec in site_csvs or ()),
             views=tuple(view.strip() for view in views.split(",") if view.strip()),
+            finding_map=finding_map,
+            cache_dir=cache_dir if cache_dir is not None else out,
             n_covid=_count(n_covid, "--n-covid"),
             n_normal=_count(n_normal, "--n-normal"),
             n_pneumonia=_count(n_pneumonia, "--n-pneumonia"),
@@ -93,12 +150,29 @@ def prepare(
             folds=folds,
             seed=seed,
         )
-        prepared = assemble_dataset(options)
+        with Progress(
+            TextColumn("fingerprinting images"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        ) as progress:
+            task = progress.add_task("fingerprints", total=None)
+            prepared = assemble_dataset(
+                options, on_progress=lambda done, total: progress.update(task, completed=done, total=total)
+            )
         datalist_path, summary_path = write_prepared(prepared, out)
     counts = prepared.summary["counts"]
     console.print(_table("Images per class and split", counts["images"]))
     console.print(_table("Patients per class and split", counts["patients"]))
+    console.print(_source_table(prepared.summary["counts_by_source"]))
+    console.print(_duplicate_table(prepared.summary["near_duplicates"]))
     for warning in prepared.warnings:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
-    console.print(f"wrote {datalist_path} and {summary_path.name}", highlight=False, soft_wrap=True)
+    console.print(
+        f"wrote {datalist_path}, {summary_path.name} and {FIGURE_FILENAME}",
+        highlight=False,
+        soft_wrap=True,
+    )
     typer.echo(str(datalist_path))

@@ -60,6 +60,12 @@ def train(
     cache_rate: float = typer.Option(1.0, "--cache-rate", min=0.0, max=1.0),
     early_stop_patience: int = typer.Option(0, "--early-stop-patience", min=0, help="0: off."),
     seed: int = typer.Option(0, "--seed"),
+    exclude_source: list[str] | None = typer.Option(
+        None,
+        "--exclude-source",
+        help="Leave this source's items out of training and validation (leave-one-source-out; e.g. "
+        "site:nih-chestxray8). Repeatable.",
+    ),
     device: str | None = typer.Option(
         None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."
     ),
@@ -82,12 +88,15 @@ def train(
     """
     import torch
 
-    from cxr_monai.training import crossval, datalist_folds
+    from cxr_monai.data import load_datalist
+    from cxr_monai.training import check_sources, crossval, datalist_folds
 
     with user_errors():
         if backbone not in BACKBONES:
             raise DatasetError(f"--backbone {backbone!r}: expected one of {', '.join(BACKBONES)}")
         chosen = _parse_folds(folds, datalist_folds(str(datalist)))
+        excluded = list(exclude_source or [])
+        check_sources(load_datalist(datalist), excluded)
         parameters: dict[str, Any] = {
             "backbone": backbone,
             "pretrained": pretrained,
@@ -103,6 +112,7 @@ def train(
             "cache_rate": cache_rate,
             "early_stop_patience": early_stop_patience,
             "seed": seed,
+            "exclude_sources": excluded,
             "verbose": logging.getLogger().isEnabledFor(logging.DEBUG),  # per-epoch/iteration logs
         }
         if device:

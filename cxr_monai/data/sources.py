@@ -4,7 +4,7 @@ Sources:
 
 * covid-chestxray-dataset (Cohen et al.): ``metadata.csv`` + ``images/`` as published;
 * Kaggle chest-xray-pneumonia (Kermany et al.): ``{train,val,test}/{NORMAL,PNEUMONIA}/`` under one folder;
-* a site's own CSV with ``image,label[,patient_id]`` columns.
+* a site's own CSV with ``image,label[,patient_id,age,sex]`` columns.
 
 Every scan returns a :class:`SourceScan`: the items whose file exists, the rows skipped because the file is
 missing (as CSV line numbers, never paths: a site's paths may carry patient identifiers), and warnings.
@@ -15,12 +15,13 @@ from __future__ import annotations
 import csv
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cxr_monai.constants import CLASS_NAMES
+from cxr_monai.data.findings import DEFAULT_FINDING_MAP, classify_finding
 from cxr_monai.errors import DatasetError
 
 COVID_SOURCE = "covid-chestxray-dataset"
@@ -42,13 +43,18 @@ _SITE_REQUIRED_COLUMNS = ("image", "label")
 _KAGGLE_PERSON = re.compile(r"^(person\d+)_(?:bacteria|virus)_\d+$")
 _KAGGLE_IM = re.compile(r"^((?:NORMAL2-)?IM-\d+)-\d+(?:-\d+)?$")
 _MISSING_EXAMPLES = 5
+_SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+#: Accepted ``sex`` cells (any case) -> the covid-chestxray-dataset coding.
+_SEX_CODES: dict[str, str] = {"m": "M", "male": "M", "f": "F", "female": "F"}
+_MAX_AGE_YEARS = 130
 
 
 @dataclass(frozen=True)
 class DataItem:
     """One image of the dataset: ``image`` is an absolute path, ``label`` an index into :data:`CLASS_NAMES`.
 
-    ``view`` and ``offset`` (days since symptom onset, or None) are set for covid-chestxray-dataset items.
+    ``view`` and ``offset`` (days since symptom onset, or None) are set for covid-chestxray-dataset items;
+    ``age`` (years) and ``sex`` ("M"/"F") where the source gives them, else None.
     """
 
     image: str
@@ -57,13 +63,16 @@ class DataItem:
     source: str
     view: str | None = None
     offset: float | int | None = None
+    age: float | int | None = None
+    sex: str | None = None
 
     @property
     def label_name(self) -> str:
         return CLASS_NAMES[self.label]
 
     def to_json(self) -> dict[str, Any]:
-        """Datalist entry (no ``fold``): image, label, label_name, patient_id, source[, offset, view]."""
+        """Datalist entry (no ``fold``): image, label, label_name, patient_id, source[, offset, view][, age]
+        [, sex] (age and sex only when known)."""
         entry: dict[str, Any] = {
             "image": self.image,
             "label": self.label,
@@ -74,6 +83,10 @@ class DataItem:
         if self.source == COVID_SOURCE:
             entry["offset"] = self.offset
             entry["view"] = self.view
+        if self.age is not None:
+            entry["age"] = self.age
+        if self.sex is not None:
+            entry["sex"] = self.sex
         return entry
 
 
@@ -87,15 +100,20 @@ class SourceScan:
     listing: str = ""
     missing_lines: list[int] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    skipped_findings: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
-        return {
+        """Counts for prepare_summary.json; ``skipped_findings`` only for covid-chestxray-dataset."""
+        record: dict[str, Any] = {
             "eligible": self.eligible,
             "found": len(self.items),
             "missing": len(self.missing_lines),
             "listing": self.listing,
             "missing_lines": list(self.missing_lines),
         }
+        if self.source == COVID_SOURCE:
+            record["skipped_findings"] = dict(sorted(self.skipped_findings.items()))
+        return record
 
     def note_missing(self) -> None:
         """Add the warning that reports rows skipped because their file is absent (count + first rows)."""
@@ -126,8 +144,8 @@ def _read_csv(path: Path, required: Sequence[str], what: str) -> tuple[list[str]
     return header, rows
 
 
-def _parse_offset(text: str) -> float | int | None:
-    """covid-chestxray-dataset ``offset`` (days; may be blank or fractional) -> int, float or None."""
+def _parse_number(text: str) -> float | int | None:
+    """A number cell -> int, float or None (blank or not a number)."""
     text = text.strip()
     if not text:
         return None
@@ -138,12 +156,18 @@ def _parse_offset(text: str) -> float | int | None:
     return int(value) if value.is_integer() else value
 
 
-def scan_covid_dir(covid_dir: Path, views: Iterable[str] = DEFAULT_COVID_VIEWS) -> SourceScan:
-    """COVID-19 X-rays of a covid-chestxray-dataset checkout.
+def scan_covid_dir(
+    covid_dir: Path,
+    views: Iterable[str] = DEFAULT_COVID_VIEWS,
+    finding_map: Mapping[str, str | None] = DEFAULT_FINDING_MAP,
+) -> SourceScan:
+    """X-rays of a covid-chestxray-dataset checkout, labelled from their ``finding``.
 
-    Keeps rows with ``modality`` "X-ray", ``finding`` containing "COVID-19" and ``view`` in ``views``;
-    the image is ``<covid_dir>/<folder>/<filename>`` (``folder`` defaults to ``images``). Patient id:
-    ``covid:<patientid>``.
+    Keeps rows with ``modality`` "X-ray" and ``view`` in ``views``; the class comes from
+    :func:`cxr_monai.data.findings.classify_finding` with ``finding_map``; rows it skips are counted per
+    finding in ``skipped_findings`` (with a warning). The image is ``<covid_dir>/<folder>/<filename>``
+    (``folder`` defaults to ``images``). Patient id: ``covid:<patientid>``; ``age``/``sex`` from their
+    columns.
     """
     covid_dir = Path(covid_dir)
     metadata = covid_dir / "metadata.csv"
@@ -155,12 +179,14 @@ def scan_covid_dir(covid_dir: Path, views: Iterable[str] = DEFAULT_COVID_VIEWS) 
     wanted_views = {view.strip() for view in views}
     _, rows = _read_csv(metadata, _COVID_REQUIRED_COLUMNS, "covid-chestxray-dataset metadata")
     scan = SourceScan(COVID_SOURCE, listing=metadata.name)
-    label = CLASS_NAMES.index("COVID-19")
     for line, row in enumerate(rows, start=2):  # line 1 is the header
-        if (row.get("modality") or "").strip() != "X-ray" or "COVID-19" not in (row.get("finding") or ""):
-            continue
         view = (row.get("view") or "").strip()
-        if view not in wanted_views:
+        if (row.get("modality") or "").strip() != "X-ray" or view not in wanted_views:
+            continue
+        finding = (row.get("finding") or "").strip()
+        class_name = classify_finding(finding, finding_map)
+        if class_name is None:
+            scan.skipped_findings[finding] = scan.skipped_findings.get(finding, 0) + 1
             continue
         scan.eligible += 1
         folder = (row.get("folder") or "").strip() or "images"
@@ -168,15 +194,24 @@ def scan_covid_dir(covid_dir: Path, views: Iterable[str] = DEFAULT_COVID_VIEWS) 
         if not os.path.isfile(image):
             scan.missing_lines.append(line)
             continue
+        sex = (row.get("sex") or "").strip().upper()
         scan.items.append(
             DataItem(
                 image=image,
-                label=label,
+                label=CLASS_NAMES.index(class_name),
                 patient_id=f"covid:{row['patientid'].strip()}",
                 source=COVID_SOURCE,
                 view=view,
-                offset=_parse_offset(row.get("offset") or ""),
+                offset=_parse_number(row.get("offset") or ""),
+                age=_parse_number(row.get("age") or ""),
+                sex=sex if sex in ("M", "F") else None,
             )
+        )
+    if scan.skipped_findings:
+        listing = ", ".join(f"{name or '(blank)'} {n}" for name, n in sorted(scan.skipped_findings.items()))
+        scan.warnings.append(
+            f"{COVID_SOURCE}: {sum(scan.skipped_findings.values())} X-ray rows of the kept views skipped "
+            f"because their finding is not mapped to a class ({listing}); see --finding-map"
         )
     scan.note_missing()
     return scan
@@ -259,18 +294,59 @@ def parse_label(text: str) -> int | None:
     return lowered.index(text.lower()) if text.lower() in lowered else None
 
 
-def scan_site_csv(csv_path: Path) -> SourceScan:
-    """A site's own images from a CSV with columns ``image,label[,patient_id]``.
+@dataclass(frozen=True)
+class SiteCSV:
+    """A site CSV and the name of its source (``site:<name>``; also the prefix of its patient ids)."""
 
-    ``image`` is a path, relative ones resolved against the CSV's folder; ``label`` a class name or index.
-    Patient id ``<csv stem>:<patient_id>``; without a patient_id (column or cell) each image is its own
-    patient, with a warning. Source: ``site:<csv stem>``.
+    path: Path
+    name: str
+
+
+def site_csv(spec: str | Path) -> SiteCSV:
+    """``--site-csv [NAME=]PATH`` -> :class:`SiteCSV`; NAME defaults to the CSV's file stem.
+
+    DatasetError when NAME is not letters, digits, ``.``, ``_`` or ``-`` (starting with a letter or digit).
     """
-    csv_path = Path(csv_path)
+    text = str(spec)
+    name, sep, rest = text.partition("=")
+    if not sep or Path(text).is_file():
+        return SiteCSV(Path(text), Path(text).stem)
+    if not _SITE_NAME.match(name):
+        raise DatasetError(
+            f"--site-csv {text}: site name {name!r} must be letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return SiteCSV(Path(rest), name)
+
+
+def _site_age_sex(row: dict[str, str], where: str) -> tuple[float | int | None, str | None]:
+    """Optional ``age`` (years, 0-130) and ``sex`` (M/F/male/female) cells; blank -> None.
+
+    The message names the line and column, never the cell (it is patient data)."""
+    age_text = (row.get("age") or "").strip()
+    age = _parse_number(age_text)
+    if age_text and (age is None or not 0 <= age <= _MAX_AGE_YEARS):
+        raise DatasetError(f"{where}: age is not a number of years between 0 and {_MAX_AGE_YEARS}")
+    sex_text = (row.get("sex") or "").strip().lower()
+    if sex_text and sex_text not in _SEX_CODES:
+        raise DatasetError(f"{where}: sex is not one of M, F, male, female (or blank)")
+    return age, _SEX_CODES.get(sex_text)
+
+
+def scan_site_csv(site: SiteCSV | Path) -> SourceScan:
+    """A site's own images from a CSV with columns ``image,label[,patient_id,age,sex]``.
+
+    ``image`` is a path, relative ones resolved against the CSV's folder; ``label`` a class name or index;
+    ``age`` in years, ``sex`` M/F (blank = unknown). A bare path is named after its file stem.
+    Patient id ``<name>:<patient_id>``; without a patient_id (column or cell) each image is its own
+    patient, with a warning. Source: ``site:<name>``.
+    """
+    if not isinstance(site, SiteCSV):
+        site = site_csv(site)
+    csv_path, name = site.path, site.name
     if not csv_path.is_file():
         raise DatasetError(f"--site-csv {csv_path} is not a file; expected a CSV with columns image,label")
     header, rows = _read_csv(csv_path, _SITE_REQUIRED_COLUMNS, "site CSV")
-    name = csv_path.stem
     scan = SourceScan(SITE_SOURCE_PREFIX + name, listing=csv_path.name)
     has_patient_column = "patient_id" in header
     own_patient = 0
@@ -285,6 +361,7 @@ def scan_site_csv(csv_path: Path) -> SourceScan:
                 f"site CSV {csv_path} line {line}: label {label_text.strip()!r} is not one of "
                 f"{', '.join(CLASS_NAMES)} or an index 0-{len(CLASS_NAMES) - 1}"
             )
+        age, sex = _site_age_sex(row, f"site CSV {csv_path} line {line}")
         scan.eligible += 1
         image = os.path.abspath(csv_path.parent / image_text)
         if not os.path.isfile(image):
@@ -295,7 +372,9 @@ def scan_site_csv(csv_path: Path) -> SourceScan:
             own_patient += 1
             patient = f"image:{image_text}"
         scan.items.append(
-            DataItem(image=image, label=label, patient_id=f"{name}:{patient}", source=scan.source)
+            DataItem(
+                image=image, label=label, patient_id=f"{name}:{patient}", source=scan.source, age=age, sex=sex
+            )
         )
     if own_patient:
         reason = "has no patient_id column" if not has_patient_column else "has empty patient_id cells"

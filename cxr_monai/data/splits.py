@@ -65,11 +65,13 @@ def subsample_per_class(
     return [item for i, item in enumerate(items) if i in keep], report, warnings
 
 
-def _patients_per_class(items: Sequence[DataItem], indices: Sequence[int]) -> dict[int, int]:
-    patients: dict[int, set[str]] = defaultdict(set)
+def _groups_per_class(
+    items: Sequence[DataItem], groups: Sequence[str], indices: Sequence[int]
+) -> dict[int, int]:
+    members: dict[int, set[str]] = defaultdict(set)
     for i in indices:
-        patients[items[i].label].add(items[i].patient_id)
-    return {label: len(ids) for label, ids in patients.items()}
+        members[items[i].label].add(groups[i])
+    return {label: len(ids) for label, ids in members.items()}
 
 
 def outer_fold_count(test_fraction: float) -> int:
@@ -85,8 +87,10 @@ def outer_fold_count(test_fraction: float) -> int:
     return count
 
 
-def _check_patients(items: Sequence[DataItem], indices: Sequence[int], needed: int, what: str) -> None:
-    for label, count in sorted(_patients_per_class(items, indices).items()):
+def _check_patients(
+    items: Sequence[DataItem], groups: Sequence[str], indices: Sequence[int], needed: int, what: str
+) -> None:
+    for label, count in sorted(_groups_per_class(items, groups, indices).items()):
         if count < needed:
             raise DatasetError(
                 f"{CLASS_NAMES[label]} has {count} patient(s) {what}, fewer than the {needed} needed; "
@@ -94,35 +98,49 @@ def _check_patients(items: Sequence[DataItem], indices: Sequence[int], needed: i
             )
 
 
-def _grouped_folds(items: Sequence[DataItem], indices: Sequence[int], n_splits: int, seed: int) -> list[int]:
-    """Fold (0..n_splits-1) of each of ``indices``: StratifiedGroupKFold on the label, grouped by patient."""
+def _grouped_folds(
+    items: Sequence[DataItem], groups: Sequence[str], indices: Sequence[int], n_splits: int, seed: int
+) -> list[int]:
+    """Fold (0..n_splits-1) of each of ``indices``: StratifiedGroupKFold on the label, grouped by
+    ``groups``."""
     labels = np.array([items[i].label for i in indices])
-    groups = np.array([items[i].patient_id for i in indices])
+    group_ids = np.array([groups[i] for i in indices])
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     fold_of = np.full(len(indices), -1)
-    for fold, (_, held_out) in enumerate(splitter.split(np.zeros(len(indices)), labels, groups)):
+    for fold, (_, held_out) in enumerate(splitter.split(np.zeros(len(indices)), labels, group_ids)):
         fold_of[held_out] = fold
     return [int(fold) for fold in fold_of]
 
 
-def assign_splits(items: Sequence[DataItem], test_fraction: float, folds: int, seed: int) -> list[int | None]:
+def assign_splits(
+    items: Sequence[DataItem],
+    test_fraction: float,
+    folds: int,
+    seed: int,
+    groups: Sequence[str] | None = None,
+) -> list[int | None]:
     """Split of each item: None for the test split, else its cross-validation fold 0..folds-1.
 
     The test split is fold 0 of round(1 / test_fraction) StratifiedGroupKFold folds (shuffled with ``seed``);
-    the rest is split into ``folds`` folds the same way. Grouping by ``patient_id`` keeps every patient in
-    exactly one split and one fold. DatasetError when a class has fewer patients than a split needs.
+    the rest is split into ``folds`` folds the same way. Grouping by ``groups`` (default: ``patient_id``;
+    prepare passes patients merged with their near-duplicates) keeps every group in exactly one split and
+    one fold. DatasetError when a class has fewer groups than a split needs.
     """
+    if groups is None:
+        groups = [item.patient_id for item in items]
     if folds < 2:
         raise DatasetError(f"--folds must be at least 2, got {folds}")
     if not items:
         raise DatasetError("no images found in the given sources")
     n_test = outer_fold_count(test_fraction)
     everything = list(range(len(items)))
-    _check_patients(items, everything, n_test, f"in all, for a test split of 1 in {n_test}")
-    outer = _grouped_folds(items, everything, n_test, seed)
+    _check_patients(items, groups, everything, n_test, f"in all, for a test split of 1 in {n_test}")
+    outer = _grouped_folds(items, groups, everything, n_test, seed)
     training = [i for i in everything if outer[i] != 0]
-    _check_patients(items, training, folds, f"left for training after the test split, for --folds {folds}")
-    inner = _grouped_folds(items, training, folds, seed)
+    _check_patients(
+        items, groups, training, folds, f"left for training after the test split, for --folds {folds}"
+    )
+    inner = _grouped_folds(items, groups, training, folds, seed)
     assignment: list[int | None] = [None] * len(items)
     for i, fold in zip(training, inner, strict=True):
         assignment[i] = fold

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from cxr_monai.data import get_test_items, items_for_fold, load_datalist, num_folds
@@ -11,7 +12,20 @@ from cxr_monai.errors import DatasetError
 logger = logging.getLogger(__name__)
 
 
-def fold_items(datalist: str, fold: int, role: str) -> list[dict[str, Any]]:
+def check_sources(content: dict[str, Any], names: Sequence[str]) -> None:
+    """DatasetError naming the sources present when one of ``names`` is not a ``source`` of the datalist."""
+    present = sorted({str(item.get("source")) for item in content["training"] + content["test"]})
+    unknown = [name for name in names if name not in present]
+    if unknown:
+        raise DatasetError(
+            f"--exclude-source {', '.join(unknown)}: not a source of this datalist; its sources are "
+            f"{', '.join(present)}"
+        )
+
+
+def fold_items(
+    datalist: str, fold: int, role: str, exclude_sources: Sequence[str] = ()
+) -> list[dict[str, Any]]:
     """Items of the datalist written by ``cxr-monai prepare`` for one role of a run.
 
     ``role``: ``"train"`` = training items outside ``fold`` (all of them when ``fold < 0``),
@@ -22,11 +36,14 @@ def fold_items(datalist: str, fold: int, role: str) -> list[dict[str, Any]]:
     ``{"image": path, "label": index into CLASS_NAMES}``: the other keys vary by source (``offset`` may be
     null, Kaggle items have no ``view``), which batch collation refuses, and patient data has no business
     in a batch.
-    Raises DatasetError for a missing/invalid datalist or an empty selection.
+    ``exclude_sources``: sources whose items are left out of ``train`` and ``validate`` (leave-one-source-out;
+    ``test`` and ``training`` keep them, so the left-out source can still be scored).
+    Raises DatasetError for a missing/invalid datalist, an unknown source or an empty selection.
     """
     if not datalist:
         raise DatasetError("no datalist given: pass --datalist FILE (made by `cxr-monai prepare`)")
     content = load_datalist(datalist)
+    check_sources(content, exclude_sources)
     if role in ("train", "validate"):
         train, validate = items_for_fold(content, None if fold < 0 else int(fold))
         # Synthetic (CycleGAN) items may train but never validate: validation measures real images only.
@@ -44,6 +61,7 @@ def fold_items(datalist: str, fold: int, role: str) -> list[dict[str, Any]]:
             selected = kept
         if role == "validate" and fold < 0:
             return []  # training on every item: nothing is held out
+        selected = [item for item in selected if item.get("source") not in exclude_sources]
     elif role == "test":
         selected = get_test_items(content)
     elif role == "training":
