@@ -187,3 +187,32 @@ def test_train_cli_refuses_an_unknown_source_before_training(three_sources: Path
     )
     assert result.exit_code == 1 and "its sources are" in result.output
     assert not (tmp_path / "t").exists()
+
+
+def test_relative_image_paths_resolve_against_the_datalist_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decathlon semantics (``monai.data.load_decathlon_datalist``), the same for training and the GAN."""
+    from cxr_monai.training.datalists import fold_items
+
+    folder = tmp_path / "site"
+    folder.mkdir()
+    item = {"label": 0, "label_name": "COVID-19", "patient_id": "p", "source": "s"}
+    doc = {
+        "class_names": list(CLASS_NAMES),
+        "training": [{**item, "image": "img/a.png", "fold": 0}, {**item, "image": "img/b.png", "fold": 1}],
+        "test": [{**item, "image": "img/c.png"}],
+    }
+    (folder / "datalist.json").write_text(json.dumps(doc))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the working folder must not matter
+    expected = load_decathlon_datalist(
+        str(folder / "datalist.json"), is_segmentation=False, data_list_key="test"
+    )
+    assert fold_items(str(folder / "datalist.json"), -1, "test") == [
+        {"image": expected[0]["image"], "label": 0}
+    ]
+    assert [i["image"] for i in fold_items(str(folder / "datalist.json"), 0, "train")] == [
+        str(folder / "img" / "b.png")
+    ]

@@ -28,6 +28,10 @@ _ITEM_KEYS = ("image", "label", "patient_id")
 def load_datalist(path: str | Path) -> dict[str, Any]:
     """Read and check a datalist written by ``cxr-monai prepare``.
 
+    Relative ``image`` paths are resolved against the datalist's folder, as
+    ``monai.data.load_decathlon_datalist`` resolves them, so training, the GAN and evaluation read the
+    same files from the same datalist.
+
     Raises DatasetError when the file is missing or not JSON, lacks ``training``/``test`` lists, an item
     lacks image/label/patient_id (or, in ``training``, an integer ``fold``), or its ``class_names`` differ
     from :data:`cxr_monai.constants.CLASS_NAMES`.
@@ -54,6 +58,8 @@ def load_datalist(path: str | Path) -> dict[str, Any]:
                 absent.append("fold")
             if absent:
                 raise DatasetError(f"datalist {path}: {key} item {number} lacks {', '.join(absent)}")
+            image = Path(str(item["image"]))
+            item["image"] = str(image if image.is_absolute() else path.parent.resolve() / image)
     return datalist
 
 
