@@ -66,8 +66,8 @@ def gan_side(spatial_size: Any) -> int:
 
 
 def gan_transforms(spatial_size: Any, augment: bool = True, seed: int = 0) -> Compose:
-    """Path -> float32 (1, S, S) in [-1, 1] (S = :func:`gan_side`): LoadCXRd, channel first, per-image min-max to [-1, 1],
-    antialiased resize to S x S, then (``augment``) random horizontal and vertical flips, each p = 0.5
+    """Path -> float32 (1, S, S) in [-1, 1] (S = :func:`gan_side`): LoadCXRd, channel first, per-image
+    min-max to [-1, 1], antialiased resize to S x S, then (``augment``) random horizontal and vertical flips, each p = 0.5
     (Zhu et al. flip too; the generator must not learn a side)."""
     side = gan_side(spatial_size)
     steps: list[Any] = [
@@ -98,4 +98,7 @@ class UnpairedDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         a = self.domain_a[index % len(self.domain_a)]["image"]
         b = self.domain_b[index % len(self.domain_b)]["image"]
-        return {"image_a": convert_to_tensor(a, track_meta=False), "image_b": convert_to_tensor(b, track_meta=False)}
+        return {
+            "image_a": convert_to_tensor(a, track_meta=False),
+            "image_b": convert_to_tensor(b, track_meta=False),
+        }

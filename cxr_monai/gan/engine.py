@@ -98,7 +98,9 @@ class CycleGANStep:
             run(fake_a, self.d_a)
         )
         cycle = loss.cycle(run(fake_b, self.g_ba), real_a) + loss.cycle(run(fake_a, self.g_ab), real_b)
-        identity = loss.identity(run(real_b, self.g_ab), real_b) + loss.identity(run(real_a, self.g_ba), real_a)
+        identity = loss.identity(run(real_b, self.g_ab), real_b) + loss.identity(
+            run(real_a, self.g_ba), real_a
+        )
         (g_adv + cycle + identity).backward()
         self.opt_g.step()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from torchvision.utils import make_grid
 from cxr_monai.atomic import atomic_path, write_json_atomic
 from cxr_monai.gan.data import UnpairedDataset
 from cxr_monai.gan.engine import LOSS_KEYS
-from cxr_monai.gan.trainer import GENERATOR_FILE, LOG_FILE, RUN_INFO, SAMPLES_FILE, checkpoints
+from cxr_monai.gan.trainer import GENERATOR_FILE, RUN_INFO, SAMPLES_FILE, checkpoints
 
 
 class GANLossLog:
@@ -50,8 +50,9 @@ class GANLossLog:
                 previous = json.loads(self.path.read_text(encoding="utf-8"))
                 self.entries = [e for e in previous if e["iteration"] < iteration]
                 self._offset = float(self.entries[-1]["seconds"]) if self.entries else 0.0
+        output = cast(dict[str, float], engine.state.output)
         for key in LOSS_KEYS:
-            self.window[key].append(float(engine.state.output[key]))
+            self.window[key].append(float(output[key]))
         last = int(engine.state.epoch_length or 0) * int(engine.state.max_epochs or 0)
         if iteration % self.log_interval == 0 or iteration == last:
             entry: dict[str, Any] = {"iteration": iteration}

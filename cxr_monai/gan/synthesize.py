@@ -26,7 +26,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ from PIL import Image
 from cxr_monai.atomic import atomic_path, write_json_atomic
 from cxr_monai.constants import CLASS_NAMES
 from cxr_monai.data import DATALIST_FILENAME
-from cxr_monai.errors import BundleError, DatasetError
+from cxr_monai.errors import BundleError, CXRMonaiError, DatasetError
 from cxr_monai.gan.data import COVID, domain_items, load_resolved_datalist
 from cxr_monai.gan.trainer import RUN_INFO
 
@@ -106,7 +106,7 @@ class SyntheticWriter:
         self.items = []
 
     def _write_batch(self, engine: Engine) -> None:
-        fakes = engine.state.output["pred"].detach().clamp(-1, 1)
+        fakes = _pred(engine).detach().clamp(-1, 1)
         pixels = ((fakes[:, 0].cpu().numpy() + 1.0) * 127.5).round().astype(np.uint8)
         for image in pixels:
             source = self.sources[len(self.items)]
@@ -142,7 +142,7 @@ class SyntheticWriter:
             "seed": self.seed,
             "fold_excluded": self.fold if self.fold >= 0 else None,
             "gan_fold": self.gan_fold,
-            "spatial_size": int(engine.state.output["pred"].shape[-1]),
+            "spatial_size": int(_pred(engine).shape[-1]),
             "synthetic_images": len(self.items),
             "distinct_source_images": len({item["source_image"] for item in self.items}),
             "normal_pool": len(domain_items(extended, self.fold)[0]),
@@ -154,6 +154,11 @@ class SyntheticWriter:
             "test_items": len(extended["test"]),
         }
         write_json_atomic(self.out / REPORT_FILE, report)
+
+
+def _pred(engine: Engine) -> torch.Tensor:
+    """The generator's output batch (B, 1, S, S) of the evaluator's last iteration."""
+    return cast(dict[str, torch.Tensor], engine.state.output)["pred"]
 
 
 def synthesize_covid(
@@ -194,8 +199,12 @@ def synthesize_covid(
         workflow_type="infer",
         **overrides,
     )
-    workflow.initialize()
-    evaluator = workflow.evaluator
+    try:
+        workflow.initialize()
+        evaluator = workflow.evaluator
+    except RuntimeError as exc:  # MONAI's config parser wraps what a config expression raised
+        cause = exc.__cause__
+        raise cause if isinstance(cause, CXRMonaiError) else exc from None
     if on_image is not None:
         total = int(n)
         evaluator.add_event_handler(

@@ -53,7 +53,9 @@ def default_bundle_root() -> str:
 def checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
     """(iteration, path) of the resumable checkpoints MONAI's ``CheckpointSaver`` wrote, oldest first."""
     folder = Path(ckpt_dir)
-    found = [(int(m.group(1)), p) for p in folder.glob("checkpoint_*.pt") if (m := _CHECKPOINT_NAME.match(p.name))]
+    found = [
+        (int(m.group(1)), p) for p in folder.glob("checkpoint_*.pt") if (m := _CHECKPOINT_NAME.match(p.name))
+    ]
     return sorted(found)
 
 
