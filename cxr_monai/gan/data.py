@@ -67,8 +67,8 @@ def gan_side(spatial_size: Any) -> int:
 
 def gan_transforms(spatial_size: Any, augment: bool = True, seed: int = 0) -> Compose:
     """Path -> float32 (1, S, S) in [-1, 1] (S = :func:`gan_side`): LoadCXRd, channel first, per-image
-    min-max to [-1, 1], antialiased resize to S x S, then (``augment``) random horizontal and vertical flips, each p = 0.5
-    (Zhu et al. flip too; the generator must not learn a side)."""
+    min-max to [-1, 1], antialiased resize to S x S, then (``augment``) random horizontal and vertical
+    flips, each p = 0.5 (Zhu et al. flip too; the generator must not learn a side)."""
     side = gan_side(spatial_size)
     steps: list[Any] = [
         LoadCXRd("image"),
