@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from monai.inferers import SimpleInferer
 
+from cxr_monai.gan.engine import CycleGANStep, ImagePool
 from cxr_monai.gan.losses import CycleGANLoss
 from cxr_monai.gan.networks import ResnetGenerator, build_discriminator
-from cxr_monai.gan.trainer import CycleGAN, ImagePool
 
 
 @pytest.fixture(autouse=True)
@@ -64,16 +65,21 @@ def test_image_pool_returns_same_shape_and_stored_fakes() -> None:
     assert torch.equal(ImagePool(size=0).query(torch.ones(3, 1, 2, 2)), torch.ones(3, 1, 2, 2))
 
 
-def _small_gan() -> CycleGAN:
+def _small_gan() -> CycleGANStep:
+    """The step as train.json builds it: two generators, two discriminators, one Adam for each pair."""
     torch.manual_seed(0)
-    return CycleGAN(base_channels=4, n_residual_blocks=1, disc_base_channels=4, pool_size=4, seed=0)
+    g_ab, g_ba = (ResnetGenerator(base_channels=4, n_residual_blocks=1) for _ in range(2))
+    d_a, d_b = (build_discriminator(base_channels=4) for _ in range(2))
+    opt_g = torch.optim.Adam([*g_ab.parameters(), *g_ba.parameters()], lr=2e-4, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam([*d_a.parameters(), *d_b.parameters()], lr=2e-4, betas=(0.5, 0.999))
+    return CycleGANStep(g_ab, g_ba, d_a, d_b, opt_g, opt_d, CycleGANLoss(), SimpleInferer(), pool_size=4)
 
 
 def test_one_step_updates_every_network_and_stays_finite() -> None:
     gan = _small_gan()
     nets = {"g_ab": gan.g_ab, "g_ba": gan.g_ba, "d_a": gan.d_a, "d_b": gan.d_b}
     before = {name: [p.detach().clone() for p in net.parameters()] for name, net in nets.items()}
-    losses = gan.step(_batch(2), _batch(3))
+    losses = gan(None, {"image_a": _batch(2), "image_b": _batch(3)})
     assert set(losses) == {"d_loss", "g_adv", "cycle", "identity"}
     assert all(np.isfinite(v) and v > 0 for v in losses.values())
     for name, net in nets.items():
@@ -94,5 +100,5 @@ def test_cycle_loss_decreases_on_a_fixed_batch() -> None:
     gan = _small_gan()
     real_a = _discs((-0.3, 0.0, 0.4), (0.3, 0.2, 0.3))
     real_b = _discs((0.0, -0.3, 0.5), (0.2, 0.3, 0.25))
-    cycle = [gan.step(real_a, real_b)["cycle"] for _ in range(30)]
+    cycle = [gan(None, {"image_a": real_a, "image_b": real_b})["cycle"] for _ in range(30)]
     assert np.mean(cycle[-3:]) < 0.7 * np.mean(cycle[:3])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import typer
@@ -33,6 +34,7 @@ def synthesize(
     """
     from cxr_monai.gan.synthesize import synthesize_covid
 
+    logging.getLogger("monai.bundle.workflows").setLevel(logging.ERROR)  # "logging file is False" noise
     with user_errors():
         console.print(RESEARCH_USE_NOTICE, style="dim")
         with Progress(

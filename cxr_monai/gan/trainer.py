@@ -1,156 +1,46 @@
-"""CycleGAN training: the alternating generator/discriminator step and the bundle's training run.
+"""The ``cxr_cyclegan`` bundle's trained-GAN directory and its checkpoints.
 
-Domain A = Normal, domain B = COVID-19. ``G`` maps A -> B (the generator kept for synthesis), ``F`` maps
-B -> A; ``D_A`` and ``D_B`` judge each domain. Each step (Zhu et al. 2017): one Adam step on G and F
-together (adversarial + cycle + identity), then one on D_A and D_B together with fakes drawn from an image
-history pool. MONAI's GAN engines train one generator and one discriminator, not two of each with a cycle
-term, so the step is written here.
+``train.json`` builds the networks, the data and a ``monai.engines.Trainer`` whose process function is
+:class:`cxr_monai.gan.engine.CycleGANStep`; this module gives it the output layout and resume. A trained
+GAN directory (``output_dir``) holds::
 
-A trained GAN directory (``output_dir``) holds::
-
-    configs/  metadata.json, train.json and synthesize.json with the run's parameters written in; logging.conf
-    models/   generator_normal2covid.pt (plain state_dict of the ``network_def`` in synthesize.json)
+    configs/  metadata.json, train.json, inference.json (the run's parameters written in), logging.conf
+    models/   generator_normal2covid.pt (plain state_dict of inference.json's ``network_def``) and
+              checkpoint_iteration=N.pt / checkpoint_final_iteration=N.pt (every model, optimiser and
+              the trainer's iteration: running train.json again resumes from the newest)
     logs/     gan_log.json (mean losses per log interval), run_info.json, samples.png
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import random
-import time
+import re
+import shutil
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from monai.utils import convert_to_tensor, set_determinism
-from PIL import Image
-from torchvision.utils import make_grid
+from ignite.engine import Engine, Events
+from monai.handlers import CheckpointLoader
 
-from cxr_monai.atomic import atomic_path, write_json_atomic, write_text_atomic
+from cxr_monai.atomic import write_json_atomic
 from cxr_monai.bundles import bundle_dir
-from cxr_monai.data import load_datalist
 from cxr_monai.errors import BundleError
-from cxr_monai.gan.data import domain_items, domain_loader, endless
-from cxr_monai.gan.losses import CycleGANLoss
-from cxr_monai.gan.networks import ResnetGenerator, build_discriminator
-
-logger = logging.getLogger(__name__)
+from cxr_monai.gan.data import gan_side
 
 BUNDLE_NAME = "cxr_cyclegan"
 GENERATOR_FILE = "generator_normal2covid.pt"
 LOG_FILE = "gan_log.json"
 SAMPLES_FILE = "samples.png"
 RUN_INFO = "run_info.json"
-CONFIG_FILES = ("metadata.json", "train.json", "synthesize.json", "logging.conf")
-#: Parameters that synthesis needs to rebuild the generator and its input; written into synthesize.json.
-SYNTHESIS_PARAMETERS = ("spatial_size", "base_channels", "n_residual_blocks")
-LOSS_KEYS = ("d_loss", "g_adv", "cycle", "identity")
-
-
-class ImagePool:
-    """History of generated images (Shrivastava et al. 2017, as CycleGAN uses it): the discriminator sees,
-    for each image, with p = 0.5 a stored older fake (the new one takes its place) and otherwise the new
-    one. ``size == 0`` passes images through. A few lines, so not worth a dependency."""
-
-    def __init__(self, size: int = 50, seed: int = 0) -> None:
-        self.size = int(size)
-        self.images: list[torch.Tensor] = []
-        self.rng = random.Random(seed)
-
-    def query(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) detached fakes -> (B, C, H, W) fakes for the discriminator."""
-        if self.size <= 0:
-            return images
-        out = []
-        for image in images.detach():
-            image = image.unsqueeze(0)
-            if len(self.images) < self.size:
-                self.images.append(image)
-                out.append(image)
-            elif self.rng.random() < 0.5:
-                index = self.rng.randrange(self.size)
-                out.append(self.images[index].clone())
-                self.images[index] = image
-            else:
-                out.append(image)
-        return torch.cat(out, 0)
-
-
-class CycleGAN:
-    """The four networks, their two Adam optimizers (lr 2e-4, betas (0.5, 0.999)) and the training step."""
-
-    def __init__(
-        self,
-        base_channels: int = 64,
-        n_residual_blocks: int = 6,
-        disc_base_channels: int = 64,
-        learning_rate: float = 2e-4,
-        lambda_cycle: float = 10.0,
-        lambda_identity: float = 0.5,
-        pool_size: int = 50,
-        seed: int = 0,
-        device: str | torch.device = "cpu",
-    ) -> None:
-        self.device = torch.device(device)
-        self.g_ab = ResnetGenerator(1, 1, base_channels, n_residual_blocks).to(self.device)
-        self.g_ba = ResnetGenerator(1, 1, base_channels, n_residual_blocks).to(self.device)
-        self.d_a = build_discriminator(1, disc_base_channels).to(self.device)
-        self.d_b = build_discriminator(1, disc_base_channels).to(self.device)
-        self.loss = CycleGANLoss(lambda_cycle, lambda_identity)
-        betas = (0.5, 0.999)
-        self.opt_g = torch.optim.Adam(
-            [*self.g_ab.parameters(), *self.g_ba.parameters()], lr=learning_rate, betas=betas
-        )
-        self.opt_d = torch.optim.Adam(
-            [*self.d_a.parameters(), *self.d_b.parameters()], lr=learning_rate, betas=betas
-        )
-        self.pool_a = ImagePool(pool_size, seed)
-        self.pool_b = ImagePool(pool_size, seed + 1)
-
-    def step(self, real_a: torch.Tensor, real_b: torch.Tensor) -> dict[str, float]:
-        """One G/F update then one D_A/D_B update on batches (B, 1, S, S) in [-1, 1].
-
-        Returns the weighted loss terms: ``d_loss`` (D_A + D_B), ``g_adv`` (both generators'
-        adversarial terms), ``cycle`` (both directions, x lambda) and ``identity`` (both, x lambda x 0.5).
-        """
-        real_a, real_b = real_a.to(self.device), real_b.to(self.device)
-        for net in (self.g_ab, self.g_ba, self.d_a, self.d_b):
-            net.train()
-
-        self._discriminators_trainable(False)
-        self.opt_g.zero_grad(set_to_none=True)
-        fake_b, fake_a = self.g_ab(real_a), self.g_ba(real_b)
-        g_adv = self.loss.generator_adversarial(self.d_b(fake_b)) + self.loss.generator_adversarial(
-            self.d_a(fake_a)
-        )
-        cycle = self.loss.cycle(self.g_ba(fake_b), real_a) + self.loss.cycle(self.g_ab(fake_a), real_b)
-        identity = self.loss.identity(self.g_ab(real_b), real_b) + self.loss.identity(
-            self.g_ba(real_a), real_a
-        )
-        (g_adv + cycle + identity).backward()
-        self.opt_g.step()
-
-        self._discriminators_trainable(True)
-        self.opt_d.zero_grad(set_to_none=True)
-        d_b = self.loss.discriminator(self.d_b(real_b), self.d_b(self.pool_b.query(fake_b.detach())))
-        d_a = self.loss.discriminator(self.d_a(real_a), self.d_a(self.pool_a.query(fake_a.detach())))
-        (d_a + d_b).backward()
-        self.opt_d.step()
-        return {
-            "d_loss": (d_a + d_b).item(),
-            "g_adv": g_adv.item(),
-            "cycle": cycle.item(),
-            "identity": identity.item(),
-        }
-
-    def _discriminators_trainable(self, flag: bool) -> None:
-        for net in (self.d_a, self.d_b):
-            for p in net.parameters():
-                p.requires_grad_(flag)
+CONFIG_FILES = ("metadata.json", "train.json", "inference.json", "logging.conf")
+#: Parameters that synthesis needs to rebuild the generator and its input; written into inference.json.
+INFERENCE_PARAMETERS = ("spatial_size", "base_channels", "n_residual_blocks")
+#: Key of the trainer's state (iteration, epoch_length) in a resumable checkpoint.
+TRAINER_KEY = "trainer"
+_CHECKPOINT_NAME = re.compile(r"^checkpoint_(?:final_)?iteration=(\d+)\.pt$")
 
 
 def default_bundle_root() -> str:
@@ -158,151 +48,132 @@ def default_bundle_root() -> str:
     return str(bundle_dir(BUNDLE_NAME))
 
 
-def train_cyclegan(
-    datalist: str,
-    output_dir: str,
-    iterations: int = 5000,
-    spatial_size: int = 128,
-    fold: int = -1,
-    batch_size: int = 1,
-    base_channels: int = 64,
-    n_residual_blocks: int = 6,
-    disc_base_channels: int = 64,
-    learning_rate: float = 2e-4,
-    lambda_cycle: float = 10.0,
-    lambda_identity: float = 0.5,
-    pool_size: int = 50,
-    log_interval: int = 50,
-    seed: int = 0,
-    num_workers: int = 0,
-    cache_rate: float = 1.0,
-    device: str | torch.device | None = None,
-    bundle_root: str | None = None,
-) -> str:
-    """Train Normal -> COVID-19 for ``iterations`` steps and write a trained GAN directory (module doc).
+def checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
+    """(iteration, path) of the resumable checkpoints MONAI's ``CheckpointSaver`` wrote, oldest first."""
+    folder = Path(ckpt_dir)
+    found = [
+        (int(m.group(1)), p) for p in folder.glob("checkpoint_*.pt") if (m := _CHECKPOINT_NAME.match(p.name))
+    ]
+    return sorted(found)
 
-    ``spatial_size`` must be a multiple of 4 and at least 32. Returns ``output_dir`` (absolute).
-    Raises DatasetError for a bad datalist or an empty domain, BundleError for a bad output_dir/size.
+
+def latest_checkpoint(ckpt_dir: str | Path) -> str:
+    """Path of the newest resumable checkpoint in ``ckpt_dir``; ``""`` when there is none."""
+    found = checkpoints(ckpt_dir)
+    return str(found[-1][1]) if found else ""
+
+
+def load_checkpoint(
+    path: str | Path, objects: Mapping[str, Any], engine: Engine | None = None, map_location: Any = None
+) -> None:
+    """Load ``objects`` (modules, optimisers) from ``path`` with MONAI's ``CheckpointLoader``; with
+    ``engine`` also its iteration (key :data:`TRAINER_KEY`). A file holding one plain state_dict fits a
+    single object. BundleError naming ``path`` when it is missing, unreadable or does not fit (another
+    architecture: the configs' parameters differ from those of the run that wrote it)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BundleError(f"checkpoint {path} not found; train the GAN first (bundle {BUNDLE_NAME})")
+    load = dict(objects)
+    if engine is not None:
+        load[TRAINER_KEY] = engine
+    loader = CheckpointLoader(load_path=str(path), load_dict=load, map_location=map_location)
+    try:
+        # CheckpointLoader restores through an engine; a bare one stands in when only weights are loaded.
+        loader(engine if engine is not None else Engine(lambda _engine, _batch: None))
+    except (RuntimeError, KeyError, ValueError, EOFError, OSError) as exc:
+        detail = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise BundleError(
+            f"checkpoint {path} does not fit this bundle's networks ({detail}); "
+            "the configs' parameters must be those of the run that wrote it"
+        ) from exc
+
+
+class ResumeCheckpoint:
+    """Resume an interrupted run at the trainer's ``STARTED``: :func:`load_checkpoint` restores
+    ``objects`` and the trainer's iteration from ``path``, so the run goes on to ``max_iterations``.
+
+    The configured length (``max_iterations``) wins over the checkpoint's, so a finished run can be
+    extended; BundleError when the checkpoint is already past it. (A handler rather than MONAI's
+    ``CheckpointLoader`` in the config because the config cannot name the trainer inside the trainer's
+    own handler list; the trainer is added here.)
     """
+
+    def __init__(self, path: str, objects: Mapping[str, Any], map_location: Any = None) -> None:
+        self.path = path
+        self.objects = dict(objects)
+        self.map_location = map_location
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        length = int(engine.state.epoch_length or 0)
+        load_checkpoint(self.path, self.objects, engine, self.map_location)
+        if engine.state.iteration > length:
+            raise BundleError(
+                f"checkpoint {self.path} is at iteration {engine.state.iteration}, past max_iterations "
+                f"{length}; pass a larger --max_iterations or a new --output_dir"
+            )
+        engine.state.epoch_length = length
+        engine.state.epoch = engine.state.iteration // length
+
+
+def prepare_output_dir(bundle_root: str, output_dir: str, run_parameters: Mapping[str, Any]) -> str:
+    """Make ``output_dir`` a trained GAN directory (module doc): ``configs/`` with the run's parameters
+    (``train.json`` gets them all and ``bundle_root`` = ``output_dir``, so running the copy resumes;
+    ``inference.json`` the generator's; ``metadata.json`` the image size), ``models/``, ``logs/`` and
+    ``logs/run_info.json``. Returns ``output_dir`` as an absolute path.
+    BundleError for a missing output_dir, one inside the source bundle, or a missing config."""
     if not output_dir:
         raise BundleError("no output directory given: pass --output_dir DIR")
-    if int(spatial_size) < 32 or int(spatial_size) % 4:
-        raise BundleError(f"spatial_size {spatial_size}: expected a multiple of 4, at least 32")
-    if not datalist:
+    if not run_parameters.get("datalist"):
         raise BundleError("no datalist given: pass --datalist FILE (made by `cxr-monai prepare`)")
-    params: dict[str, Any] = {k: v for k, v in locals().items() if k not in ("device", "bundle_root")}
-    params["datalist"] = str(Path(datalist).resolve())
-    out = _prepare_output_dir(bundle_root or default_bundle_root(), output_dir, params)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    set_determinism(seed=seed)
-
-    normal, covid = domain_items(load_datalist(datalist), fold)
-    logger.info(
-        "CycleGAN Normal -> COVID-19: %d Normal, %d COVID-19 training images", len(normal), len(covid)
-    )
-    loaders = [
-        domain_loader(items, spatial_size, batch_size, seed + i, num_workers, cache_rate)
-        for i, items in enumerate((normal, covid))
-    ]
-    stream_a, stream_b = endless(loaders[0]), endless(loaders[1])
-    gan = CycleGAN(
-        base_channels,
-        n_residual_blocks,
-        disc_base_channels,
-        learning_rate,
-        lambda_cycle,
-        lambda_identity,
-        pool_size,
-        seed,
-        device,
-    )
-    log: list[dict[str, Any]] = []
-    window: dict[str, list[float]] = {key: [] for key in LOSS_KEYS}
-    start = time.perf_counter()
-    for iteration in range(1, int(iterations) + 1):
-        for key, value in gan.step(next(stream_a), next(stream_b)).items():
-            window[key].append(value)
-        if iteration % int(log_interval) == 0 or iteration == int(iterations):
-            entry = {"iteration": iteration, **{k: float(np.mean(v)) for k, v in window.items()}}
-            entry["seconds"] = round(time.perf_counter() - start, 2)
-            log.append(entry)
-            write_json_atomic(out / "logs" / LOG_FILE, log)
-            logger.info(
-                "iteration %d/%d %s", iteration, iterations, {k: round(entry[k], 4) for k in LOSS_KEYS}
-            )
-            window = {key: [] for key in LOSS_KEYS}
-
-    with atomic_path(out / "models" / GENERATOR_FILE) as tmp:
-        torch.save({k: v.detach().cpu() for k, v in gan.g_ab.state_dict().items()}, tmp)
-    _write_samples(gan, loaders[0], out / "logs" / SAMPLES_FILE)
-    info = json.loads((out / "logs" / RUN_INFO).read_text(encoding="utf-8"))
-    info.update(
-        {
-            "normal_images": len(normal),
-            "covid_images": len(covid),
-            "device": str(device),
-            "train_seconds": round(time.perf_counter() - start, 2),
-        }
-    )
-    write_json_atomic(out / "logs" / RUN_INFO, info)
-    return str(out)
-
-
-def _write_samples(gan: CycleGAN, loader: Any, path: Path, count: int = 4) -> None:
-    """PNG grid, one column per Normal image: real Normal / synthetic COVID-19 / reconstructed Normal."""
-    batches = []
-    for batch in loader:  # batches hold batch_size images (often 1): gather ``count``
-        batches.append(convert_to_tensor(batch["image"], track_meta=False))
-        if sum(len(b) for b in batches) >= count:
-            break
-    real = torch.cat(batches)[:count].to(gan.device)
-    with torch.no_grad():
-        gan.g_ab.eval()
-        gan.g_ba.eval()
-        fake = gan.g_ab(real)
-        rec = gan.g_ba(fake)
-    rows = torch.cat([real, fake, rec]).cpu()
-    grid = make_grid((rows.clamp(-1, 1) + 1) / 2, nrow=real.shape[0], padding=2, pad_value=1.0)
-    pixels = (grid[0].numpy() * 255).round().astype(np.uint8)
-    with atomic_path(path) as tmp:
-        Image.fromarray(pixels).save(tmp, format="PNG")
-
-
-def _prepare_output_dir(bundle_root: str, output_dir: str, params: Mapping[str, Any]) -> Path:
-    """Create configs/ (with the run's parameters), models/, logs/ and logs/run_info.json."""
     out = Path(output_dir).resolve()
-    source = Path(bundle_root).resolve() / "configs"
-    if out == source.parent or source.parent in out.parents:
-        raise BundleError(f"output_dir {out} is inside the source bundle; pass --output_dir DIR elsewhere")
+    root = Path(bundle_root).resolve()
+    if out != root and (root in out.parents or out in root.parents):
+        raise BundleError(f"output_dir {out} overlaps the bundle {root}; pass --output_dir DIR elsewhere")
+    params = dict(run_parameters)
+    params["spatial_size"] = gan_side(params["spatial_size"])
     for sub in ("configs", "models", "logs"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     for name in CONFIG_FILES:
-        src = source / name
+        src, dst = root / "configs" / name, out / "configs" / name
         if not src.is_file():
             raise BundleError(f"bundle config {src} is missing")
-        if not name.endswith(".json"):
-            write_text_atomic(out / "configs" / name, src.read_text(encoding="utf-8"))
-            continue
-        config = json.loads(src.read_text(encoding="utf-8"))
-        if name == "train.json":
-            config.update({k: v for k, v in params.items() if k in config})
-            config["output_dir"] = str(out)
-        elif name == "synthesize.json":
-            config.update({k: params[k] for k in SYNTHESIS_PARAMETERS})
-            config["gan_dir"] = str(out)
-        write_json_atomic(out / "configs" / name, config)
+        if name.endswith(".json"):
+            config = json.loads(src.read_text(encoding="utf-8"))
+            write_json_atomic(dst, _with_run_values(name, config, params, out))
+        elif src != dst:
+            shutil.copyfile(src, dst)
     write_json_atomic(
         out / "logs" / RUN_INFO,
         {
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "parameters": dict(params),
+            "parameters": params,
             "versions": _versions(),
         },
     )
-    return out
+    return str(out)
+
+
+def _with_run_values(name: str, config: dict[str, Any], params: dict[str, Any], out: Path) -> dict[str, Any]:
+    if name == "train.json":
+        config.update(params)
+        config["bundle_root"] = str(out)
+        config["output_dir"] = "@bundle_root"
+    elif name == "inference.json":
+        config.update({key: params[key] for key in INFERENCE_PARAMETERS})
+        config["bundle_root"] = str(out)
+    elif name == "metadata.json":
+        shape = [params["spatial_size"]] * 2
+        for section in ("inputs", "outputs"):
+            for entry in config["network_data_format"][section].values():
+                entry["spatial_shape"] = shape
+    return config
 
 
 def _versions() -> dict[str, str]:
     import monai
+    import numpy
 
-    return {"monai": monai.__version__, "torch": torch.__version__, "numpy": np.__version__}
+    return {"monai": monai.__version__, "torch": torch.__version__, "numpy": numpy.__version__}
