@@ -9,7 +9,9 @@ Inference chain (paper's pre-processing, then what ImageNet backbones expect)::
     -> resize (stretch, antialiased) to S x S -> 3 channels -> [0, 1] -> ImageNet mean/std
 
 Training adds augmentation v1 (random rotation, width/height shift, horizontal flip) after the resize,
-so ``CacheDataset`` caches the deterministic prefix (decode + resize) once.
+so ``CacheDataset`` caches the deterministic prefix (decode + resize) once. Against source shortcuts,
+three options (off by default): ``crop_borders`` (before the resize), ``histogram_equalize`` (after it;
+both also at inference) and ``strong_augmentation`` (training only).
 """
 
 from __future__ import annotations
@@ -24,13 +26,21 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
+    CropForeground,
+    CropForegroundd,
     EnsureChannelFirst,
     EnsureChannelFirstd,
+    HistogramNormalize,
+    HistogramNormalized,
     MapTransform,
     NormalizeIntensity,
     NormalizeIntensityd,
+    RandAdjustContrastd,
     RandAffined,
     RandFlipd,
+    RandGaussianNoised,
+    RandHistogramShiftd,
+    RandZoomd,
     RepeatChannel,
     RepeatChanneld,
     Resize,
@@ -126,14 +136,46 @@ def _size(spatial_size: Any) -> tuple[int, int]:
     return (side, side)
 
 
-def inference_transforms(spatial_size: int = DEFAULT_SPATIAL_SIZE) -> Compose:
-    """Array chain: path/bytes/CXRImage -> float32 tensor (3, S, S), ImageNet-normalised."""
+class AboveBorderLevel:
+    """``select_fn`` for MONAI's ``CropForeground``: pixels brighter than ``level`` (of 0..255) are the
+    film; the black frame a scan or a screenshot adds around it is not. An image with no such pixel is
+    kept whole. (A class, not a lambda, so DataLoader workers can pickle it.)"""
+
+    def __init__(self, level: float = 8.0) -> None:
+        self.level = float(level)
+
+    def __call__(self, image: Any) -> Any:
+        inside = image > self.level
+        return inside if bool(inside.any()) else image >= image.min()
+
+
+def _crop_and_equalise(crop_borders: bool, histogram_equalize: bool) -> tuple[list[Any], list[Any]]:
+    """(array steps before the resize, array steps after it) of the optional shortcut counter-measures."""
+    before = (
+        [CropForeground(select_fn=AboveBorderLevel(), margin=0, allow_smaller=True)] if crop_borders else []
+    )
+    after = [HistogramNormalize(num_bins=256, min=0, max=255)] if histogram_equalize else []
+    return before, after
+
+
+def inference_transforms(
+    spatial_size: int = DEFAULT_SPATIAL_SIZE, histogram_equalize: bool = False, crop_borders: bool = False
+) -> Compose:
+    """Array chain: path/bytes/CXRImage -> float32 tensor (3, S, S), ImageNet-normalised.
+
+    ``crop_borders``: crop the dark frame around the film (pixels <= 8 of 255) before resizing;
+    ``histogram_equalize``: equalise the resized image's histogram over 0..255 (MONAI
+    ``HistogramNormalize``). Both are off by default and recorded in a trained bundle's inference.json.
+    """
+    before, after = _crop_and_equalise(crop_borders, histogram_equalize)
     return Compose(
         [
             LoadCXR(),
             EnsureChannelFirst(channel_dim="no_channel"),
             ScaleIntensity(minv=0.0, maxv=255.0),
+            *before,
             Resize(_size(spatial_size), mode="bilinear", anti_aliasing=True),
+            *after,
             RepeatChannel(repeats=3),
             ScaleIntensityRange(a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0),
             NormalizeIntensity(subtrahend=_MEAN, divisor=_STD, channel_wise=True),
@@ -141,14 +183,26 @@ def inference_transforms(spatial_size: int = DEFAULT_SPATIAL_SIZE) -> Compose:
     )
 
 
-def _load_and_resize_d(keys: KeysCollection, spatial_size: int) -> list[Any]:
-    """Deterministic prefix: decode, channel first, min-max to [0, 255], resize to (1, S, S)."""
+def _load_and_resize_d(
+    keys: KeysCollection, spatial_size: int, histogram_equalize: bool = False, crop_borders: bool = False
+) -> list[Any]:
+    """Deterministic prefix: decode, channel first, min-max to [0, 255], [crop], resize to (1, S, S),
+    [equalise]."""
+    before = [CropForegroundd(keys, source_key=_first(keys), select_fn=AboveBorderLevel(), margin=0,
+                              allow_smaller=True)] if crop_borders else []  # fmt: skip
+    after = [HistogramNormalized(keys, num_bins=256, min=0, max=255)] if histogram_equalize else []
     return [
         LoadCXRd(keys),
         EnsureChannelFirstd(keys, channel_dim="no_channel"),
         ScaleIntensityd(keys, minv=0.0, maxv=255.0),
+        *before,
         Resized(keys, spatial_size=_size(spatial_size), mode="bilinear", anti_aliasing=True),
+        *after,
     ]
+
+
+def _first(keys: KeysCollection) -> str:
+    return str(keys if isinstance(keys, str) else next(iter(keys)))
 
 
 def _to_network_input_d(keys: KeysCollection) -> list[Any]:
@@ -161,10 +215,14 @@ def _to_network_input_d(keys: KeysCollection) -> list[Any]:
 
 
 def inference_transforms_d(
-    keys: KeysCollection = ("image",), spatial_size: int = DEFAULT_SPATIAL_SIZE
+    keys: KeysCollection = ("image",),
+    spatial_size: int = DEFAULT_SPATIAL_SIZE,
+    histogram_equalize: bool = False,
+    crop_borders: bool = False,
 ) -> Compose:
     """Dictionary twin of :func:`inference_transforms` (the bundle's ``preprocessing``)."""
-    return Compose([*_load_and_resize_d(keys, spatial_size), *_to_network_input_d(keys)])
+    prefix = _load_and_resize_d(keys, spatial_size, histogram_equalize, crop_borders)
+    return Compose([*prefix, *_to_network_input_d(keys)])
 
 
 def augmentation_v1_d(
@@ -197,6 +255,18 @@ def augmentation_v1_d(
     return steps
 
 
+def strong_augmentation_d(keys: KeysCollection = ("image",)) -> list[Any]:
+    """Intensity and scale augmentation on (1, S, S) images in [0, 255], against source shortcuts (a
+    source's exposure, contrast, noise and framing): histogram shift (p 0.5), gamma 0.7-1.5 (p 0.5),
+    zoom 0.9-1.15 (p 0.5), Gaussian noise sd 5 of 255 (p 0.3)."""
+    return [
+        RandHistogramShiftd(keys, num_control_points=(5, 15), prob=0.5),
+        RandAdjustContrastd(keys, prob=0.5, gamma=(0.7, 1.5)),
+        RandZoomd(keys, prob=0.5, min_zoom=0.9, max_zoom=1.15, keep_size=True, mode="bilinear"),
+        RandGaussianNoised(keys, prob=0.3, mean=0.0, std=5.0),
+    ]
+
+
 def train_transforms_d(
     keys: KeysCollection = ("image",),
     spatial_size: int = DEFAULT_SPATIAL_SIZE,
@@ -205,17 +275,22 @@ def train_transforms_d(
     horizontal_flip: bool = True,
     vertical_flip: bool = False,
     seed: int | None = 0,
+    histogram_equalize: bool = False,
+    crop_borders: bool = False,
+    strong_augmentation: bool = False,
 ) -> Compose:
-    """Training chain: inference pre-processing with augmentation v1 after the resize.
+    """Training chain: inference pre-processing (with the same ``histogram_equalize`` / ``crop_borders``)
+    and augmentation v1 after the resize, then :func:`strong_augmentation_d` when asked.
 
     Deterministic for a given ``seed`` (``None`` leaves MONAI's global random state in charge).
     """
     chain = Compose(
         [
-            *_load_and_resize_d(keys, spatial_size),
+            *_load_and_resize_d(keys, spatial_size, histogram_equalize, crop_borders),
             *augmentation_v1_d(
                 keys, spatial_size, rotate_degrees, shift_fraction, horizontal_flip, vertical_flip
             ),
+            *(strong_augmentation_d(keys) if strong_augmentation else []),
             *_to_network_input_d(keys),
         ]
     )

@@ -54,4 +54,5 @@ __all__ = [
     "prepare_output_dir",
     "read_training_log",
     "relocate_trained_bundle",
+    "source_class_sampler",
 ]

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
+
+import torch
+from torch.utils.data import WeightedRandomSampler
 
 from cxr_monai.data import get_test_items, items_for_fold, load_datalist, num_folds
 from cxr_monai.errors import DatasetError
@@ -40,6 +44,27 @@ def fold_items(
     ``test`` and ``training`` keep them, so the left-out source can still be scored).
     Raises DatasetError for a missing/invalid datalist, an unknown source or an empty selection.
     """
+    selected = _selected_items(datalist, fold, role, exclude_sources)
+    return [{"image": item["image"], "label": int(item["label"])} for item in selected]
+
+
+def source_class_sampler(
+    datalist: str, fold: int, exclude_sources: Sequence[str] = (), seed: int = 0
+) -> WeightedRandomSampler:
+    """A sampler over ``fold_items(datalist, fold, "train", exclude_sources)`` that draws every
+    (source, class) cell equally often: item weight = 1 / size of its cell; as many draws per epoch as
+    items, with replacement. Against source shortcuts: a class no longer comes mostly from one source."""
+    selected = _selected_items(datalist, fold, "train", exclude_sources)
+    cells = Counter((str(item.get("source")), int(item["label"])) for item in selected)
+    weights = [1.0 / cells[(str(item.get("source")), int(item["label"]))] for item in selected]
+    generator = torch.Generator().manual_seed(int(seed))
+    return WeightedRandomSampler(weights, num_samples=len(weights), replacement=True, generator=generator)
+
+
+def _selected_items(
+    datalist: str, fold: int, role: str, exclude_sources: Sequence[str]
+) -> list[dict[str, Any]]:
+    """The whole datalist entries behind :func:`fold_items` (same selection, same order)."""
     if not datalist:
         raise DatasetError("no datalist given: pass --datalist FILE (made by `cxr-monai prepare`)")
     content = load_datalist(datalist)
@@ -70,7 +95,7 @@ def fold_items(
         raise DatasetError(f"unknown datalist role {role!r}; expected train, validate, test or training")
     if not selected:
         raise DatasetError(f"datalist {datalist} has no {role} items for fold {fold}")
-    return [{"image": item["image"], "label": int(item["label"])} for item in selected]
+    return selected
 
 
 def datalist_folds(datalist: str) -> list[int]:

@@ -32,7 +32,7 @@ CONFIG_FILES: tuple[str, ...] = (
 TRAINING_LOG = "training_log.json"
 RUN_INFO = "run_info.json"
 #: Top-level keys of ``inference.json`` that a trained bundle fixes to the run's values.
-INFERENCE_PARAMETERS: tuple[str, ...] = ("backbone", "spatial_size")
+INFERENCE_PARAMETERS: tuple[str, ...] = ("backbone", "spatial_size", "histogram_equalize", "crop_borders")
 _CHECKPOINT_NAME = re.compile(r"^checkpoint_epoch=(\d+)\.pt$")
 
 
@@ -106,7 +106,8 @@ def _with_run_values(name: str, config: dict[str, Any], params: dict[str, Any], 
             config["output_dir"] = "@bundle_root"
     elif name == "inference.json":
         for key in INFERENCE_PARAMETERS:
-            config[key] = params[key]
+            if key in params:  # runs configured before an option existed leave its default
+                config[key] = params[key]
         config["bundle_root"] = str(out)
     elif name == "metadata.json":
         size = int(params["spatial_size"])
