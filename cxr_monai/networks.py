@@ -162,9 +162,6 @@ class _ImageNetToLiteInput(nn.Module):
     affine map (no parameters, nothing in the state_dict) gives Lite0 the input scale its weights expect.
     """
 
-    scale: torch.Tensor  # (1, 3, 1, 1) buffers
-    shift: torch.Tensor
-
     def __init__(self) -> None:
         super().__init__()
         mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
@@ -173,7 +170,9 @@ class _ImageNetToLiteInput(nn.Module):
         self.register_buffer("shift", (mean * 255.0 - LITE_PIXEL_MEAN) / LITE_PIXEL_STD, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.scale + self.shift
+        # Buffers type as Tensor | Module for mypy; a class-level annotation would fix that but TorchScript
+        # cannot resolve it under `from __future__ import annotations`.
+        return x * self.scale + self.shift  # type: ignore[operator]
 
 
 def _efficientnet_lite0() -> nn.Sequential:
