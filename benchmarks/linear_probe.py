@@ -117,6 +117,8 @@ def main() -> None:
             cv=PredefinedSplit([item["fold"] for item in train]),
             max_iter=5000,
             scoring="neg_log_loss",
+            l1_ratios=(0.0,),  # plain L2 (scikit-learn >= 1.8 asks for it explicitly)
+            use_legacy_attributes=False,
         ),
     )
     probe.fit(x_train, y_train)
@@ -139,9 +141,15 @@ def main() -> None:
         counts = Counter(CLASS_NAMES[y] for y in y_test[idx])
         count_text = ", ".join(f"{name} {counts[name]}" for name in CLASS_NAMES if counts[name])
         source_acc = accuracy_score(y_test[idx], prob[idx].argmax(axis=1))
+        predicted = prob[idx].argmax(axis=1)
+        called = "; ".join(
+            f"{CLASS_NAMES[k]}: "
+            + "/".join(str(n) for n in np.bincount(predicted[y_test[idx] == k], minlength=len(CLASS_NAMES)))
+            for k in present
+        )
         if len(present) < 2:
             rows.append(
-                f"| {source} | {count_text} | {source_acc:.3f} | one class only: no within-source AUROC |"
+                f"| {source} | {count_text} | {source_acc:.3f} | {called} | one class only: no AUROC |"
             )
             continue
         aurocs = []
@@ -150,9 +158,9 @@ def main() -> None:
                 y_test[idx] == k, prob[idx, k], [patients[i] for i in idx], args.seed
             )
             aurocs.append(f"{CLASS_NAMES[k]} vs rest {value:.3f} [{low:.3f}, {high:.3f}]")
-        rows.append(f"| {source} | {count_text} | {source_acc:.3f} | {'; '.join(aurocs)} |")
+        rows.append(f"| {source} | {count_text} | {source_acc:.3f} | {called} | {'; '.join(aurocs)} |")
 
-    chosen_c = float(probe[-1].C_[0])
+    chosen_c = float(probe[-1].C_)
     command = (
         f"python benchmarks/linear_probe.py --datalist {args.datalist} --spatial-size {args.spatial_size} "
         f"--threads {args.threads}"
@@ -171,8 +179,10 @@ def main() -> None:
             "",
             f"Test accuracy: **{accuracy:.3f}** [{acc_low:.3f}, {acc_high:.3f}]",
             "",
-            "| source (test) | images per class | accuracy | within-source one-vs-rest AUROC [95 % CI] |",
-            "|---|---|---|---|",
+            "| source (test) | images per class | accuracy | true class: predicted "
+            + "/".join(CLASS_NAMES)
+            + " | within-source one-vs-rest AUROC [95 % CI] |",
+            "|---|---|---|---|---|",
             *rows,
             "",
             f"Datalist: `{args.datalist}` (training: "
