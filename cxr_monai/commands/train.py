@@ -35,7 +35,7 @@ def train(
     pretrained: str = typer.Option(
         "none",
         "--pretrained",
-        help="none (from scratch) | imagenet (needs internet once) | /path/weights.pth",
+        help="none (from scratch) | imagenet (internet once; efficientnet_lite0 offline) | /path/weights.pth",
     ),
     folds: str = typer.Option("all", "--folds", help="all, or fold numbers such as 0 or 0,1."),
     final: str = typer.Option(
