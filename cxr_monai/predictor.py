@@ -85,6 +85,7 @@ class Predictor:
         spatial_size: S, the square input side in pixels.
         model_name, model_version: from ``metadata.json`` (``"unknown"`` when absent).
         class_names: the class order of the probabilities.
+        preprocessing_options: ``histogram_equalize`` / ``crop_borders`` as the bundle was trained with.
         preprocess: path/bytes/CXRImage -> tensor (3, S, S), ImageNet-normalised.
         device: where the network runs.
     """
@@ -99,6 +100,8 @@ class Predictor:
         model_version: str = "unknown",
         class_names: Sequence[str] = CLASS_NAMES,
         device: str | torch.device | None = None,
+        histogram_equalize: bool = False,
+        crop_borders: bool = False,
     ) -> None:
         self.device = torch.device(device) if device is not None else default_device()
         self.model = model.to(self.device).eval()
@@ -107,7 +110,8 @@ class Predictor:
         self.model_name = model_name
         self.model_version = model_version
         self.class_names = tuple(class_names)
-        self.preprocess: Compose = inference_transforms(self.spatial_size)
+        self.preprocessing_options = {"histogram_equalize": histogram_equalize, "crop_borders": crop_borders}
+        self.preprocess: Compose = inference_transforms(self.spatial_size, histogram_equalize, crop_borders)
 
     @classmethod
     def from_bundle(cls, bundle_dir: str | Path, device: str | torch.device | None = None) -> Predictor:
@@ -145,6 +149,8 @@ class Predictor:
             model_name=str(meta.get("name", bundle.name)),
             model_version=str(meta.get("version", "unknown")),
             device=device,
+            histogram_equalize=bool(_parsed(parser, "histogram_equalize", False)),
+            crop_borders=bool(_parsed(parser, "crop_borders", False)),
         )
         logger.info(
             "loaded bundle %s (%s, backbone %s, %d px) on %s",

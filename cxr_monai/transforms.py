@@ -151,10 +151,10 @@ class AboveBorderLevel:
 
 
 def _crop_and_equalise(crop_borders: bool, histogram_equalize: bool) -> tuple[list[Any], list[Any]]:
-    """(array steps before the resize, array steps after it) of the optional shortcut counter-measures."""
-    before = (
-        [CropForeground(select_fn=AboveBorderLevel(), margin=0, allow_smaller=True)] if crop_borders else []
-    )
+    """(array steps before the resize, array steps after it) of the optional shortcut counter-measures.
+    The crop is followed by a second min-max stretch, so a framed film gives what the frame-less one does."""
+    crop = CropForeground(select_fn=AboveBorderLevel(), margin=0, allow_smaller=True)
+    before = [crop, ScaleIntensity(minv=0.0, maxv=255.0)] if crop_borders else []
     after = [HistogramNormalize(num_bins=256, min=0, max=255)] if histogram_equalize else []
     return before, after
 
@@ -189,8 +189,8 @@ def _load_and_resize_d(
 ) -> list[Any]:
     """Deterministic prefix: decode, channel first, min-max to [0, 255], [crop], resize to (1, S, S),
     [equalise]."""
-    before = [CropForegroundd(keys, source_key=_first(keys), select_fn=AboveBorderLevel(), margin=0,
-                              allow_smaller=True)] if crop_borders else []  # fmt: skip
+    crop = CropForegroundd(keys, _first(keys), select_fn=AboveBorderLevel(), margin=0, allow_smaller=True)
+    before = [crop, ScaleIntensityd(keys, minv=0.0, maxv=255.0)] if crop_borders else []
     after = [HistogramNormalized(keys, num_bins=256, min=0, max=255)] if histogram_equalize else []
     return [
         LoadCXRd(keys),

@@ -40,6 +40,7 @@ from cxr_monai.explain.gradcam import (
     Explanation,
     GradCAM,
     class_index,
+    crop_of,
     to_original_grid,
 )
 from cxr_monai.explain.record import explained_image
@@ -181,7 +182,7 @@ class CXRTriageServicer(cxr_triage_pb2_grpc.CXRTriageServicer):
     def Classify(self, request: pb.ClassifyRequest, context: grpc.ServicerContext) -> pb.ClassifyResponse:
         with self._call("Classify", request.image, context) as call:
             image = call.stage("read", self._read, request.image)
-            tensor = call.stage("pre-process", self._preprocess, image)
+            tensor, _ = call.stage("pre-process", self._preprocess, image)
             probabilities = call.model(lambda: self._predictor.predict_tensors(tensor)[0])
             response = call.stage("encode", self._classification, image, probabilities)
             call.predicted = response.predicted_class
@@ -204,13 +205,13 @@ class CXRTriageServicer(cxr_triage_pb2_grpc.CXRTriageServicer):
                     f"server's {self.max_reply_bytes / 2**20:.0f} MiB message limit; ask without the "
                     "overlay (omit_overlay_png) or the Secondary Capture, or send a smaller image",
                 )
-            tensor = call.stage("pre-process", self._preprocess, image)
+            tensor, cropped = call.stage("pre-process", self._preprocess, image)
             out = call.model(lambda: self._cam(tensor.to(self._predictor.device), target))
             result = Explanation(
                 probabilities=out.probabilities[0],
                 predicted_index=int(np.argmax(out.probabilities[0])),
                 target_index=int(out.target_indices[0]),
-                raw_map=to_original_grid(out.maps[0], image.shape),
+                raw_map=to_original_grid(out.maps[0], image.shape, cropped),
             )
             explained = call.stage("explain", explained_image, self._predictor, "<request>", image, result)
             response = call.stage("encode", self._explain_response, explained, request)
@@ -224,12 +225,12 @@ class CXRTriageServicer(cxr_triage_pb2_grpc.CXRTriageServicer):
             raise InvalidImageError("image: empty; send the file's bytes")
         return read_cxr(data, limits=self.limits.image)
 
-    def _preprocess(self, image: CXRImage) -> torch.Tensor:
-        """(1, 3, S, S) float32, outside the model lock."""
+    def _preprocess(self, image: CXRImage) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+        """((1, 3, S, S) float32, the dark frame cropped as (top, bottom, left, right)), outside the lock."""
         with torch.no_grad():
             x = self._predictor.preprocess(image)
         tensor = x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
-        return tensor.float().unsqueeze(0)
+        return tensor.float().unsqueeze(0), crop_of(x)
 
     def _target(self, name: str) -> int | None:
         if not name:

@@ -56,6 +56,18 @@ def train(
     finetune_learning_rate: float = typer.Option(1e-4, "--finetune-learning-rate", help="Adam lr, stage 2."),
     cosine_lr: bool = typer.Option(True, "--cosine-lr/--constant-lr", help="Cosine decay over max epochs."),
     spatial_size: int = typer.Option(DEFAULT_SPATIAL_SIZE, "--spatial-size", min=16),
+    histogram_equalize: bool = typer.Option(
+        False, "--histogram-equalize", help="Equalise each image's histogram (training and inference)."
+    ),
+    crop_borders: bool = typer.Option(
+        False, "--crop-borders", help="Crop the dark frame around the film (training and inference)."
+    ),
+    strong_augmentation: bool = typer.Option(
+        False, "--strong-augmentation", help="Add histogram shift, gamma, zoom and noise to augmentation v1."
+    ),
+    source_balanced: bool = typer.Option(
+        False, "--source-balanced", help="Sample every (source, class) cell equally often."
+    ),
     num_workers: int = typer.Option(2, "--num-workers", min=0),
     cache_rate: float = typer.Option(1.0, "--cache-rate", min=0.0, max=1.0),
     early_stop_patience: int = typer.Option(0, "--early-stop-patience", min=0, help="0: off."),
@@ -108,6 +120,10 @@ def train(
             "finetune_learning_rate": finetune_learning_rate,
             "cosine_lr": cosine_lr,
             "spatial_size": spatial_size,
+            "histogram_equalize": histogram_equalize,
+            "crop_borders": crop_borders,
+            "strong_augmentation": strong_augmentation,
+            "source_balanced": source_balanced,
             "num_workers": num_workers,
             "cache_rate": cache_rate,
             "early_stop_patience": early_stop_patience,

@@ -140,19 +140,36 @@ def _record_gradients_from_here(module: nn.Module, args: Any) -> None:
     torch.set_grad_enabled(True)
 
 
-def to_original_grid(heatmap: np.ndarray, original_shape: tuple[int, int]) -> np.ndarray:
+def to_original_grid(
+    heatmap: np.ndarray, original_shape: tuple[int, int], cropped: tuple[int, int, int, int] = (0, 0, 0, 0)
+) -> np.ndarray:
     """Carry a map from the network grid (S, S) back onto the original image's (rows, cols).
 
     The inference chain stretches (rows, cols) to (S, S) with MONAI ``Resize`` (bilinear, pixel centres
-    aligned, ``align_corners=False``); the inverse is the same resize back to (rows, cols). Flips and
-    crops are not part of the inference chain, so nothing else needs undoing.
+    aligned, ``align_corners=False``); the inverse is the same resize back. With ``crop_borders`` the
+    chain first cropped ``cropped`` = (top, bottom, left, right) pixels of dark frame: the map is resized
+    onto the cropped region and the frame gets 0. Flips are not part of the inference chain.
 
-    Returns: float32 (rows, cols), values within the input map's range.
+    Returns: float32 (rows, cols), values within the input map's range (and 0).
     """
     rows, cols = (int(s) for s in original_shape)
-    resize = Resize((rows, cols), mode="bilinear", anti_aliasing=False)
-    out = resize(torch.as_tensor(np.asarray(heatmap, dtype=np.float32))[None])
-    return np.asarray(out[0], dtype=np.float32)
+    top, bottom, left, right = (int(c) for c in cropped)
+    inner = (rows - top - bottom, cols - left - right)
+    resize = Resize(inner, mode="bilinear", anti_aliasing=False)
+    out = np.zeros((rows, cols), dtype=np.float32)
+    resized = resize(torch.as_tensor(np.asarray(heatmap, dtype=np.float32))[None])
+    out[top : top + inner[0], left : left + inner[1]] = np.asarray(resized[0], dtype=np.float32)
+    return out
+
+
+def crop_of(x: Any) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) pixels a ``CropForeground`` step of the pre-processing removed, read from
+    the MetaTensor's record of applied operations; zeros when there was none."""
+    for op in getattr(x, "applied_operations", []) or []:
+        if op.get("class") == "CropForeground":
+            top, bottom, left, right = (int(v) for v in op["extra_info"]["cropped"])
+            return top, bottom, left, right
+    return (0, 0, 0, 0)
 
 
 def normalise(heatmap: np.ndarray, maximum: float | None = None) -> np.ndarray:
@@ -227,7 +244,8 @@ class Explainer:
         for start in range(0, len(images), self.batch_size):
             chunk = images[start : start + self.batch_size]
             with torch.no_grad():  # pre-processing only; Grad-CAM below enables gradients itself
-                batch = torch.stack([_plain_tensor(self.preprocess(img)) for img in chunk])
+                inputs = [self.preprocess(img) for img in chunk]
+                batch = torch.stack([_plain_tensor(x) for x in inputs])
             out = self.cam(batch.float().to(self.device), target)
             for i, image in enumerate(chunk):
                 probabilities = out.probabilities[i]
@@ -236,7 +254,7 @@ class Explainer:
                         probabilities=probabilities,
                         predicted_index=int(np.argmax(probabilities)),
                         target_index=int(out.target_indices[i]),
-                        raw_map=to_original_grid(out.maps[i], image.shape),
+                        raw_map=to_original_grid(out.maps[i], image.shape, crop_of(inputs[i])),
                     )
                 )
         return results

@@ -10,7 +10,7 @@ The names below are re-exported because trained bundles written before the subpa
 them as ``cxr_monai.training.<name>`` in their configs; those bundles must keep loading.
 """
 
-from cxr_monai.training.datalists import check_sources, datalist_folds, fold_items
+from cxr_monai.training.datalists import check_sources, datalist_folds, fold_items, source_class_sampler
 from cxr_monai.training.handlers import (
     EarlyStopOnValidation,
     FineTuneSchedule,
