@@ -86,7 +86,7 @@ def covid_call_rate(bundle: str | Path, images: Sequence[str], batch_size: int =
 
     predictor = Predictor.from_bundle(bundle)
     predictions = predictor.predict(list(images), batch_size)
-    return float(np.mean([p.index == COVID for p in predictions]))
+    return float(np.mean([p.predicted_index == COVID for p in predictions]))
 
 
 def shortcut_covid_rate(
