@@ -17,6 +17,7 @@ offline, so the distances are not comparable to published FIDs, only to each oth
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.metrics import FIDMetric
+from scipy.linalg import LinAlgWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
@@ -75,9 +77,13 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float | None:
     when either has fewer than 2 rows (no covariance)."""
     if len(a) < 2 or len(b) < 2:
         return None
-    return float(
-        FIDMetric()(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64))
-    )
+    with warnings.catch_warnings():
+        # Fewer images than features makes the covariances singular; the distance is still defined.
+        warnings.simplefilter("ignore", LinAlgWarning)
+        distance = FIDMetric()(
+            torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+        )
+    return float(distance)
 
 
 def covid_call_rate(bundle: str | Path, images: Sequence[str], batch_size: int = 8) -> float:

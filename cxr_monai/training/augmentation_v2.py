@@ -30,9 +30,8 @@ from typing import Any
 from ignite.engine import Events
 
 from cxr_monai.atomic import write_json_atomic
-from cxr_monai.data import load_datalist
+from cxr_monai.data import items_for_fold, load_datalist
 from cxr_monai.errors import BundleError, CXRMonaiError
-from cxr_monai.gan.data import domain_items
 from cxr_monai.gan.synthesize import REPORT_FILE, synthesize_covid
 from cxr_monai.gan.trainer import GENERATOR_FILE, RUN_INFO
 from cxr_monai.gan.trainer import default_bundle_root as gan_bundle_root
@@ -208,11 +207,8 @@ def fold_quality(
     else:
         if progress is not None:
             progress(stage, 0, 1)
-        normal, covid = domain_items(datalist, fold)
-        pneumonia = [
-            i for i in load_datalist(datalist)["training"] if int(i["label"]) == 2 and i.get("fold") != fold
-        ]
-        quality = gan_quality([*covid, *normal, *pneumonia], [str(i["image"]) for i in synthetic], seed=seed)
+        real, _ = items_for_fold(load_datalist(datalist), fold)
+        quality = gan_quality(real, [str(i["image"]) for i in synthetic], seed=seed)
         write_json_atomic(path, quality)
     if progress is not None:
         progress(stage, 1, 1)
