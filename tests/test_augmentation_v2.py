@@ -23,27 +23,28 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 COVID = CLASS_NAMES.index("COVID-19")
 
 
-def write_tiny_datalist(root: Path, n_folds: int = 3, per_class: int = 2) -> Path:
-    """``per_class`` images of each class in each of ``n_folds`` folds (brightness tells the class) and one
-    test image per class; each image its own patient."""
+def write_tiny_datalist(root: Path, n_folds: int = 3, per_class: int = 2, test_per_class: int = 1) -> Path:
+    """``per_class`` images of each class in each of ``n_folds`` folds (brightness tells the class) and
+    ``test_per_class`` test images per class; training images are one patient each, test patients have
+    two images of one class."""
     rng = np.random.default_rng(0)
     training: list[dict[str, Any]] = []
     test: list[dict[str, Any]] = []
     n = 0
     for fold in [*range(n_folds), -1]:
         for label in range(3):
-            for _ in range(per_class if fold >= 0 else 1):
+            for m in range(per_class if fold >= 0 else test_per_class):
                 path = root / f"img_{n:03d}.png"
                 Image.fromarray((rng.random((40, 36)) * 60 + 60 * label).astype(np.uint8)).save(path)
-                item = {"image": path.name, "label": label, "patient_id": f"p{n}", "source": f"s{label}"}
-                (training if fold >= 0 else test).append({**item, "fold": fold} if fold >= 0 else item)
+                item = {"image": path.name, "label": label, "source": f"s{label}"}
+                if fold >= 0:
+                    training.append({**item, "patient_id": f"p{n}", "fold": fold})
+                else:
+                    test.append({**item, "patient_id": f"t{label}-{m // 2}"})
                 n += 1
     path = root / "datalist.json"
-    path.write_text(
-        json.dumps(
-            {"class_names": list(CLASS_NAMES), "num_folds": n_folds, "training": training, "test": test}
-        )
-    )
+    document = {"class_names": list(CLASS_NAMES), "num_folds": n_folds, "training": training, "test": test}
+    path.write_text(json.dumps(document))
     return path
 
 
