@@ -6,6 +6,7 @@ import typer
 
 from cxr_monai.commands import configure_logging
 from cxr_monai.commands.bundle import bundle_app
+from cxr_monai.commands.compare import compare
 from cxr_monai.commands.evaluate import evaluate
 from cxr_monai.commands.explain import explain
 from cxr_monai.commands.gateway import gateway
@@ -40,4 +41,5 @@ app.command("serve")(serve)
 app.command("gateway")(gateway)
 app.command("train")(train)
 app.command("synthesize")(synthesize)
+app.command("compare")(compare)
 app.add_typer(bundle_app)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -23,6 +24,15 @@ def synthesize(
         -1, "--fold", help="Draw no sources from this cross-validation fold (-1: all training folds)."
     ),
     batch_size: int = typer.Option(8, "--batch-size", min=1),
+    quality: bool = typer.Option(
+        True,
+        "--quality/--no-quality",
+        help="Measure the images: real-vs-synthetic AUROC, Fréchet distances (EfficientNet-Lite0 ImageNet "
+        "features), the shortcut baseline's COVID-19 call rate.",
+    ),
+    v1_bundle: Path | None = typer.Option(
+        None, "--v1-bundle", help="A trained v1 classifier: report the share of images it calls COVID-19."
+    ),
 ) -> None:
     """Turn N randomly chosen Normal training images into synthetic COVID-19 training items.
 
@@ -58,4 +68,29 @@ def synthesize(
         console.print(
             f"{report['synthetic_images']} synthetic COVID-19 images; datalist {report['datalist']}"
         )
+        if quality:
+            report = _add_quality(report, out, datalist, fold, seed, v1_bundle)
         typer.echo(json.dumps(report, indent=2))
+
+
+def _add_quality(
+    report: dict[str, Any], out: Path, datalist: Path, fold: int, seed: int, v1_bundle: Path | None
+) -> dict[str, Any]:
+    """The report with ``quality`` (:func:`cxr_monai.gan.quality.gan_quality` against the real training
+    images outside ``fold``), rewritten to the report file, and its plain-words lines printed."""
+    from cxr_monai.atomic import write_json_atomic
+    from cxr_monai.data import items_for_fold, load_datalist
+    from cxr_monai.gan.quality import describe, gan_quality
+    from cxr_monai.gan.synthesize import REPORT_FILE
+
+    with console.status("measuring the synthetic images"):
+        real, _ = items_for_fold(load_datalist(datalist), None if fold < 0 else fold)
+        synthetic = [
+            str(i["image"]) for i in load_datalist(report["datalist"])["training"] if i.get("synthetic")
+        ]
+        measured = gan_quality(real, synthetic, v1_bundle=v1_bundle, seed=seed)
+    updated = {**report, "quality": measured}
+    write_json_atomic(out / REPORT_FILE, updated)
+    for line in describe(measured):
+        console.print(f"- {line}", highlight=False)
+    return updated

@@ -87,6 +87,21 @@ def train(
         min=1,
         help="CPU threads per operation (default: torch's; 1 helps on busy shared CPUs).",
     ),
+    augmentation: str = typer.Option(
+        "v1",
+        "--augmentation",
+        help="v1: flips/rotations only; v2: also CycleGAN COVID-19 images, one GAN per fold trained "
+        "without that fold (cached).",
+    ),
+    n_synthetic: int = typer.Option(
+        100, "--n-synthetic", min=1, help="v2: synthetic COVID-19 images per fold."
+    ),
+    gan_iterations: int = typer.Option(5000, "--gan-iterations", min=1, help="v2: CycleGAN iterations."),
+    gan_size: int = typer.Option(128, "--gan-size", min=32, help="v2: CycleGAN image side (multiple of 4)."),
+    gan_channels: int = typer.Option(64, "--gan-channels", min=1, help="v2: CycleGAN base channels."),
+    gan_cache: Path | None = typer.Option(
+        None, "--gan-cache", help="v2: folder of cached GAN runs (default: OUT/../gan_cache)."
+    ),
 ) -> None:
     """Train the cxr_classifier MONAI bundle on each patient-disjoint fold and keep one model.
 
@@ -102,8 +117,11 @@ def train(
 
     from cxr_monai.data import load_datalist
     from cxr_monai.training import check_sources, crossval, datalist_folds
+    from cxr_monai.training.augmentation_v2 import AUGMENTATIONS, GanSettings, record_augmentation
 
     with user_errors():
+        if augmentation not in AUGMENTATIONS:
+            raise DatasetError(f"--augmentation {augmentation!r}: expected one of {', '.join(AUGMENTATIONS)}")
         if backbone not in BACKBONES:
             raise DatasetError(f"--backbone {backbone!r}: expected one of {', '.join(BACKBONES)}")
         chosen = _parse_folds(folds, datalist_folds(str(datalist)))
@@ -145,7 +163,7 @@ def train(
             TextColumn("{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("epochs  {task.fields[accuracy]}"),
+            TextColumn("{task.fields[unit]}  {task.fields[accuracy]}"),
             TimeElapsedColumn(),
             console=console,
         ) as progress:
@@ -153,12 +171,65 @@ def train(
 
             def on_epoch(name: str, epoch: int, total: int, accuracy: float | None) -> None:
                 if name not in tasks:
-                    tasks[name] = progress.add_task(name, total=total, accuracy="")
+                    tasks[name] = progress.add_task(name, total=total, accuracy="", unit="epochs")
                 shown = "" if accuracy is None else f"val acc {accuracy:.3f}"
                 progress.update(tasks[name], completed=epoch, total=total, accuracy=shown)
 
+            record = None
+            if augmentation == "v2":
+                record = _augment(
+                    datalist,
+                    out,
+                    chosen,
+                    seed,
+                    device,
+                    progress,
+                    n_synthetic,
+                    gan_cache,
+                    GanSettings(gan_iterations, gan_size, gan_channels, seed=seed),
+                )
+                datalist = Path(record["augmented_datalist"])
             summary = crossval.cross_validate(datalist, out, chosen, final, parameters, on_epoch=on_epoch)
+            if record is not None:
+                summary = record_augmentation(out, summary, record)
         _print_summary(summary, out)
+
+
+def _augment(
+    datalist: Path,
+    out: Path,
+    folds: list[int],
+    seed: int,
+    device: str | None,
+    progress: Progress,
+    n_synthetic: int,
+    gan_cache: Path | None,
+    settings: Any,
+) -> dict[str, Any]:
+    """Augmentation v2: each fold's GAN (cached), its synthetic images and their quality, with
+    progress bars per stage; returns the augmentation record (folds train on its ``augmented_datalist``)."""
+    from cxr_monai.training.augmentation_v2 import AUGMENTED_DATALIST, augment_datalist
+
+    stages: dict[str, Any] = {}
+
+    def on_stage(stage: str, done: int, total: int) -> None:
+        if stage not in stages:
+            unit = "iterations" if stage.startswith("GAN fold") else "images" if "synthesis" in stage else ""
+            stages[stage] = progress.add_task(stage, total=total, accuracy="", unit=unit)
+        progress.update(stages[stage], completed=done, total=total)
+
+    cache = gan_cache if gan_cache is not None else out.resolve().parent / "gan_cache"
+    return augment_datalist(
+        datalist,
+        folds,
+        out / AUGMENTED_DATALIST,
+        cache,
+        settings,
+        n_synthetic,
+        seed,
+        device,
+        progress=on_stage,
+    )
 
 
 def _print_summary(summary: dict[str, Any], out: Path) -> None:
