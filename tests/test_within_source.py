@@ -70,7 +70,8 @@ def test_within_source_figures_equal_sklearn_on_the_subset() -> None:
             assert scorer.within_accuracy is not None
             assert scorer.within_accuracy.value == pytest.approx(np.mean(among == y[rows]))
             for c, cname in zip(classes, s.classes, strict=True):
-                expected = roc_auc_score(y[rows] == c, prob[rows, c])
+                # the probability of c renormalised over the source's own classes
+                expected = roc_auc_score(y[rows] == c, prob[rows, c] / prob[rows][:, classes].sum(1))
                 assert scorer.auroc[cname].value == pytest.approx(expected)
         assert s.gap is not None
         for cname in s.classes:
@@ -92,7 +93,8 @@ def test_within_source_interval_is_the_shared_patient_bootstrap() -> None:
     def auroc(idx: np.ndarray) -> np.ndarray:
         positive = yc[idx] == COVID
         ok = 0 < positive.sum() < positive.size
-        return np.array([roc_auc_score(positive, pc[idx, COVID]) if ok else np.nan])
+        score = pc[idx, COVID] / pc[idx][:, (COVID, PNEUMONIA)].sum(1)
+        return np.array([roc_auc_score(positive, score) if ok else np.nan])
 
     low, high = bootstrap_interval(auroc, len(rows), n_boot=200, seed=7, groups=gc)
     est = covid.model.auroc["COVID-19"]
@@ -201,14 +203,16 @@ def test_verdict_branches() -> None:
     )
     text = source_verdict([signal, nih], _probe(0.6))
     assert text[0].startswith("Disease signal within a source (model AUROC's 95% CI above 0.5 and its lead")
-    assert "COVID-19 vs Pneumonia in covid: AUROC 0.90 [0.80, 0.97], baseline 0.60 [0.50, 0.70]" in text[0]
-    assert "Normal vs Pneumonia in nih" in text[1] and "(CI reaches chance)" in text[1]
+    # a two-class source is one comparison, judged once (both classes' AUROCs are equal in real figures)
+    assert "Pneumonia vs COVID-19 in covid: AUROC 0.90 [0.80, 0.97], baseline 0.60 [0.50, 0.70]" in text[0]
+    assert "COVID-19 vs Pneumonia in covid" not in " ".join(text)
     assert "Pneumonia vs Normal in nih" in text[1] and "(baseline as good)" in text[1]
+    assert "Normal vs Pneumonia in nih" not in text[1]
     assert "little source information" in text[2]
-    assert text[3].startswith("Disease signal shows in 2 of 4")
+    assert text[3].startswith("Disease signal shows in 1 of 2")
 
     text = source_verdict([close], _probe(0.6))
-    assert text[0].startswith("No clear disease signal") and text[0].count("the gap's CI reaches 0") == 2
+    assert text[0].startswith("No clear disease signal") and text[0].count("the gap's CI reaches 0") == 1
 
     text = source_verdict([nih], _probe(0.95))
     assert not any(t.startswith("Disease signal within") for t in text)
@@ -228,7 +232,8 @@ def test_verdict_branches() -> None:
     assert text[0].startswith("No evaluated source holds two or more classes")
     assert text[1] == "Source probe not run: only one source."
 
-    no_baseline = _source("covid", two, {"COVID-19": good, "Pneumonia": Estimate(0.9)})
+    three = {"COVID-19": 10, "Normal": 10, "Pneumonia": 10}
+    no_baseline = _source("covid", three, {"COVID-19": good, "Normal": Estimate(0.9), "Pneumonia": good})
     text = source_verdict([no_baseline], None)
     assert text[0].startswith("Disease signal within a source (model AUROC's 95% CI above 0.5):")
     assert "(no CI)" in text[1] and "No disease-blind baseline was scored" in text[2]

@@ -55,8 +55,10 @@ DEFINITIONS = {
         "true class (a call of a class the source does not hold cannot count against it)"
     ),
     "within_source.auroc": (
-        "AUROC of class c within source s: area under the ROC curve of the scorer's probability of c, "
-        "positives = the source's images of class c, negatives = the source's images of its other "
+        "AUROC of class c within source s: area under the ROC curve of the scorer's probability of c "
+        "renormalised over the classes present in s (p_c / sum of p_k for k present; a class the source "
+        "does not hold cannot blur the comparison, and in a two-class source both classes' AUROCs are "
+        "equal), positives = the source's images of class c, negatives = the source's images of its other "
         "classes (images of other sources excluded); 0.5 = chance"
     ),
     "model_minus_baseline": "model figure minus baseline figure on the same bootstrap resamples",
@@ -133,9 +135,11 @@ def _figures(y_true: np.ndarray, y_prob: np.ndarray, present: np.ndarray) -> np.
         positive = y_true == c
         out.append(float(np.mean(y_pred[positive] == c)) if positive.any() else np.nan)
     if len(present) >= 2:
-        within_pred = present[y_prob[:, present].argmax(axis=1)]
+        within = y_prob[:, present]
+        within_pred = present[within.argmax(axis=1)]
         out.append(float(np.mean(within_pred == y_true)))
-        out += [binary_auroc(y_true == c, y_prob[:, c]) for c in present]
+        total = np.clip(within.sum(axis=1), np.finfo(np.float64).tiny, None)
+        out += [binary_auroc(y_true == c, within[:, k] / total) for k, c in enumerate(present)]
     return np.asarray(out)
 
 
@@ -380,8 +384,11 @@ def source_verdict(by_source: Sequence[SourceMetrics], probe: SourceProbe | None
     """Plain-words sentences: which within-source comparisons show disease signal (:data:`DEFINITIONS`),
     which do not, how strongly the model's features encode source, and what that adds up to."""
     sentences = []
-    comparisons = [
-        (source, name) for source in by_source if len(source.classes) >= 2 for name in source.classes
+    comparisons = [  # in a two-class source both classes' AUROCs are the same comparison: judge it once
+        (source, name)
+        for source in by_source
+        if len(source.classes) >= 2
+        for name in (source.classes[1:] if len(source.classes) == 2 else source.classes)
     ]
     judged = [_verdict_on_comparison(source, name) for source, name in comparisons]
     shown = [text for ok, text in judged if ok]
