@@ -24,6 +24,7 @@ from monai.handlers import CheckpointLoader
 from cxr_monai.bundles import bundle_dir
 from cxr_monai.errors import BundleError
 from cxr_monai.gan.data import gan_side
+from cxr_monai.networks import TORCH_LOAD_ERRORS
 from cxr_monai.training.layout import write_run_layout
 
 BUNDLE_NAME = "cxr_cyclegan"
@@ -75,11 +76,11 @@ def load_checkpoint(
     try:
         # CheckpointLoader restores through an engine; a bare one stands in when only weights are loaded.
         loader(engine if engine is not None else Engine(lambda _engine, _batch: None))
-    except (RuntimeError, KeyError, ValueError, EOFError, OSError) as exc:
+    except TORCH_LOAD_ERRORS as exc:  # raised by torch.load and by load_state_dict alike
         detail = " ".join(str(exc).split())[:300] or type(exc).__name__
         raise BundleError(
-            f"checkpoint {path} does not fit this bundle's networks ({detail}); "
-            "the configs' parameters must be those of the run that wrote it"
+            f"checkpoint {path} is not a readable PyTorch file or does not fit this bundle's networks "
+            f"({detail}); the configs' parameters must be those of the run that wrote it"
         ) from exc
 
 
