@@ -128,7 +128,8 @@ class Predictor:
             raise BundleError(f"{weights}: missing; {bundle} holds no trained weights (models/model.pt)")
         try:
             network = parser.get_parsed_content("network_def", instantiate=True)
-        except Exception as exc:  # ConfigParser wraps any construction error in a generic RuntimeError
+        # ConfigParser wraps a construction error in RuntimeError; a bad reference or target raises the rest
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, ImportError) as exc:
             raise BundleError(f"{bundle / INFERENCE_CONFIG}: cannot build 'network_def' ({exc})") from exc
         if not isinstance(network, nn.Module):
             raise BundleError(f"{bundle / INFERENCE_CONFIG}: 'network_def' is not a torch nn.Module")
