@@ -3,6 +3,7 @@ a MemoryError while decoding is not reported as a corrupt file."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import threading
@@ -14,6 +15,8 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
+from cxr_monai.errors import InvalidImageError
+from cxr_monai.explain.secondary_capture import build_secondary_capture
 from cxr_monai.io import dicom, read_cxr
 from tests.dicom_factory import gradient, make_dataset, save
 
@@ -101,3 +104,19 @@ def test_memory_error_while_decoding_is_not_a_corrupt_file(
     with pytest.raises(MemoryError):
         read_cxr(path)
     assert pydicom.config.settings.reading_validation_mode != pydicom.config.IGNORE
+
+
+@pytest.mark.parametrize("keyword", ["StudyDate", "PatientBirthDate", "StudyTime"])
+def test_writing_a_secondary_capture_from_a_malformed_header_quotes_nothing(
+    tmp_path: Path, keyword: str
+) -> None:
+    with dicom.values_unvalidated():  # the test writes the malformed value; the reader and writer are tested
+        ds = make_dataset(gradient(8))
+        setattr(ds, keyword, "SECRETVALUE")
+    image = read_cxr(save(ds, tmp_path / "a.dcm"))
+    rgb = np.zeros((*image.pixels.shape, 3), dtype=np.uint8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with contextlib.suppress(InvalidImageError, ValueError):  # refusing the value is allowed
+            build_secondary_capture(image.dataset, rgb)
+    assert not [w for w in caught if "SECRETVALUE" in str(w.message)]

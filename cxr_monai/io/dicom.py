@@ -50,8 +50,8 @@ _validation_mode_found = pydicom.config.WARN
 @contextmanager
 def values_unvalidated() -> Iterator[None]:
     """pydicom's reading validation off inside: its warnings quote the offending value ("Invalid value
-    for VR DA: '19700101x'"), which may be a birth date or a patient's name, into warnings and
-    pydicom's logger, and patient data must never reach a log.
+    for VR PN ..."), which may be a birth date or a patient's name, into warnings and pydicom's logger,
+    and patient data must never reach a log.
 
     pydicom's settings are one process-wide object (not per thread), and its own
     ``config.disable_value_validation`` restores what it found on exit, which breaks under concurrent
