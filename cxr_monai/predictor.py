@@ -25,6 +25,7 @@ from torch import nn
 from cxr_monai.constants import CLASS_NAMES, DEFAULT_SPATIAL_SIZE
 from cxr_monai.errors import BundleError
 from cxr_monai.io import CXRImage, ImageSource
+from cxr_monai.networks import read_state_dict
 from cxr_monai.transforms import inference_transforms
 
 logger = logging.getLogger(__name__)
@@ -127,11 +128,12 @@ class Predictor:
             raise BundleError(f"{weights}: missing; {bundle} holds no trained weights (models/model.pt)")
         try:
             network = parser.get_parsed_content("network_def", instantiate=True)
-        except Exception as exc:  # ConfigParser wraps any construction error in a generic RuntimeError
+        # ConfigParser wraps a construction error in RuntimeError; a bad reference or target raises the rest
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, ImportError) as exc:
             raise BundleError(f"{bundle / INFERENCE_CONFIG}: cannot build 'network_def' ({exc})") from exc
         if not isinstance(network, nn.Module):
             raise BundleError(f"{bundle / INFERENCE_CONFIG}: 'network_def' is not a torch nn.Module")
-        state = _load_state_dict(weights)
+        state = read_state_dict(weights, BundleError)
         try:
             network.load_state_dict(state, strict=True)
         except RuntimeError as exc:
@@ -226,14 +228,3 @@ class Predictor:
 def _parsed(parser: ConfigParser, key: str, default: Any) -> Any:
     """The resolved value of a top-level config key, or ``default`` when the config lacks it."""
     return parser.get_parsed_content(key) if key in parser else default
-
-
-def _load_state_dict(weights: Path) -> dict[str, torch.Tensor]:
-    """Read a plain state_dict onto the CPU (tensors only: ``weights_only``)."""
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several unrelated types for a corrupt or foreign file
-        raise BundleError(f"{weights}: not a readable PyTorch state_dict ({exc})") from exc
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise BundleError(f"{weights}: expected a plain state_dict (parameter name -> tensor)")
-    return state

@@ -19,6 +19,7 @@ from PIL import Image
 from torch import nn
 
 from cxr_monai.constants import CLASS_NAMES, NUM_CLASSES, RESEARCH_USE_NOTICE
+from cxr_monai.data.datalist import datalist_document
 
 #: (rows, columns, Pillow mode) per class for data where the class can be told from image size alone.
 SIZE_BY_CLASS: tuple[tuple[int, int, str], ...] = ((96, 96, "RGB"), (128, 112, "L"), (80, 128, "L"))
@@ -159,6 +160,9 @@ def make_items(
 
 
 def write_datalist(path: Path, training: Sequence[dict[str, Any]], test: Sequence[dict[str, Any]]) -> Path:
-    """Write a MONAI datalist JSON with ``training`` and ``test`` lists."""
-    path.write_text(json.dumps({"training": list(training), "test": list(test)}, indent=2))
+    """Write a ``cxr-monai prepare``-style datalist (training items carry their ``fold``)."""
+    document = datalist_document(
+        training, test, folds=1 + max((i["fold"] for i in training), default=0), seed=0, test_fraction=0.0
+    )
+    path.write_text(json.dumps(document, indent=2))
     return path

@@ -69,7 +69,7 @@ def test_summary_records_counts_options_versions_and_warnings(public: tuple[Path
     summary = prepared.summary
     assert summary["options"]["n_normal"] == 10 and summary["options"]["seed"] == 7
     assert summary["options"]["covid_dir"] == str(covid)
-    assert summary["versions"]["cxr_monai"] and summary["versions"]["scikit-learn"]
+    assert summary["versions"]["cxr-monai"] and summary["versions"]["scikit-learn"]
     assert summary["per_class"]["Normal"] == {"requested": 10, "available": 18, "taken": 10}
     assert summary["per_class"]["COVID-19"]["requested"] is None
     assert summary["counts"]["images"]["Normal"]["total"] == 10

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from cxr_monai.cli import app
 from cxr_monai.constants import CLASS_NAMES, RESEARCH_USE_NOTICE
+from cxr_monai.data import DataItem
 from cxr_monai.errors import DatasetError
 from cxr_monai.evaluation import report as evaluation
 from cxr_monai.evaluation.metrics import PER_CLASS_FIGURES
@@ -164,7 +165,7 @@ def test_unknown_split_and_missing_fold(setup: dict[str, Path]) -> None:
 def test_source_split_scores_every_item_of_one_source_against_a_baseline_fitted_without_it(
     setup: dict[str, Path],
 ) -> None:
-    splits = evaluation.load_datalist(setup["datalist"])
+    splits = evaluation.load_splits(setup["datalist"])
     items = evaluation.select_split(splits, "source:site-b")
     expected = {i["image"] for i in json.loads(setup["datalist"].read_text())["training"][15:]}
     expected |= {i["image"] for i in json.loads(setup["datalist"].read_text())["test"][6:]}
@@ -198,7 +199,7 @@ def test_fold_split_counts_each_image_once_and_fits_the_baseline_on_other_folds(
         return real_read(source)
 
     monkeypatch.setattr(evaluation, "read_cxr", counting_read)
-    splits = evaluation.load_datalist(setup["datalist"])
+    splits = evaluation.load_splits(setup["datalist"])
     predictor = Predictor.from_bundle(setup["bundle"], device="cpu")
     report = evaluation.evaluate(
         predictor, evaluation.select_split(splits, "fold:0"), splits["training"], n_boot=0, batch_size=5
@@ -268,18 +269,17 @@ def test_training_curves_figure_plots_numeric_keys_only() -> None:
 
 
 def test_datalist_errors_and_relative_paths(tmp_path: Path) -> None:
-    with pytest.raises(DatasetError, match="no such datalist"):
-        evaluation.load_datalist(tmp_path / "missing.json")
-    bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"test": [{"image": "a.png", "label": 5}]}))
-    with pytest.raises(DatasetError, match=r"test\[0\]: 'label' must be a class index"):
-        evaluation.load_datalist(bad)
-    good = tmp_path / "good.json"
-    good.write_text(json.dumps({"test": [{"image": "imgs/a.png", "label": 1}]}))
-    items = evaluation.load_datalist(good)["test"]
-    assert items[0].image == str(tmp_path / "imgs" / "a.png") and items[0].patient_id is None
+    with pytest.raises(DatasetError, match="not found"):
+        evaluation.load_splits(tmp_path / "missing.json")
+    entry = {"image": "imgs/a.png", "label": 1, "patient_id": "p1"}
+    bad = write_datalist(tmp_path / "bad.json", [], [{**entry, "label": 5}])
+    with pytest.raises(DatasetError, match=r"test item 0: 'label' must be a class index 0\.\.2"):
+        evaluation.load_splits(bad)
+    good = write_datalist(tmp_path / "good.json", [], [entry])
+    items = evaluation.load_splits(good)["test"]
+    assert items == [DataItem(str(tmp_path.resolve() / "imgs" / "a.png"), 1, "p1", "(no source)")]
     with pytest.raises(DatasetError, match="has no items"):
-        evaluation.select_split(evaluation.load_datalist(good), "training")
+        evaluation.select_split(evaluation.load_splits(good), "training")
 
 
 def test_synthetic_items_are_never_evaluated(tmp_path: Path) -> None:
@@ -293,8 +293,8 @@ def test_synthetic_items_are_never_evaluated(tmp_path: Path) -> None:
         "synthetic": True,
     }
     path = tmp_path / "with_synthetic.json"
-    path.write_text(json.dumps({"training": [real, fake], "test": [{"image": "t.png", "label": 1}]}))
-    splits = evaluation.load_datalist(path)
+    write_datalist(path, [real, fake], [{"image": "t.png", "label": 1, "patient_id": "p"}])
+    splits = evaluation.load_splits(path)
     for split in ("fold:0", "training", "all"):
         images = [Path(item.image).name for item in evaluation.select_split(splits, split)]
         assert "fake.png" not in images and "real.png" in images
@@ -314,7 +314,7 @@ def test_evaluate_on_real_images(shared_data: Path, tmp_path: Path) -> None:
     ]
     items = {
         split: [
-            {"image": str(path), "label": label, "patient_id": f"{label}-{n}"}
+            {"image": str(path), "label": label, "patient_id": f"{label}-{n}", "fold": 0}
             for label, paths in enumerate(files)
             for n, path in enumerate(paths[start : start + 4])
         ]

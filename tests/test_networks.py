@@ -154,7 +154,7 @@ def test_missing_or_unreadable_weights_file(tmp_path) -> None:
         load_pretrained(net, tmp_path / "absent.pth")
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(WeightsError, match="not a PyTorch weights file"):
+    with pytest.raises(WeightsError, match=r"junk\.pth is not a readable PyTorch weights file"):
         load_pretrained(net, junk)
 
 

@@ -99,7 +99,7 @@ def test_weights_of_another_network_do_not_load(bundle: Path) -> None:
 
 def test_corrupt_weights_and_unbuildable_network(bundle: Path) -> None:
     (bundle / "models" / "model.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(BundleError, match="not a readable PyTorch state_dict"):
+    with pytest.raises(BundleError, match=r"model\.pt is not a readable PyTorch weights file"):
         Predictor.from_bundle(bundle)
     config = json.loads((bundle / "configs" / "inference.json").read_text())
     config["network_def"]["_target_"] = "bundle_factory.NoSuchNetwork"

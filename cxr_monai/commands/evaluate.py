@@ -78,7 +78,7 @@ def evaluate(
     from cxr_monai.predictor import Predictor
 
     with user_errors():
-        splits = evaluation.load_datalist(datalist)
+        splits = evaluation.load_splits(datalist)
         items = evaluation.select_split(splits, split)
         predictor = Predictor.from_bundle(bundle, device=device)
         stages = {"evaluate": "model + features", "baseline": "baseline training features"}

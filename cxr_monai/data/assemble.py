@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
-
-import sklearn
 
 from cxr_monai.atomic import write_json_atomic
 from cxr_monai.constants import CLASS_NAMES
@@ -53,6 +49,7 @@ from cxr_monai.data.sources import (
 )
 from cxr_monai.data.splits import assign_splits, outer_fold_count, subsample_per_class
 from cxr_monai.errors import DatasetError
+from cxr_monai.versions import package_versions
 
 logger = logging.getLogger(__name__)
 
@@ -211,14 +208,6 @@ def counts_by_source(datalist: dict[str, Any]) -> dict[str, dict[str, int]]:
     return dict(sorted(counts.items()))
 
 
-def _versions() -> dict[str, str]:
-    try:
-        package = version("cxr-monai")
-    except PackageNotFoundError:
-        package = "unknown"
-    return {"cxr_monai": package, "scikit-learn": sklearn.__version__, "python": platform.python_version()}
-
-
 def assemble_dataset(
     options: PrepareOptions, on_progress: Callable[[int, int], None] | None = None
 ) -> PreparedDataset:
@@ -274,7 +263,7 @@ def assemble_dataset(
     option_record["site_csvs"] = [f"{site.name}={site.path}" for site in _sites(options)]
     summary = {
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": _versions(),
+        "versions": package_versions(),
         "options": option_record,
         "test_split": f"1 of {outer_fold_count(options.test_fraction)} patient-grouped folds",
         "sources": {scan.source: scan.summary() for scan in scans},

@@ -33,8 +33,8 @@ def load_datalist(path: str | Path) -> dict[str, Any]:
     same files from the same datalist.
 
     Raises DatasetError when the file is missing or not JSON, lacks ``training``/``test`` lists, an item
-    lacks image/label/patient_id (or, in ``training``, an integer ``fold``), or its ``class_names`` differ
-    from :data:`cxr_monai.constants.CLASS_NAMES`.
+    lacks image/label/patient_id (or, in ``training``, an integer ``fold``) or its label is not a class
+    index, or its ``class_names`` differ from :data:`cxr_monai.constants.CLASS_NAMES`.
     """
     path = Path(path)
     try:
@@ -58,6 +58,12 @@ def load_datalist(path: str | Path) -> dict[str, Any]:
                 absent.append("fold")
             if absent:
                 raise DatasetError(f"datalist {path}: {key} item {number} lacks {', '.join(absent)}")
+            label = item["label"]
+            if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(CLASS_NAMES):
+                raise DatasetError(
+                    f"datalist {path}: {key} item {number}: 'label' must be a class index "
+                    f"0..{len(CLASS_NAMES) - 1} ({', '.join(CLASS_NAMES)})"
+                )
             image = Path(str(item["image"]))
             item["image"] = str(image if image.is_absolute() else path.parent.resolve() / image)
     return datalist

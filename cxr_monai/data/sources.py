@@ -27,6 +27,8 @@ from cxr_monai.errors import DatasetError
 COVID_SOURCE = "covid-chestxray-dataset"
 KAGGLE_SOURCE = "kaggle-chest-xray"
 SITE_SOURCE_PREFIX = "site:"
+#: ``source`` of a datalist entry that names none (datalists written by hand or by other tools).
+UNKNOWN_SOURCE = "(no source)"
 
 #: Views of covid-chestxray-dataset kept by default (frontal films; laterals and CT are left out).
 DEFAULT_COVID_VIEWS: tuple[str, ...] = ("PA", "AP", "AP Supine")
@@ -69,6 +71,22 @@ class DataItem:
     @property
     def label_name(self) -> str:
         return CLASS_NAMES[self.label]
+
+    @classmethod
+    def from_json(cls, entry: Mapping[str, Any]) -> DataItem:
+        """The item of a datalist entry as :func:`cxr_monai.data.load_datalist` returns it (image, label,
+        patient_id checked there); other keys (``fold``, ``synthetic`` ...) are dropped, and a missing
+        ``source`` becomes :data:`UNKNOWN_SOURCE`."""
+        return cls(
+            image=str(entry["image"]),
+            label=int(entry["label"]),
+            patient_id=str(entry["patient_id"]),
+            source=str(entry.get("source") or UNKNOWN_SOURCE),
+            view=entry.get("view"),
+            offset=entry.get("offset"),
+            age=entry.get("age"),
+            sex=entry.get("sex"),
+        )
 
     def to_json(self) -> dict[str, Any]:
         """Datalist entry (no ``fold``): image, label, label_name, patient_id, source[, offset, view][, age]

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ import numpy as np
 
 from cxr_monai.atomic import write_json_atomic, write_text_atomic
 from cxr_monai.constants import CLASS_NAMES, NUM_CLASSES, RESEARCH_USE_NOTICE
+from cxr_monai.data import DataItem, load_datalist
 from cxr_monai.errors import DatasetError, InvalidImageError
 from cxr_monai.evaluation.metrics import (
     DEFAULT_N_BOOT,
@@ -51,7 +50,6 @@ from cxr_monai.evaluation.shortcut import (
 )
 from cxr_monai.evaluation.sources import (
     DEFINITIONS,
-    UNKNOWN_SOURCE,
     SourceMetrics,
     SourceProbe,
     source_metrics,
@@ -60,86 +58,45 @@ from cxr_monai.evaluation.sources import (
 )
 from cxr_monai.io import CXRImage, read_cxr
 from cxr_monai.predictor import Predictor
+from cxr_monai.training.layout import TRAINING_LOG, read_training_log
+from cxr_monai.versions import package_versions
 
 logger = logging.getLogger(__name__)
 
 #: ``--split`` values besides ``fold:K`` and ``source:NAME``.
 SPLITS = ("test", "training", "all")
 SOURCE_SPLIT = "source:"
-TRAINING_LOG = Path("logs") / "training_log.json"
 
 #: Called as ``progress(stage, done, total)``; stages "evaluate" (evaluated items) then "baseline"
 #: (training items decoded for the baseline only).
 ProgressHook = Callable[[str, int, int], None]
 
 
-@dataclass(frozen=True)
-class Item:
-    """One datalist entry: absolute ``image`` path, class index ``label``, optional ``patient_id`` and
-    ``source`` (other keys of the entry are ignored)."""
+def load_splits(path: str | Path) -> dict[str, list[DataItem]]:
+    """The evaluable splits of a datalist read by :func:`cxr_monai.data.load_datalist` (which checks it
+    and resolves relative image paths against its folder).
 
-    image: str
-    label: int
-    patient_id: str | None = None
-    source: str | None = None
-
-    @property
-    def source_name(self) -> str:
-        """``source``, or :data:`~cxr_monai.evaluation.sources.UNKNOWN_SOURCE` when the entry has none."""
-        return self.source if self.source is not None else UNKNOWN_SOURCE
-
-
-def load_datalist(path: str | Path) -> dict[str, list[Item]]:
-    """Read a MONAI datalist JSON (``training`` items with ``fold``, ``test`` items).
-
-    Relative image paths are resolved against the datalist's folder (MONAI's ``base_dir`` convention).
     Synthetic items (``"synthetic": true``, from ``cxr-monai synthesize``) are left out: figures are
     always on real images, and the shortcut baseline is fitted on real images only.
     Returns ``{"training": [...], "test": [...], "fold:K": [...] for each fold}``.
 
     Raises:
-        DatasetError: the file is missing, not JSON, or an item lacks ``image`` or a valid ``label``.
+        DatasetError: the datalist is missing, not JSON, or not a ``cxr-monai prepare`` datalist.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"{path}: no such datalist file")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"{path}: not a JSON datalist ({exc})") from exc
-    if not isinstance(raw, dict) or not any(isinstance(raw.get(k), list) for k in ("training", "test")):
-        raise DatasetError(f"{path}: expected a JSON object with 'training' and/or 'test' lists")
-    splits: dict[str, list[Item]] = {"training": [], "test": []}
+    datalist = load_datalist(path)
+    splits: dict[str, list[DataItem]] = {"training": [], "test": []}
     for key in ("training", "test"):
-        for n, entry in enumerate(raw.get(key) or []):
-            if isinstance(entry, dict) and entry.get("synthetic"):
+        for entry in datalist[key]:
+            if entry.get("synthetic"):
                 continue
-            item = _item(entry, path.parent, f"{path}: {key}[{n}]")
+            item = DataItem.from_json(entry)
             splits[key].append(item)
-            if key == "training" and isinstance(entry.get("fold"), int):
+            if key == "training":
                 splits.setdefault(f"fold:{entry['fold']}", []).append(item)
     return splits
 
 
-def _item(entry: Any, base: Path, where: str) -> Item:
-    if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
-        raise DatasetError(f"{where}: item has no 'image' path")
-    label = entry.get("label")
-    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < NUM_CLASSES:
-        raise DatasetError(
-            f"{where}: 'label' must be a class index 0..{NUM_CLASSES - 1} ({', '.join(CLASS_NAMES)})"
-        )
-    image = Path(entry["image"])
-    patient, source = entry.get("patient_id"), entry.get("source")
-    return Item(
-        str(image if image.is_absolute() else base / image),
-        label,
-        None if patient is None else str(patient),
-        None if source is None else str(source),
-    )
-
-
-def select_split(splits: dict[str, list[Item]], split: str) -> list[Item]:
+def select_split(splits: dict[str, list[DataItem]], split: str) -> list[DataItem]:
     """Items of ``test``, ``training``, ``all`` (training + test), ``fold:K`` or ``source:NAME``.
 
     ``source:NAME`` is every (non-synthetic) item of source NAME in the datalist, training and test
@@ -155,7 +112,7 @@ def select_split(splits: dict[str, list[Item]], split: str) -> list[Item]:
         everything = splits["training"] + splits["test"]
         items = [item for item in everything if item.source == name]
         if not items:
-            present = sorted({item.source for item in everything if item.source is not None})
+            present = sorted({item.source for item in everything})
             raise DatasetError(
                 f"source {name!r} not in the datalist (sources present: {', '.join(present) or 'none'})"
             )
@@ -194,7 +151,7 @@ def describe_split(split: str) -> str:
 class EvaluationReport:
     """What :func:`evaluate` measured; :func:`write_report` writes it."""
 
-    items: list[Item]
+    items: list[DataItem]
     y_prob: np.ndarray
     metrics: ClassificationMetrics
     shortcut: ShortcutResult | None
@@ -213,8 +170,8 @@ class EvaluationReport:
 
 
 def _decode(
-    items: Sequence[Item], skipped: list[dict[str, str]], stage: str, progress: ProgressHook
-) -> Iterator[tuple[Item, CXRImage]]:
+    items: Sequence[DataItem], skipped: list[dict[str, str]], stage: str, progress: ProgressHook
+) -> Iterator[tuple[DataItem, CXRImage]]:
     """Yield (item, decoded image) for readable items; unreadable ones go to ``skipped``. Reports
     progress after each item, readable or not."""
     for done, item in enumerate(items, start=1):
@@ -230,8 +187,8 @@ def _decode(
 
 def evaluate(
     predictor: Predictor,
-    items: Sequence[Item],
-    training_items: Sequence[Item] = (),
+    items: Sequence[DataItem],
+    training_items: Sequence[DataItem] = (),
     *,
     shortcut: bool = True,
     batch_size: int = 8,
@@ -253,11 +210,11 @@ def evaluate(
     """
     report_progress = progress or (lambda stage, done, total: None)
     skipped: list[dict[str, str]] = []
-    kept: list[Item] = []
+    kept: list[DataItem] = []
     probs: list[np.ndarray] = []
     pooled: list[np.ndarray] = []
     features: dict[str, ShortcutFeatures] = {}
-    pending: list[tuple[Item, CXRImage]] = []
+    pending: list[tuple[DataItem, CXRImage]] = []
 
     def flush() -> None:
         if pending:
@@ -292,7 +249,7 @@ def evaluate(
         )
         majority = float(np.bincount(y_true, minlength=NUM_CLASSES).max() / len(y_true))
         sentences.append(verdict(metrics.accuracy, result, majority))
-    sources = [item.source_name for item in kept]
+    sources = [item.source for item in kept]
     by_source = source_metrics(
         y_true, y_prob, sources, baseline_prob, groups=groups, n_boot=n_boot, seed=seed
     )
@@ -316,9 +273,9 @@ def evaluate(
 
 
 def _shortcut_check(
-    kept: list[Item],
+    kept: list[DataItem],
     features: dict[str, ShortcutFeatures],
-    training_items: Sequence[Item],
+    training_items: Sequence[DataItem],
     y_true: np.ndarray,
     y_prob: np.ndarray,
     skipped: list[dict[str, str]],
@@ -360,16 +317,6 @@ def _shortcut_check(
     return result, baseline_prob
 
 
-def _versions() -> dict[str, str]:
-    out = {}
-    for package in ("cxr-monai", "monai", "torch", "scikit-learn", "numpy"):
-        try:
-            out[package] = version(package)
-        except PackageNotFoundError:
-            out[package] = "unknown"
-    return out
-
-
 def report_dict(report: EvaluationReport, **context: Any) -> dict[str, Any]:
     """The ``metrics.json`` content; ``context`` (bundle, datalist, split, ...) is recorded as given."""
     data: dict[str, Any] = {
@@ -387,7 +334,7 @@ def report_dict(report: EvaluationReport, **context: Any) -> dict[str, Any]:
         "source_probe": report.probe.to_dict(),
         "verdict": list(report.verdict),
         "skipped_images": list(report.skipped),
-        "versions": _versions(),
+        "versions": package_versions(),
     }
     if report.shortcut is not None:
         data["shortcut_check"] = {**report.shortcut.to_dict(), "context": CONTEXT}
@@ -404,22 +351,12 @@ def predictions_csv(report: EvaluationReport) -> str:
         header.append("baseline_predicted_class")
     writer.writerow(header)
     for n, (item, probs) in enumerate(zip(report.items, report.y_prob, strict=True)):
-        row = [item.image, item.source_name, CLASS_NAMES[item.label], CLASS_NAMES[int(np.argmax(probs))]]
+        row = [item.image, item.source, CLASS_NAMES[item.label], CLASS_NAMES[int(np.argmax(probs))]]
         row += [f"{p:.6f}" for p in probs]
         if report.shortcut is not None:
             row.append(CLASS_NAMES[int(report.shortcut.predictions[n])])
         writer.writerow(row)
     return buffer.getvalue()
-
-
-def read_training_log(bundle_dir: str | Path) -> list[dict[str, Any]] | None:
-    """The bundle's ``logs/training_log.json`` (list of per-epoch dicts), or None when absent/unreadable."""
-    path = Path(bundle_dir) / TRAINING_LOG
-    try:
-        log = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    return [row for row in log if isinstance(row, dict)] if isinstance(log, list) else None
 
 
 def write_report(

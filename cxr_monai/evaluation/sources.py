@@ -37,8 +37,6 @@ from cxr_monai.evaluation.metrics import (
     to_estimate,
 )
 
-#: The source name of items whose datalist entry has no ``source``.
-UNKNOWN_SOURCE = "(no source)"
 #: Most folds of the probe's cross-validation (fewer when a source has fewer patients).
 PROBE_MAX_SPLITS = 5
 #: Probe accuracy as a share of the headroom above always guessing the largest source:

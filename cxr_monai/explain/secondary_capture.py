@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-from importlib.metadata import version
 from typing import Any
 
 import highdicom as hd
@@ -52,6 +51,7 @@ from pydicom.valuerep import validate_value
 
 from cxr_monai.constants import RESEARCH_USE_NOTICE
 from cxr_monai.errors import InvalidImageError
+from cxr_monai.versions import cxr_monai_version
 
 logger = logging.getLogger(__name__)
 # highdicom logs the source's SOPInstanceUID at INFO when it copies patient and study attributes;
@@ -272,5 +272,5 @@ def _from_ref_dataset(
         patient_orientation=orientation,
         transfer_syntax_uid=ExplicitVRLittleEndian,
         series_description=SERIES_DESCRIPTION,
-        software_versions=version("cxr-monai"),
+        software_versions=cxr_monai_version(),
     )

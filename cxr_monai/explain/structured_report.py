@@ -28,7 +28,6 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Sequence
-from importlib.metadata import version
 
 import highdicom as hd
 import numpy as np
@@ -42,6 +41,7 @@ from cxr_monai.explain.secondary_capture import (
     blank_invalid_values,
     check_source,
 )
+from cxr_monai.versions import cxr_monai_version
 
 #: SNOMED CT concept of each class (CLASS_NAMES order).
 CLASS_CODES: dict[str, hd.sr.CodedConcept] = {
@@ -165,7 +165,7 @@ def build_structured_report(
             is_verified=False,
             series_description=SERIES_DESCRIPTION,
             content_qualification=hd.ContentQualificationValues.RESEARCH,
-            software_versions=version("cxr-monai"),
+            software_versions=cxr_monai_version(),
         )
     blank_invalid_values(sr)
     return sr

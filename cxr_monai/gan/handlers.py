@@ -22,7 +22,8 @@ from torchvision.utils import make_grid
 from cxr_monai.atomic import atomic_path, write_json_atomic
 from cxr_monai.gan.data import UnpairedDataset
 from cxr_monai.gan.engine import LOSS_KEYS
-from cxr_monai.gan.trainer import GENERATOR_FILE, RUN_INFO, SAMPLES_FILE, checkpoints
+from cxr_monai.gan.trainer import GENERATOR_FILE, SAMPLES_FILE, checkpoints
+from cxr_monai.training.layout import RUN_INFO
 
 
 class GANLossLog:

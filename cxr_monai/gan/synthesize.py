@@ -38,7 +38,7 @@ from cxr_monai.constants import CLASS_NAMES
 from cxr_monai.data import DATALIST_FILENAME, load_datalist
 from cxr_monai.errors import BundleError, CXRMonaiError, DatasetError
 from cxr_monai.gan.data import COVID, domain_items
-from cxr_monai.gan.trainer import RUN_INFO
+from cxr_monai.training.layout import RUN_INFO
 
 REPORT_FILE = "synthesize_report.json"
 IMAGES_DIR = "images"

@@ -13,28 +13,24 @@ GAN directory (``output_dir``) holds::
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
 from collections.abc import Mapping
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import torch
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader
 
-from cxr_monai.atomic import write_json_atomic
 from cxr_monai.bundles import bundle_dir
 from cxr_monai.errors import BundleError
 from cxr_monai.gan.data import gan_side
+from cxr_monai.networks import TORCH_LOAD_ERRORS
+from cxr_monai.training.layout import write_run_layout
 
 BUNDLE_NAME = "cxr_cyclegan"
 GENERATOR_FILE = "generator_normal2covid.pt"
 LOG_FILE = "gan_log.json"
 SAMPLES_FILE = "samples.png"
-RUN_INFO = "run_info.json"
 CONFIG_FILES = ("metadata.json", "train.json", "inference.json", "logging.conf")
 #: Parameters that synthesis needs to rebuild the generator and its input; written into inference.json.
 INFERENCE_PARAMETERS = ("spatial_size", "base_channels", "n_residual_blocks")
@@ -80,11 +76,11 @@ def load_checkpoint(
     try:
         # CheckpointLoader restores through an engine; a bare one stands in when only weights are loaded.
         loader(engine if engine is not None else Engine(lambda _engine, _batch: None))
-    except (RuntimeError, KeyError, ValueError, EOFError, OSError) as exc:
+    except TORCH_LOAD_ERRORS as exc:  # raised by torch.load and by load_state_dict alike
         detail = " ".join(str(exc).split())[:300] or type(exc).__name__
         raise BundleError(
-            f"checkpoint {path} does not fit this bundle's networks ({detail}); "
-            "the configs' parameters must be those of the run that wrote it"
+            f"checkpoint {path} is not a readable PyTorch file or does not fit this bundle's networks "
+            f"({detail}); the configs' parameters must be those of the run that wrote it"
         ) from exc
 
 
@@ -134,25 +130,7 @@ def prepare_output_dir(bundle_root: str, output_dir: str, run_parameters: Mappin
         raise BundleError(f"output_dir {out} overlaps the bundle {root}; pass --output_dir DIR elsewhere")
     params = dict(run_parameters)
     params["spatial_size"] = gan_side(params["spatial_size"])
-    for sub in ("configs", "models", "logs"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    for name in CONFIG_FILES:
-        src, dst = root / "configs" / name, out / "configs" / name
-        if not src.is_file():
-            raise BundleError(f"bundle config {src} is missing")
-        if name.endswith(".json"):
-            config = json.loads(src.read_text(encoding="utf-8"))
-            write_json_atomic(dst, _with_run_values(name, config, params, out))
-        elif src != dst:
-            shutil.copyfile(src, dst)
-    write_json_atomic(
-        out / "logs" / RUN_INFO,
-        {
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "parameters": params,
-            "versions": _versions(),
-        },
-    )
+    write_run_layout(root / "configs", out, CONFIG_FILES, params, _with_run_values)
     return str(out)
 
 
@@ -170,10 +148,3 @@ def _with_run_values(name: str, config: dict[str, Any], params: dict[str, Any], 
             for entry in config["network_data_format"][section].values():
                 entry["spatial_shape"] = shape
     return config
-
-
-def _versions() -> dict[str, str]:
-    import monai
-    import numpy
-
-    return {"monai": monai.__version__, "torch": torch.__version__, "numpy": numpy.__version__}

@@ -48,7 +48,7 @@ from pynetdicom import evt
 
 from cxr_monai.errors import InvalidImageError
 from cxr_monai.explain.secondary_capture import MANUFACTURER
-from cxr_monai.io.dicom import check_header, ensure_transfer_syntax, suitability_warnings
+from cxr_monai.io.dicom import check_header, ensure_transfer_syntax, suitability_warnings, values_unvalidated
 
 logger = logging.getLogger(__name__)
 
@@ -132,8 +132,9 @@ def store_handler(
     def handle(event: evt.Event) -> Dataset:
         status = Dataset()
         try:
-            ds = _decoded(event)
-            check_instance(ds)
+            with values_unvalidated():  # the header's values must not be quoted by pydicom's validation
+                ds = _decoded(event)
+                check_instance(ds)
             name = put(event.encoded_dataset(include_meta=True))
         except Refused as exc:
             logger.warning("refused an instance (0x%04X): %s", exc.status, exc)

@@ -16,8 +16,11 @@ import io
 import logging
 import re
 import struct
+import threading
 import warnings
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -39,10 +42,53 @@ from cxr_monai.io.image import DEFAULT_LIMITS, CXRImage, ImageLimits
 
 logger = logging.getLogger(__name__)
 
-# pydicom's value-validation warnings quote the offending value ("Invalid value for VR DA:
-# '19700101x'"), which may be a birth date or a patient's name, into warnings and pydicom's logger.
-# Patient data must never reach a log, so values are not validated on reading (process-wide setting).
-pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+_validation_lock = threading.Lock()
+_validation_readers = 0
+_validation_mode_found = pydicom.config.WARN
+
+
+@contextmanager
+def values_unvalidated() -> Iterator[None]:
+    """pydicom's reading validation off inside: its warnings quote the offending value ("Invalid value
+    for VR PN ..."), which may be a birth date or a patient's name, into warnings and pydicom's logger,
+    and patient data must never reach a log.
+
+    pydicom's settings are one process-wide object (not per thread), and its own
+    ``config.disable_value_validation`` restores what it found on exit, which breaks under concurrent
+    readers (the server decodes in several threads: a reader that entered second would restore IGNORE
+    for good). Here the readers are counted under a lock: the first one in sets IGNORE, the last one
+    out restores the mode it found. Another thread's pydicom reads in that window are not validated
+    either (nothing is quoted; nothing else changes).
+    """
+    global _validation_readers, _validation_mode_found
+    with _validation_lock:
+        if _validation_readers == 0:
+            _validation_mode_found = pydicom.config.settings.reading_validation_mode
+            pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+        _validation_readers += 1
+    try:
+        yield
+    finally:
+        with _validation_lock:
+            _validation_readers -= 1
+            if _validation_readers == 0:
+                pydicom.config.settings.reading_validation_mode = _validation_mode_found
+
+
+def _convert_values(ds: Dataset) -> None:
+    """Convert every element of ``ds`` (and of its sequences' items) from the raw bytes pydicom keeps
+    until first access. pydicom validates a value when it converts it, so a header converted here,
+    under :func:`values_unvalidated`, is never validated (and quoted) by a later reader such as
+    highdicom. An element that cannot be converted stays raw: it raises where it is used, as before.
+    (pydicom has no "convert all" call; ``Dataset.iterall`` stops at the first corrupt element.)"""
+    for tag in list(ds.keys()):
+        try:
+            element = ds[tag]
+        except _CORRUPT_ELEMENT_ERRORS:
+            continue
+        if element.VR == "SQ":
+            for item in element.value:
+                _convert_values(item)
 
 
 class _RedactQuotedValues(logging.Filter):
@@ -76,6 +122,9 @@ _CORRUPT_ELEMENT_ERRORS = (
     IndexError,
     struct.error,
 )
+#: What pydicom's pixel handlers and the pylibjpeg / pillow decoders raise for pixel data they cannot
+#: decode (truncated, corrupt, or a transfer syntax without an installed decoder).
+_DECODER_ERRORS = (*_CORRUPT_ELEMENT_ERRORS, RuntimeError, AttributeError, OSError, EOFError, zlib.error)
 
 
 def looks_like_dicom(data: bytes) -> bool:
@@ -224,9 +273,8 @@ def decode_stored(ds: Dataset, name: str) -> np.ndarray:
     ds.pixel_array_options(allow_excess_frames=False)
     try:
         return np.asarray(ds.pixel_array)
-    # Decoders raise many types (ValueError, RuntimeError, NotImplementedError, struct.error ...);
-    # each means the same thing to the caller: these pixels cannot be read.
-    except Exception as exc:
+    # each means the same thing to the caller: these pixels cannot be read (a MemoryError is not one)
+    except _DECODER_ERRORS as exc:
         raise InvalidImageError(
             f"{name}: DICOM pixel data ({syntax.name}) cannot be decoded; the file may be truncated "
             f"or corrupt ({type(exc).__name__}: {exc})"
@@ -375,15 +423,20 @@ def read_dicom(
     Raises:
         InvalidImageError: see :func:`parse_dicom`, :func:`check_header` and :func:`decode_stored`.
     """
-    ds = parse_dicom(data, name, force=force, limits=limits)
-    try:
-        return _read_parsed(ds, name, limits)
-    # pydicom converts element values on first access, so a corrupt header element raises here; its
-    # message may quote the value, so only the exception type is reported.
-    except _CORRUPT_ELEMENT_ERRORS as exc:
-        if isinstance(exc, InvalidImageError):
-            raise
-        raise InvalidImageError(f"{name}: DICOM header has a corrupt element ({type(exc).__name__})") from exc
+    with values_unvalidated():
+        ds = parse_dicom(data, name, force=force, limits=limits)
+        try:
+            image = _read_parsed(ds, name, limits)
+        # pydicom converts element values on first access, so a corrupt header element raises here; its
+        # message may quote the value, so only the exception type is reported.
+        except _CORRUPT_ELEMENT_ERRORS as exc:
+            if isinstance(exc, InvalidImageError):
+                raise
+            raise InvalidImageError(
+                f"{name}: DICOM header has a corrupt element ({type(exc).__name__})"
+            ) from exc
+        _convert_values(ds)
+    return image
 
 
 def _read_parsed(ds: Dataset, name: str, limits: ImageLimits) -> CXRImage:

@@ -5,20 +5,22 @@ trained bundle (:func:`relocate_trained_bundle`) and reading its training log.""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from cxr_monai.atomic import write_json_atomic
 from cxr_monai.bundles import bundle_dir, bundles_root
 from cxr_monai.errors import BundleError
 from cxr_monai.transforms import square_side
+from cxr_monai.versions import package_versions
+
+logger = logging.getLogger(__name__)
 
 BUNDLE_NAME = "cxr_classifier"
 CONFIG_FILES: tuple[str, ...] = (
@@ -29,7 +31,8 @@ CONFIG_FILES: tuple[str, ...] = (
     "multi_gpu_train.json",
     "logging.conf",
 )
-TRAINING_LOG = "training_log.json"
+#: A trained bundle's per-epoch log, relative to the bundle directory.
+TRAINING_LOG = Path("logs") / "training_log.json"
 RUN_INFO = "run_info.json"
 #: Top-level keys of ``inference.json`` that a trained bundle fixes to the run's values.
 INFERENCE_PARAMETERS: tuple[str, ...] = ("backbone", "spatial_size", "histogram_equalize", "crop_borders")
@@ -73,16 +76,31 @@ def prepare_output_dir(bundle_root: str, output_dir: str, run_parameters: Mappin
     params = dict(run_parameters)
     if "spatial_size" in params:  # a trained bundle records the side as an int, whichever form was given
         params["spatial_size"] = square_side(params["spatial_size"])
+    write_run_layout(source, out, CONFIG_FILES, params, _with_run_values)
+    return str(out)
+
+
+def write_run_layout(
+    source_configs: Path,
+    out: Path,
+    config_files: Sequence[str],
+    params: dict[str, Any],
+    with_run_values: Callable[[str, dict[str, Any], dict[str, Any], Path], dict[str, Any]],
+) -> None:
+    """The layout a training run writes (the classifier's and the GAN's): ``out/configs`` with each of
+    ``config_files`` copied from ``source_configs`` (JSON ones edited by ``with_run_values(name, config,
+    params, out)``), ``out/models``, and ``out/logs/run_info.json`` (time, ``params``, package versions).
+    BundleError when a config is missing."""
     for sub in ("configs", "models", "logs"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    for name in CONFIG_FILES:
-        src = source / name
+    for name in config_files:
+        src = source_configs / name
         if not src.is_file():
             raise BundleError(f"bundle config {src} is missing")
         dst = out / "configs" / name
         if name.endswith(".json"):
             config = json.loads(src.read_text(encoding="utf-8"))
-            write_json_atomic(dst, _with_run_values(name, config, params, out))
+            write_json_atomic(dst, with_run_values(name, config, params, out))
         elif src.resolve() != dst.resolve():
             shutil.copyfile(src, dst)
     write_json_atomic(
@@ -90,10 +108,9 @@ def prepare_output_dir(bundle_root: str, output_dir: str, run_parameters: Mappin
         {
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "parameters": params,
-            "versions": _package_versions(),
+            "versions": package_versions(),
         },
     )
-    return str(out)
 
 
 def _with_run_values(name: str, config: dict[str, Any], params: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -116,19 +133,6 @@ def _with_run_values(name: str, config: dict[str, Any], params: dict[str, Any], 
     return config
 
 
-def _package_versions() -> dict[str, str]:
-    import monai
-    import numpy
-    import torchvision
-
-    return {
-        "monai": monai.__version__,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "numpy": numpy.__version__,
-    }
-
-
 def relocate_trained_bundle(source: str | Path, destination: str | Path) -> Path:
     """Copy a trained bundle (without its resumable checkpoint) to ``destination`` and point the
     ``bundle_root`` of its ``train.json`` and ``inference.json`` there."""
@@ -145,12 +149,20 @@ def relocate_trained_bundle(source: str | Path, destination: str | Path) -> Path
 
 
 def read_training_log(bundle_dir: str | Path) -> list[dict[str, Any]]:
-    """The per-epoch entries of a trained bundle's ``logs/training_log.json`` (empty if absent)."""
-    path = Path(bundle_dir) / "logs" / TRAINING_LOG
+    """The per-epoch entries (dicts) of a trained bundle's :data:`TRAINING_LOG`; empty when the file is
+    absent, and empty with a warning when it is not a JSON list (a run killed while writing it)."""
+    path = Path(bundle_dir) / TRAINING_LOG
     if not path.is_file():
         return []
-    entries = json.loads(path.read_text(encoding="utf-8"))
-    return entries if isinstance(entries, list) else []
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        logger.warning("training log %s is unreadable (%s); treated as empty", path, exc)
+        return []
+    if not isinstance(entries, list):
+        logger.warning("training log %s is not a JSON list; treated as empty", path)
+        return []
+    return [entry for entry in entries if isinstance(entry, dict)]
 
 
 def best_epoch(entries: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
