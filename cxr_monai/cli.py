@@ -9,6 +9,7 @@ from cxr_monai.commands.bundle import bundle_app
 from cxr_monai.commands.compare import compare
 from cxr_monai.commands.evaluate import evaluate
 from cxr_monai.commands.explain import explain
+from cxr_monai.commands.export import export
 from cxr_monai.commands.gateway import gateway
 from cxr_monai.commands.prepare import prepare
 from cxr_monai.commands.progression import progression
@@ -42,4 +43,5 @@ app.command("gateway")(gateway)
 app.command("train")(train)
 app.command("synthesize")(synthesize)
 app.command("compare")(compare)
+app.command("export")(export)
 app.add_typer(bundle_app)

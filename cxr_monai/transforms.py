@@ -6,7 +6,8 @@ all call them, so a file gives the same tensor everywhere.
 Inference chain (paper's pre-processing, then what ImageNet backbones expect)::
 
     path/bytes -> LoadCXR (rows, cols) -> channel first (1, H, W) -> per-image min-max to [0, 255]
-    -> resize (stretch, antialiased) to S x S -> 3 channels -> [0, 1] -> ImageNet mean/std
+    -> resize (stretch, antialiased: :class:`AntialiasedResize`) to S x S -> 3 channels -> [0, 1]
+    -> ImageNet mean/std
 
 Training adds augmentation v1 (random rotation, width/height shift, horizontal flip) after the resize,
 so ``CacheDataset`` caches the deterministic prefix (decode + resize) once. Against source shortcuts,
@@ -22,7 +23,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.config import KeysCollection
+import torch.nn.functional as F
+from monai.config import KeysCollection, NdarrayOrTensor
 from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
@@ -43,18 +45,17 @@ from monai.transforms import (
     RandZoomd,
     RepeatChannel,
     RepeatChanneld,
-    Resize,
-    Resized,
     ScaleIntensity,
     ScaleIntensityd,
     ScaleIntensityRange,
     ScaleIntensityRanged,
     Transform,
 )
-from monai.utils import ensure_tuple
+from monai.transforms.utils import scale_affine
+from monai.utils import convert_to_tensor, ensure_tuple
 
 from cxr_monai.constants import DEFAULT_SPATIAL_SIZE, IMAGENET_MEAN, IMAGENET_STD
-from cxr_monai.errors import BundleError
+from cxr_monai.errors import BundleError, InvalidImageError
 from cxr_monai.io import CXRImage, ImageSource, read_cxr
 
 _MEAN = np.asarray(IMAGENET_MEAN, dtype=np.float32)
@@ -137,6 +138,56 @@ def _size(spatial_size: Any) -> tuple[int, int]:
     return (side, side)
 
 
+class AntialiasedResize(Transform):
+    """Stretch a channel-first image (C, H, W) to ``spatial_size`` with an antialiased bilinear filter.
+
+    ``torch.nn.functional.interpolate(mode="bilinear", antialias=True)``: when an axis shrinks by a
+    factor f the bilinear (triangle) kernel is widened f times, so every input pixel contributes (as
+    Pillow's ``BILINEAR`` resize does); an axis that grows is plain bilinear (pixel centres,
+    ``align_corners=False``), as MONAI ``Resize`` does. It replaces MONAI ``Resize(anti_aliasing=True)``
+    (a Gaussian blur with sigma (f - 1) / 2, then bilinear), which took 130 ms at 1024 x 1024 and 2 s at
+    3000 x 3000 on one thread, against about 2 and 10 ms here. The outputs agree to a fraction of a
+    grey level inside the image; MONAI's blur pads with zeros, so its outermost row and column were
+    darkened (a constant 200 became 179 there), which this one does not do.
+
+    Output: float32, (C, *spatial_size); a ``MetaTensor`` input keeps its meta dict and applied
+    operations (the crop record Grad-CAM reads), with the affine scaled like MONAI ``Resize``'s.
+    """
+
+    def __init__(self, spatial_size: Any) -> None:
+        self.spatial_size = _size(spatial_size)
+
+    def __call__(self, img: NdarrayOrTensor) -> torch.Tensor:
+        pixels = convert_to_tensor(img, dtype=torch.float32, track_meta=False)
+        if pixels.ndim != 3:
+            raise InvalidImageError(f"AntialiasedResize expects (C, H, W), got shape {tuple(pixels.shape)}")
+        resized = F.interpolate(
+            pixels.unsqueeze(0), size=self.spatial_size, mode="bilinear", align_corners=False, antialias=True
+        ).squeeze(0)
+        if not isinstance(img, MetaTensor):
+            return resized
+        out = MetaTensor(resized, meta=dict(img.meta), applied_operations=list(img.applied_operations))
+        scale = scale_affine(tuple(pixels.shape[1:]), self.spatial_size)
+        affine = torch.as_tensor(img.affine, dtype=torch.float64)
+        out.affine = affine @ torch.as_tensor(scale, dtype=torch.float64)
+        out.meta["spatial_shape"] = np.asarray(self.spatial_size)
+        return out
+
+
+class AntialiasedResized(MapTransform):
+    """Dictionary twin of :class:`AntialiasedResize`."""
+
+    def __init__(self, keys: KeysCollection, spatial_size: Any, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.resizer = AntialiasedResize(spatial_size)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.resizer(d[key])
+        return d
+
+
 class AboveBorderLevel:
     """``select_fn`` for MONAI's ``CropForeground``: pixels brighter than ``level`` (of 0..255) are the
     film; the black frame a scan or a screenshot adds around it is not. An image with no such pixel is
@@ -175,7 +226,7 @@ def inference_transforms(
             EnsureChannelFirst(channel_dim="no_channel"),
             ScaleIntensity(minv=0.0, maxv=255.0),
             *before,
-            Resize(_size(spatial_size), mode="bilinear", anti_aliasing=True),
+            AntialiasedResize(spatial_size),
             *after,
             RepeatChannel(repeats=3),
             ScaleIntensityRange(a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0),
@@ -197,7 +248,7 @@ def _load_and_resize_d(
         EnsureChannelFirstd(keys, channel_dim="no_channel"),
         ScaleIntensityd(keys, minv=0.0, maxv=255.0),
         *before,
-        Resized(keys, spatial_size=_size(spatial_size), mode="bilinear", anti_aliasing=True),
+        AntialiasedResized(keys, spatial_size),
         *after,
     ]
 

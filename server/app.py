@@ -106,6 +106,7 @@ class Service:
             self.servicer.abandon()
             running = self.servicer.wait_idle(ABANDON_MARGIN_S)
         stopped.wait(ABANDON_MARGIN_S)
+        self.servicer.close()
         return running
 
 

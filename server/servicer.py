@@ -9,6 +9,11 @@ limit, whichever is sooner) has passed, or the server is shutting down. Only the
 serialised (one lock per model: Captum attaches hooks to the shared model during Grad-CAM, and a
 concurrent forward pass would run through them); reading and pre-processing run in parallel.
 
+Classify (and ClassifyStudy) hand their pre-processed images to a
+:class:`~cxr_monai.server.batching.MicroBatcher`, so concurrent calls share one model call. The classify
+backend is the eager network (batches under the model lock) or an ONNX Runtime session exported from it
+(no lock: it shares nothing with Grad-CAM); Explain always runs eager Grad-CAM.
+
 Load shedding: at most ``max_inflight`` Classify/Explain calls are admitted at once (running or waiting
 for the model); the next one is answered RESOURCE_EXHAUSTED at once, without reading its image. grpcio's
 synchronous server has one thread pool for all services, so the pool is sized ``max_inflight`` plus
@@ -22,7 +27,8 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import CancelledError, Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeVar
@@ -30,6 +36,7 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 import numpy as np
 import torch
+from cxr_monai.server.batching import BatchingConfig, MicroBatcher
 from monai.data import MetaTensor
 
 from cxr_monai.api.v1 import cxr_triage_pb2 as pb
@@ -44,6 +51,7 @@ from cxr_monai.explain.gradcam import (
     to_original_grid,
 )
 from cxr_monai.explain.record import explained_image
+from cxr_monai.export import OnnxModel, softmax
 from cxr_monai.io import DEFAULT_LIMITS, CXRImage, ImageLimits, read_cxr
 from cxr_monai.predictor import Predictor
 
@@ -66,6 +74,8 @@ _HEADER_VALUE_ERRORS = (
 _REPLY_OVERHEAD_BYTES = 64 * 1024
 #: How often a call waiting for the model re-checks its deadline and the server's state.
 _POLL_S = 0.05
+#: Most images one ClassifyStudy call may stream.
+MAX_STUDY_IMAGES = 64
 
 
 def request_tag(data: bytes) -> str:
@@ -128,12 +138,26 @@ class CXRTriageServicer(cxr_triage_pb2_grpc.CXRTriageServicer):
     larger is refused before the model runs.
     """
 
-    def __init__(self, predictor: Predictor, limits: ServiceLimits | None = None) -> None:
+    def __init__(
+        self,
+        predictor: Predictor,
+        limits: ServiceLimits | None = None,
+        *,
+        batching: BatchingConfig | None = None,
+        onnx_model: OnnxModel | None = None,
+    ) -> None:
         self._predictor = predictor
         self.limits = limits or ServiceLimits()
         self.max_reply_bytes = 64 * 1024 * 1024
         self._cam = GradCAM(predictor.model)
         self._model_lock = threading.Lock()
+        if onnx_model is not None:
+            onnx_model.check_matches(predictor)
+            self.backend = "onnx"
+            self.batcher = MicroBatcher(lambda batch: softmax(onnx_model.logits(batch)), batching)
+        else:
+            self.backend = "eager"
+            self.batcher = MicroBatcher(predictor.predict_tensors, batching, lock=self._model_lock)
         self._slots = threading.BoundedSemaphore(self.limits.max_inflight)
         self._inflight = 0
         self._idle = threading.Condition()
@@ -147,8 +171,8 @@ class CXRTriageServicer(cxr_triage_pb2_grpc.CXRTriageServicer):
         size = self._predictor.spatial_size
         blank = torch.zeros(1, 3, size, size)
         with self._model_lock:
-            self._predictor.predict_tensors(blank)
             self._cam(blank.to(self._predictor.device), None)
+        self.batcher.run([blank[0]])
         self.state = State.SERVING
         logger.info("model warm: serving")
 
@@ -159,6 +183,10 @@ class CXRTriageServicer(cxr_triage_pb2_grpc.CXRTriageServicer):
     def abandon(self) -> None:
         """Calls in flight stop at their next stage boundary (answered UNAVAILABLE)."""
         self._abandon.set()
+
+    def close(self) -> None:
+        """Refuse new work to the batcher and cancel images still waiting for the model."""
+        self.batcher.close()
 
     def wait_idle(self, timeout_s: float) -> int:
         """Wait up to ``timeout_s`` for calls in flight to end; the number still running."""
@@ -177,19 +205,51 @@ class CXRTriageServicer(cxr_triage_pb2_grpc.CXRTriageServicer):
             spatial_size=p.spatial_size,
             class_names=list(p.class_names),
             intended_use=RESEARCH_USE_NOTICE,
+            classify_backend=self.backend,
         )
 
     def Classify(self, request: pb.ClassifyRequest, context: grpc.ServicerContext) -> pb.ClassifyResponse:
-        with self._call("Classify", request.image, context) as call:
+        with self._call("Classify", context, request.image) as call:
             image = call.stage("read", self._read, request.image)
             tensor, _ = call.stage("pre-process", self._preprocess, image)
-            probabilities = call.model(lambda: self._predictor.predict_tensors(tensor)[0])
+            probabilities = call.batched([self.batcher.submit(tensor[0])])[0]
             response = call.stage("encode", self._classification, image, probabilities)
             call.predicted = response.predicted_class
         return response
 
+    def ClassifyStudy(
+        self, requests: Iterable[pb.ClassifyRequest], context: grpc.ServicerContext
+    ) -> pb.ClassifyStudyResponse:
+        with self._call("ClassifyStudy", context) as call:
+            images: list[CXRImage] = []
+            futures: list[Future[np.ndarray]] = []
+            try:
+                for index, request in enumerate(requests):
+                    if index == MAX_STUDY_IMAGES:
+                        raise InvalidImageError(f"a study holds at most {MAX_STUDY_IMAGES} images")
+                    call.add_request(request.image)
+                    try:
+                        image = call.stage("read", self._read, request.image)
+                        tensor, _ = call.stage("pre-process", self._preprocess, image)
+                    except CXRMonaiError as exc:
+                        raise InvalidImageError(f"image {index}: {exc}") from exc
+                    images.append(image)
+                    futures.append(self.batcher.submit(tensor[0]))  # the model starts while more arrive
+                if not images:
+                    raise InvalidImageError("no image: stream one ClassifyRequest per image")
+                probabilities = call.batched(futures)
+            finally:
+                for future in futures:
+                    future.cancel()
+            results = [
+                call.stage("encode", self._classification, i, p)
+                for i, p in zip(images, probabilities, strict=True)
+            ]
+            call.predicted = ", ".join(r.predicted_class for r in results)
+        return pb.ClassifyStudyResponse(results=results)
+
     def Explain(self, request: pb.ExplainRequest, context: grpc.ServicerContext) -> pb.ExplainResponse:
-        with self._call("Explain", request.image, context) as call:
+        with self._call("Explain", context, request.image) as call:
             target = self._target(request.target_class)
             image = call.stage("read", self._read, request.image)
             if request.secondary_capture and image.dataset is None:
@@ -285,14 +345,14 @@ class CXRTriageServicer(cxr_triage_pb2_grpc.CXRTriageServicer):
     # --- admission, deadlines, errors -------------------------------------------------------------
 
     @contextmanager
-    def _call(self, method: str, data: bytes, context: grpc.ServicerContext) -> Iterator[_Call]:
-        """Admit one call (or refuse it), run its stages, map every error to a documented status."""
+    def _call(self, method: str, context: grpc.ServicerContext, data: bytes = b"") -> Iterator[_Call]:
+        """Admit one call (or refuse it), run its stages, map every error to a documented status.
+        ``data``: the request's image bytes (a stream adds its images with :meth:`_Call.add_request`)."""
         start = time.monotonic()
-        tag = request_tag(data)
         if self.state is not State.SERVING:
             _abort(context, grpc.StatusCode.UNAVAILABLE, f"server is {self.state.value}; retry later")
         if not self._slots.acquire(blocking=False):
-            logger.warning("%s %s shed: %d calls in flight", method, tag, self.limits.max_inflight)
+            logger.warning("%s shed: %d calls in flight", method, self.limits.max_inflight)
             _abort(
                 context,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -301,20 +361,19 @@ class CXRTriageServicer(cxr_triage_pb2_grpc.CXRTriageServicer):
         with self._idle:
             self._inflight += 1
         call = _Call(self, context, start)
+        call.add_request(data)
         try:
             call.checkpoint("read")
             yield call
         except _Abandon as exc:
-            logger.info("%s %s (%d bytes) %s: %s", method, tag, len(data), exc.code.name, exc)
+            logger.info("%s %s %s: %s", method, call.described(), exc.code.name, exc)
             _abort(context, exc.code, str(exc))
         except CXRMonaiError as exc:
-            logger.info("%s %s (%d bytes) rejected: %s", method, tag, len(data), exc)
+            logger.info("%s %s rejected: %s", method, call.described(), exc)
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Exception as exc:
             # the message and traceback may quote input values (patient data): the type only
-            logger.error(
-                "%s %s (%d bytes) failed: internal error %s", method, tag, len(data), type(exc).__name__
-            )
+            logger.error("%s %s failed: internal error %s", method, call.described(), type(exc).__name__)
             _abort(
                 context,
                 grpc.StatusCode.INTERNAL,
@@ -322,7 +381,7 @@ class CXRTriageServicer(cxr_triage_pb2_grpc.CXRTriageServicer):
             )
         else:
             elapsed_ms = (time.monotonic() - start) * 1000.0
-            logger.info("%s %s (%d bytes): %s in %.0f ms", method, tag, len(data), call.predicted, elapsed_ms)
+            logger.info("%s %s: %s in %.0f ms", method, call.described(), call.predicted, elapsed_ms)
         finally:
             self._slots.release()
             with self._idle:
@@ -337,11 +396,24 @@ class _Call:
         self._servicer = servicer
         self._context = context
         self.predicted = ""
+        self._tags: list[str] = []
+        self._bytes = 0
         remaining = context.time_remaining()
         limit = servicer.limits.request_timeout_s
         candidates = [start + r for r in (remaining, limit) if r is not None]
         self._deadline = min(candidates) if candidates else None
         self._server_limit = limit is not None and (remaining is None or limit < remaining)
+
+    def add_request(self, data: bytes) -> None:
+        """Note one image's bytes for the log line (a short hash and the size; never the content)."""
+        if data:
+            self._tags.append(request_tag(data))
+            self._bytes += len(data)
+
+    def described(self) -> str:
+        """``<tag> (<bytes> bytes)``; a study lists its first tags and the image count."""
+        tags = ",".join(self._tags[:3]) + (f",... ({len(self._tags)} images)" if len(self._tags) > 3 else "")
+        return f"{tags or '-'} ({self._bytes} bytes)"
 
     def _left(self) -> float | None:
         return None if self._deadline is None else self._deadline - time.monotonic()
@@ -378,6 +450,28 @@ class _Call:
             return fn()
         finally:
             lock.release()
+
+    def batched(self, futures: list[Future[np.ndarray]]) -> list[np.ndarray]:
+        """The results of images handed to the batcher; the call's thread serves the batcher meanwhile.
+        Waiting is abandoned like a stage, cancelling the futures: images still waiting never reach
+        the model."""
+        batcher = self._servicer.batcher
+        try:
+            while not all(f.done() for f in futures):
+                self.checkpoint("model")
+                left = self._left()
+                batcher.serve(
+                    _POLL_S if left is None else max(0.0, min(_POLL_S, left)),
+                    lambda: self.checkpoint("model"),
+                )
+            return [future.result() for future in futures]
+        except CancelledError:  # the batcher was closed under the call
+            raise _Abandon(
+                grpc.StatusCode.UNAVAILABLE, "server shutting down; abandoned waiting for the model"
+            ) from None
+        finally:
+            for future in futures:
+                future.cancel()  # no-op for a finished one
 
 
 def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:

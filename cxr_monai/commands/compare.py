@@ -49,7 +49,7 @@ def compare(
     from cxr_monai.evaluation import report as evaluation
 
     with user_errors():
-        splits = evaluation.load_datalist(datalist)
+        splits = evaluation.load_splits(datalist)
         items = evaluation.select_split(splits, split)
         console.print(f"[dim]{RESEARCH_USE_NOTICE}[/]")
         with Progress(

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from cxr_monai.commands import console, user_errors
 from cxr_monai.io.image import MAX_PIXELS, MAX_SIDE
+
+if TYPE_CHECKING:
+    from cxr_monai.export import OnnxModel
 
 TOKEN_ENV = "CXR_MONAI_TOKEN"
 
@@ -49,6 +53,17 @@ def serve(
     device: str | None = typer.Option(
         None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)."
     ),
+    backend: str = typer.Option(
+        "eager", "--backend", help="Classify with eager PyTorch or onnx (ONNX Runtime); Explain stays eager."
+    ),
+    onnx_file: Path | None = typer.Option(
+        None, "--onnx", exists=True, help="ONNX file from `cxr-monai export` (default: export at start-up)."
+    ),
+    onnx_threads: int = typer.Option(0, "--onnx-threads", min=0, help="ONNX Runtime threads (0: all cores)."),
+    max_batch: int = typer.Option(8, "--max-batch", min=1, help="Most Classify images per model call."),
+    max_batch_wait_ms: float = typer.Option(
+        5.0, "--max-batch-wait-ms", min=0.0, help="How long a Classify image waits for others to batch with."
+    ),
 ) -> None:
     """Serve classification and Grad-CAM over gRPC (API: protos/cxr_monai/api/v1/cxr_triage.proto).
 
@@ -57,14 +72,20 @@ def serve(
     every call need `authorization: Bearer <token>` (health and reflection stay open). Stop with
     Ctrl-C or SIGTERM: the process exits within --grace seconds plus about 2.
 
+    Concurrent Classify calls (and the images of a ClassifyStudy stream) share model calls: up to
+    --max-batch images, waiting at most --max-batch-wait-ms for each other. --backend onnx classifies
+    with ONNX Runtime (the bundle exported at start-up to a temporary file and verified, or --onnx FILE).
+
     Example: cxr-monai serve --bundle out/bundle --address 0.0.0.0:50051 --token-file token \\
-    --tls-cert server.crt --tls-key server.key --tls-client-ca clients-ca.crt
+    --tls-cert server.crt --tls-key server.key --tls-client-ca clients-ca.crt --backend onnx
     """
     # imported here so that `cxr-monai --help` and the other commands do not load grpc and torch
+    from cxr_monai.errors import CXRMonaiError
     from cxr_monai.io import ImageLimits
     from cxr_monai.predictor import Predictor
     from cxr_monai.server.app import ServerConfig, build_server, serve_until_signalled
     from cxr_monai.server.auth import read_token_file
+    from cxr_monai.server.batching import BatchingConfig
     from cxr_monai.server.servicer import CXRTriageServicer, ServiceLimits
 
     with user_errors():
@@ -83,15 +104,37 @@ def serve(
             token=token,
             max_metadata_kb=max_metadata_kb,
         )
+        if backend not in ("eager", "onnx"):
+            raise CXRMonaiError(f"--backend {backend!r}: expected eager or onnx")
+        if onnx_file is not None and backend != "onnx":
+            raise CXRMonaiError("--onnx needs --backend onnx")
+        batching = BatchingConfig(max_batch=max_batch, max_wait_ms=max_batch_wait_ms)
         predictor = Predictor.from_bundle(bundle, device=device)
-        service = build_server(CXRTriageServicer(predictor, limits), config)
+        onnx_model = _onnx_model(bundle, onnx_file, onnx_threads) if backend == "onnx" else None
+        servicer = CXRTriageServicer(predictor, limits, batching=batching, onnx_model=onnx_model)
+        service = build_server(servicer, config)
     host = address.rsplit(":", 1)[0]
     scheme = "mutual TLS" if tls_client_ca else "TLS" if tls_cert else "plaintext"
     auth = "token required" if config.token else "no token"
     console.print(
         f"serving {predictor.model_name} {predictor.model_version} ({predictor.backbone}) "
         f"on {host}:{service.port} "
-        f"[{scheme}, {auth}, {max_inflight} calls at once]. Research use only - NOT FOR CLINICAL USE.",
+        f"[{scheme}, {auth}, {max_inflight} calls at once, classify {backend} in batches of up to "
+        f"{max_batch}]. Research use only - NOT FOR CLINICAL USE.",
         highlight=False,
     )
     serve_until_signalled(service, grace_s=grace)
+
+
+def _onnx_model(bundle: Path, onnx_file: Path | None, threads: int) -> OnnxModel:
+    """The ONNX Runtime session: ``onnx_file``, or the bundle exported (and verified) to a temporary file
+    that is loaded and removed at once."""
+    import tempfile
+
+    from cxr_monai.export import OnnxModel, export_bundle
+
+    if onnx_file is not None:
+        return OnnxModel(onnx_file, threads)
+    with tempfile.TemporaryDirectory(prefix="cxr-monai-onnx-") as folder:
+        report = export_bundle(bundle, "onnx", Path(folder) / "model.onnx", int8=False)
+        return OnnxModel(report.path, threads)

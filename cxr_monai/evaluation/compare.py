@@ -33,6 +33,7 @@ from sklearn.metrics import ConfusionMatrixDisplay
 
 from cxr_monai.atomic import write_json_atomic, write_text_atomic
 from cxr_monai.constants import CLASS_NAMES, RESEARCH_USE_NOTICE
+from cxr_monai.data.sources import DataItem
 from cxr_monai.errors import BundleError, DatasetError
 from cxr_monai.evaluation.metrics import (
     DEFAULT_N_BOOT,
@@ -43,7 +44,7 @@ from cxr_monai.evaluation.metrics import (
     to_estimate,
 )
 from cxr_monai.evaluation.plots import _estimate_bars, _figure, save_png
-from cxr_monai.evaluation.report import EvaluationReport, Item, evaluate
+from cxr_monai.evaluation.report import EvaluationReport, evaluate
 from cxr_monai.io import read_cxr
 
 #: Per-class figures of the table, in order (the paper's Table 2).
@@ -99,7 +100,7 @@ def run_bundles(run: str | Path) -> tuple[Path, list[tuple[int, Path]], dict[str
     return final, [(k, d) for k, d in folds if (d / "models" / "model.pt").is_file()], summary
 
 
-def patient_groups(items: Sequence[Item], by_patient: bool) -> list[str] | None:
+def patient_groups(items: Sequence[DataItem], by_patient: bool) -> list[str] | None:
     """Patient ids for the cluster bootstrap when ``by_patient`` and every item has one (as evaluate)."""
     if by_patient and all(item.patient_id for item in items):
         return [str(item.patient_id) for item in items]
@@ -107,7 +108,7 @@ def patient_groups(items: Sequence[Item], by_patient: bool) -> list[str] | None:
 
 
 def images_per_second(
-    predictor: Any, items: Sequence[Item], batch_size: int, min_seconds: float = 0.5
+    predictor: Any, items: Sequence[DataItem], batch_size: int, min_seconds: float = 0.5
 ) -> float:
     """Forward-pass throughput of ``predictor`` on one pre-processed batch of ``items`` (warm-up once, then
     at least 3 passes and ``min_seconds``)."""
@@ -122,8 +123,8 @@ def images_per_second(
 
 def score_run(
     run: str | Path,
-    items: Sequence[Item],
-    training_items: Sequence[Item],
+    items: Sequence[DataItem],
+    training_items: Sequence[DataItem],
     *,
     shortcut: bool,
     n_boot: int = DEFAULT_N_BOOT,
@@ -361,15 +362,17 @@ def classwise_figure(runs: Sequence[RunScores]) -> Figure:
     return fig
 
 
-def example_items(items: Sequence[Item]) -> list[Item]:
+def example_items(items: Sequence[DataItem]) -> list[DataItem]:
     """The first item of each class present (class order), for Fig. 7."""
-    chosen: dict[int, Item] = {}
+    chosen: dict[int, DataItem] = {}
     for item in items:
         chosen.setdefault(item.label, item)
     return [chosen[k] for k in sorted(chosen)]
 
 
-def gradcam_figure(runs: Sequence[RunScores], examples: Sequence[Item], device: str | None = None) -> Figure:
+def gradcam_figure(
+    runs: Sequence[RunScores], examples: Sequence[DataItem], device: str | None = None
+) -> Figure:
     """Fig. 7: Grad-CAM of each run's final model (rows) on the same test images, one per class (columns),
     explaining the predicted class."""
     from cxr_monai.explain.gradcam import Explainer, normalise
@@ -417,8 +420,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 def compare_runs(
     runs: Sequence[str | Path],
-    splits: dict[str, list[Item]],
-    items: Sequence[Item],
+    splits: dict[str, list[DataItem]],
+    items: Sequence[DataItem],
     *,
     n_boot: int = DEFAULT_N_BOOT,
     seed: int = 0,

@@ -33,8 +33,9 @@ from cxr_monai.atomic import write_json_atomic
 from cxr_monai.data import items_for_fold, load_datalist
 from cxr_monai.errors import BundleError, CXRMonaiError
 from cxr_monai.gan.synthesize import REPORT_FILE, synthesize_covid
-from cxr_monai.gan.trainer import GENERATOR_FILE, RUN_INFO
+from cxr_monai.gan.trainer import GENERATOR_FILE
 from cxr_monai.gan.trainer import default_bundle_root as gan_bundle_root
+from cxr_monai.training.layout import RUN_INFO
 
 logger = logging.getLogger(__name__)
 

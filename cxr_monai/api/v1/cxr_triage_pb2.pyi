@@ -68,22 +68,30 @@ class ExplainResponse(_message.Message):
     secondary_capture_dicom: bytes
     def __init__(self, classification: _Optional[_Union[ClassifyResponse, _Mapping]] = ..., explained_class: _Optional[str] = ..., heatmap_u8: _Optional[bytes] = ..., peak_row: _Optional[int] = ..., peak_column: _Optional[int] = ..., area_above_half: _Optional[float] = ..., overlay_png: _Optional[bytes] = ..., secondary_capture_dicom: _Optional[bytes] = ...) -> None: ...
 
+class ClassifyStudyResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[ClassifyResponse]
+    def __init__(self, results: _Optional[_Iterable[_Union[ClassifyResponse, _Mapping]]] = ...) -> None: ...
+
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "backbone", "spatial_size", "class_names", "intended_use")
+    __slots__ = ("name", "version", "backbone", "spatial_size", "class_names", "intended_use", "classify_backend")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BACKBONE_FIELD_NUMBER: _ClassVar[int]
     SPATIAL_SIZE_FIELD_NUMBER: _ClassVar[int]
     CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
     INTENDED_USE_FIELD_NUMBER: _ClassVar[int]
+    CLASSIFY_BACKEND_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     backbone: str
     spatial_size: int
     class_names: _containers.RepeatedScalarFieldContainer[str]
     intended_use: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., backbone: _Optional[str] = ..., spatial_size: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ..., intended_use: _Optional[str] = ...) -> None: ...
+    classify_backend: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., backbone: _Optional[str] = ..., spatial_size: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ..., intended_use: _Optional[str] = ..., classify_backend: _Optional[str] = ...) -> None: ...

@@ -39,6 +39,11 @@ class CXRTriageStub:
                 request_serializer=cxr__monai_dot_api_dot_v1_dot_cxr__triage__pb2.ClassifyRequest.SerializeToString,
                 response_deserializer=cxr__monai_dot_api_dot_v1_dot_cxr__triage__pb2.ClassifyResponse.FromString,
                 _registered_method=True)
+        self.ClassifyStudy = channel.stream_unary(
+                '/cxr_monai.v1.CXRTriage/ClassifyStudy',
+                request_serializer=cxr__monai_dot_api_dot_v1_dot_cxr__triage__pb2.ClassifyRequest.SerializeToString,
+                response_deserializer=cxr__monai_dot_api_dot_v1_dot_cxr__triage__pb2.ClassifyStudyResponse.FromString,
+                _registered_method=True)
         self.Explain = channel.unary_unary(
                 '/cxr_monai.v1.CXRTriage/Explain',
                 request_serializer=cxr__monai_dot_api_dot_v1_dot_cxr__triage__pb2.ExplainRequest.SerializeToString,
@@ -55,7 +60,16 @@ class CXRTriageServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Classify(self, request, context):
-        """Class probabilities for one image.
+        """Class probabilities for one image. Concurrent calls share model calls (micro-batching).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClassifyStudy(self, request_iterator, context):
+        """Class probabilities for each image of a study, streamed one image per message; one reply with the
+        results in the order sent. At most 64 images (more: INVALID_ARGUMENT); an unreadable image fails
+        the whole call with a message naming its index (0-based). Each message obeys the message limit.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -82,6 +96,11 @@ def add_CXRTriageServicer_to_server(servicer, server):
                     servicer.Classify,
                     request_deserializer=cxr__monai_dot_api_dot_v1_dot_cxr__triage__pb2.ClassifyRequest.FromString,
                     response_serializer=cxr__monai_dot_api_dot_v1_dot_cxr__triage__pb2.ClassifyResponse.SerializeToString,
+            ),
+            'ClassifyStudy': grpc.stream_unary_rpc_method_handler(
+                    servicer.ClassifyStudy,
+                    request_deserializer=cxr__monai_dot_api_dot_v1_dot_cxr__triage__pb2.ClassifyRequest.FromString,
+                    response_serializer=cxr__monai_dot_api_dot_v1_dot_cxr__triage__pb2.ClassifyStudyResponse.SerializeToString,
             ),
             'Explain': grpc.unary_unary_rpc_method_handler(
                     servicer.Explain,
@@ -121,6 +140,33 @@ class CXRTriage:
             '/cxr_monai.v1.CXRTriage/Classify',
             cxr__monai_dot_api_dot_v1_dot_cxr__triage__pb2.ClassifyRequest.SerializeToString,
             cxr__monai_dot_api_dot_v1_dot_cxr__triage__pb2.ClassifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClassifyStudy(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/cxr_monai.v1.CXRTriage/ClassifyStudy',
+            cxr__monai_dot_api_dot_v1_dot_cxr__triage__pb2.ClassifyRequest.SerializeToString,
+            cxr__monai_dot_api_dot_v1_dot_cxr__triage__pb2.ClassifyStudyResponse.FromString,
             options,
             channel_credentials,
             insecure,
