@@ -25,6 +25,14 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(code=1) from exc
 
 
+def examples(*commands: str) -> str:
+    """Typer ``epilog=`` text: the example command lines after the options, printed as written (``\\b``
+    stops click from rewrapping them; keep each line within 76 columns so help fits 80)."""
+    title = "Example:" if len(commands) == 1 else "Examples:"
+    lines = (line for command in commands for line in command.splitlines())
+    return "\b\n" + title + "\n" + "\n".join(f"  {line}" for line in lines)
+
+
 def configure_logging(verbose: bool) -> None:
     """Standard logging at INFO (or DEBUG with ``--verbose``); messages never carry patient data."""
     logging.basicConfig(

@@ -8,12 +8,16 @@ from pathlib import Path
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from cxr_monai.commands import console, user_errors
+from cxr_monai.commands import console, examples, user_errors
 from cxr_monai.errors import CXRMonaiError
 
 #: Outputs ``--format`` chooses from.
 FORMATS = ("png", "json", "dcm")
 BUNDLE_ENV = "CXR_MONAI_BUNDLE"
+EPILOG = examples(
+    "cxr-monai explain study.dcm scans/ --bundle out/train/final \\\n"
+    "    --out out/explain --format png,json,dcm"
+)
 #: Files a directory walk skips: hidden files and these (documentation/metadata next to images).
 _NOT_IMAGES = {".json", ".txt", ".md", ".csv", ".xml", ".html", ".pdf", ".py"}
 
@@ -60,21 +64,28 @@ def parse_formats(text: str) -> tuple[str, ...]:
 def explain(
     inputs: list[Path] = typer.Argument(..., help="Image files (DICOM, PNG, JPEG, NIfTI) or directories."),
     bundle: Path | None = typer.Option(
-        None, "--bundle", envvar=BUNDLE_ENV, help=f"Trained bundle directory (default: ${BUNDLE_ENV})."
+        None,
+        "--bundle",
+        metavar="DIR",
+        envvar=BUNDLE_ENV,
+        help=f"Trained bundle directory (default: ${BUNDLE_ENV}).",
     ),
     class_name: str | None = typer.Option(
-        None, "--class", help="Explain this class (COVID-19, Normal, Pneumonia) instead of the predicted one."
+        None,
+        "--class",
+        metavar="CLASS",
+        help="Explain this class (COVID-19, Normal, Pneumonia) instead of the predicted one.",
     ),
-    out: Path = typer.Option(Path("explain_out"), "--out", help="Output directory."),
-    formats: str = typer.Option("png,json,dcm", "--format", help="Outputs to write: png, json, dcm."),
-    batch_size: int = typer.Option(4, "--batch-size", min=1, help="Images per Grad-CAM batch."),
+    out: Path = typer.Option(Path("explain_out"), "--out", metavar="DIR", help="Output directory."),
+    formats: str = typer.Option(
+        "png,json,dcm", "--format", metavar="FORMATS", help="Outputs to write: png, json, dcm."
+    ),
+    batch_size: int = typer.Option(4, "--batch-size", metavar="N", min=1, help="Images per Grad-CAM batch."),
 ) -> None:
     """Grad-CAM heat maps on the original films: <name>_gradcam.png, <name>.json, <name>_gradcam.dcm.
 
     The DICOM output is a Secondary Capture in the source study (new series, "NOT FOR CLINICAL USE").
     Exit code 0 when every input succeeded, 1 when any failed, 2 on a usage error.
-
-    Example: cxr-monai explain study.dcm scans/ --bundle out/bundle --out out/explain --format png,json,dcm
     """
     chosen = parse_formats(formats)
     bundle_dir = resolve_bundle(bundle)

@@ -10,9 +10,13 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cxr_monai.commands import console, user_errors
+from cxr_monai.commands import console, examples, user_errors
 from cxr_monai.constants import BACKBONES, DEFAULT_SPATIAL_SIZE, RESEARCH_USE_NOTICE
 from cxr_monai.errors import DatasetError
+
+EPILOG = examples(
+    "cxr-monai train --datalist out/prep/datalist.json --folds 0 --max-epochs 3 \\\n    --out out/train"
+)
 
 
 def _parse_folds(folds: str, available: list[int]) -> list[int]:
@@ -29,33 +33,45 @@ def _parse_folds(folds: str, available: list[int]) -> list[int]:
 
 
 def train(
-    datalist: Path = typer.Option(..., "--datalist", help="MONAI datalist JSON (from `cxr-monai prepare`)."),
-    out: Path = typer.Option(..., "--out", help="Folder for fold_K/ bundles, final/ and cv_summary.json."),
-    backbone: str = typer.Option("efficientnet_b0", "--backbone", help=" | ".join(BACKBONES)),
+    datalist: Path = typer.Option(
+        ..., "--datalist", metavar="FILE", help="MONAI datalist JSON (from `cxr-monai prepare`)."
+    ),
+    out: Path = typer.Option(
+        ..., "--out", metavar="DIR", help="Folder for fold_K/ bundles, final/ and cv_summary.json."
+    ),
+    backbone: str = typer.Option("efficientnet_b0", "--backbone", metavar="NAME", help=" | ".join(BACKBONES)),
     pretrained: str = typer.Option(
         "none",
         "--pretrained",
+        metavar="WEIGHTS",
         help="none (from scratch) | imagenet (internet once; efficientnet_lite0 offline) | /path/weights.pth",
     ),
-    folds: str = typer.Option("all", "--folds", help="all, or fold numbers such as 0 or 0,1."),
+    folds: str = typer.Option(
+        "all", "--folds", metavar="FOLDS", help="all, or fold numbers such as 0 or 0,1."
+    ),
     final: str = typer.Option(
         "best-fold",
         "--final",
+        metavar="MODE",
         help="best-fold: keep the fold with the best validation accuracy; retrain: train on all "
         "training items for the folds' mean best epoch.",
     ),
-    max_epochs: int = typer.Option(30, "--max-epochs", min=1),
+    max_epochs: int = typer.Option(30, "--max-epochs", metavar="N", min=1),
     freeze_epochs: int = typer.Option(
-        5, "--freeze-epochs", min=0, help="Head-only epochs (pretrained only)."
+        5, "--freeze-epochs", metavar="N", min=0, help="Head-only epochs (pretrained only)."
     ),
-    unfreeze_blocks: int = typer.Option(2, "--unfreeze-blocks", min=0, help="Top trunk blocks fine-tuned."),
-    batch_size: int = typer.Option(16, "--batch-size", min=1),
+    unfreeze_blocks: int = typer.Option(
+        2, "--unfreeze-blocks", metavar="N", min=0, help="Top trunk blocks fine-tuned."
+    ),
+    batch_size: int = typer.Option(16, "--batch-size", metavar="N", min=1),
     learning_rate: float = typer.Option(
-        1e-3, "--learning-rate", help="Adam learning rate (from scratch / head)."
+        1e-3, "--learning-rate", metavar="LR", help="Adam learning rate (from scratch / head)."
     ),
-    finetune_learning_rate: float = typer.Option(1e-4, "--finetune-learning-rate", help="Adam lr, stage 2."),
+    finetune_learning_rate: float = typer.Option(
+        1e-4, "--finetune-learning-rate", metavar="LR", help="Adam lr, stage 2."
+    ),
     cosine_lr: bool = typer.Option(True, "--cosine-lr/--constant-lr", help="Cosine decay over max epochs."),
-    spatial_size: int = typer.Option(DEFAULT_SPATIAL_SIZE, "--spatial-size", min=16),
+    spatial_size: int = typer.Option(DEFAULT_SPATIAL_SIZE, "--spatial-size", metavar="N", min=16),
     histogram_equalize: bool = typer.Option(
         False, "--histogram-equalize", help="Equalise each image's histogram (training and inference)."
     ),
@@ -68,22 +84,24 @@ def train(
     source_balanced: bool = typer.Option(
         False, "--source-balanced", help="Sample every (source, class) cell equally often."
     ),
-    num_workers: int = typer.Option(2, "--num-workers", min=0),
-    cache_rate: float = typer.Option(1.0, "--cache-rate", min=0.0, max=1.0),
-    early_stop_patience: int = typer.Option(0, "--early-stop-patience", min=0, help="0: off."),
-    seed: int = typer.Option(0, "--seed"),
+    num_workers: int = typer.Option(2, "--num-workers", metavar="N", min=0),
+    cache_rate: float = typer.Option(1.0, "--cache-rate", metavar="FRACTION", min=0.0, max=1.0),
+    early_stop_patience: int = typer.Option(0, "--early-stop-patience", metavar="N", min=0, help="0: off."),
+    seed: int = typer.Option(0, "--seed", metavar="SEED"),
     exclude_source: list[str] | None = typer.Option(
         None,
         "--exclude-source",
+        metavar="SOURCE",
         help="Leave this source's items out of training and validation (leave-one-source-out; e.g. "
         "site:nih-chestxray8). Repeatable.",
     ),
     device: str | None = typer.Option(
-        None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."
+        None, "--device", metavar="DEVICE", help="cpu, cuda, cuda:1 ... (default: cuda if available)."
     ),
     threads: int | None = typer.Option(
         None,
         "--threads",
+        metavar="N",
         min=1,
         help="CPU threads per operation (default: torch's; 1 helps on busy shared CPUs).",
     ),
@@ -93,10 +111,6 @@ def train(
     Each fold is a trained bundle in OUT/fold_K (resumed if interrupted); OUT/final is the kept model
     (use it as --bundle for evaluate, explain and serve); OUT/cv_summary.json holds the per-fold and
     mean +- sd validation accuracy.
-
-    Example:
-
-        cxr-monai train --datalist out/prep/datalist.json --folds 0 --max-epochs 3 --out out/train
     """
     import torch
 
