@@ -141,10 +141,10 @@ def test_all_good_inputs_exit_zero_with_named_class_and_formats(bundle, inputs, 
     assert json.loads((out / "study.json").read_text())["explained_class"] == "Pneumonia"
 
 
-def test_bundle_from_environment_and_missing_bundle_is_a_one_line_usage_error(bundle, inputs, tmp_path):
+def test_bundle_from_environment_and_missing_bundle_is_a_one_line_error(bundle, inputs, tmp_path):
     png = str(inputs / "film.png")
     missing = run("explain", png, "--out", str(tmp_path / "a"), env={"CXR_MONAI_BUNDLE": ""})
-    assert missing.exit_code == 2
+    assert missing.exit_code == 1
     assert "--bundle" in missing.output and len(missing.output.strip().splitlines()) == 1
     from_env = run("explain", png, "--out", str(tmp_path / "b"), env={"CXR_MONAI_BUNDLE": str(bundle)})
     assert from_env.exit_code == 0, from_env.output
@@ -191,3 +191,43 @@ def test_output_names_never_collide() -> None:
     names = unique_names(paths)
     assert len(set(names)) == len(names)
     assert names[0] == "a" and names[2].startswith("a_2")
+
+
+def test_inputs_are_checked_before_the_bundle_is_loaded(inputs, tmp_path):
+    """A mistyped path or an empty folder is named at once; the (missing) bundle is never opened."""
+    nowhere = str(tmp_path / "no-bundle")
+    missing = run("explain", str(inputs / "film.png"), "scans/typo.dcm", "--bundle", nowhere)
+    assert missing.exit_code == 1
+    assert "scans/typo.dcm" in missing.output and "no-bundle" not in missing.output
+    empty = tmp_path / "empty"
+    (empty / ".hidden").mkdir(parents=True)
+    (empty / "notes.txt").write_text("not an image")
+    none_found = run("explain", str(empty), "--bundle", nowhere)
+    assert none_found.exit_code == 1
+    assert f"no input files found in {empty}" in none_found.output and "no-bundle" not in none_found.output
+
+
+def test_failures_name_each_input_by_the_path_given(bundle, inputs, tmp_path, monkeypatch):
+    monkeypatch.chdir(inputs.parent)
+    result = run("explain", "in", "--bundle", str(bundle), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 1
+    failed = [line for line in result.output.splitlines() if line.startswith("failed:")]
+    assert len(failed) == 1 and failed[0].startswith(f"failed: {Path('in') / 'broken.dcm'}: not ")
+
+
+def test_warnings_that_matter_for_the_result_are_printed_one_line_per_file(bundle, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    save(make_dataset(gradient(12).astype(np.uint16), bits_stored=12, ViewPosition="LL"), folder / "lat.dcm")
+    save(make_dataset(gradient(12).astype(np.uint16), bits_stored=12, Modality="CT", BodyPartExamined="HEAD"),
+         folder / "ct.dcm")  # fmt: skip
+    save(make_dataset(gradient(12).astype(np.uint16), bits_stored=12), folder / "fine.dcm")
+    result = run("explain", str(folder), "--bundle", str(bundle), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    warned = [line for line in result.output.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 2
+    lateral = next(line for line in warned if "lat.dcm" in line)
+    ct = next(line for line in warned if "ct.dcm" in line)
+    assert "lateral" in lateral
+    assert "Modality is CT" in ct and "BodyPartExamined is HEAD" in ct
+    assert not any("fine.dcm" in line for line in warned)

@@ -10,7 +10,7 @@ from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from cxr_monai.commands import console, examples, user_errors
+from cxr_monai.commands import bundle_option, console, examples, resolve_bundle, user_errors
 from cxr_monai.constants import CLASS_NAMES, RESEARCH_USE_NOTICE
 
 if TYPE_CHECKING:
@@ -35,9 +35,7 @@ _LABELS = {
 
 
 def evaluate(
-    bundle: Path = typer.Option(
-        ..., "--bundle", metavar="DIR", help="Trained bundle directory (configs/, models/model.pt)."
-    ),
+    bundle: Path | None = bundle_option(),
     datalist: Path = typer.Option(
         ..., "--datalist", metavar="FILE", help="MONAI datalist JSON (from `cxr-monai prepare`)."
     ),
@@ -76,6 +74,7 @@ def evaluate(
     Writes metrics.json, predictions.csv (no patient data) and PNG plots into --out. Works on any
     datalist, so a site can score a model on its own images.
     """
+    bundle_dir = resolve_bundle(bundle)
     # imported here so that `cxr-monai --help` and the other commands do not load torch
     from cxr_monai.evaluation import report as evaluation
     from cxr_monai.predictor import Predictor
@@ -83,7 +82,7 @@ def evaluate(
     with user_errors():
         splits = evaluation.load_datalist(datalist)
         items = evaluation.select_split(splits, split)
-        predictor = Predictor.from_bundle(bundle, device=device)
+        predictor = Predictor.from_bundle(bundle_dir, device=device)
         stages = {"evaluate": "model + features", "baseline": "baseline training features"}
         with Progress(
             TextColumn("{task.description}"),
@@ -112,8 +111,8 @@ def evaluate(
         written = evaluation.write_report(
             report,
             out,
-            bundle,
-            bundle=str(bundle.resolve()),
+            bundle_dir,
+            bundle=str(bundle_dir.resolve()),
             datalist=str(datalist.resolve()),
             split=split,
             split_scope=evaluation.describe_split(split),

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import typer
 
-from cxr_monai.commands import console, examples, user_errors
-from cxr_monai.commands.explain import BUNDLE_ENV, resolve_bundle
+from cxr_monai.commands import bundle_option, console, examples, resolve_bundle, user_errors
 
 EPILOG = examples(
     "cxr-monai gateway --bundle out/train/final --host 0.0.0.0 --port 11112 \\\n"
@@ -19,13 +18,7 @@ EPILOG = examples(
 
 
 def gateway(
-    bundle: Path | None = typer.Option(
-        None,
-        "--bundle",
-        metavar="DIR",
-        envvar=BUNDLE_ENV,
-        help=f"Trained bundle directory (default: ${BUNDLE_ENV}).",
-    ),
+    bundle: Path | None = bundle_option(),
     ae_title: str = typer.Option("CXR_MONAI", "--ae-title", metavar="AE", help="This gateway's AE title."),
     host: str = typer.Option(
         "127.0.0.1", "--host", metavar="HOST", help="Address to listen on (0.0.0.0: all interfaces)."

@@ -8,8 +8,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from cxr_monai.atomic import atomic_path, write_json_atomic
-from cxr_monai.commands import console, examples, user_errors
-from cxr_monai.commands.explain import BUNDLE_ENV, resolve_bundle, usage_error
+from cxr_monai.commands import bundle_option, console, examples, fail, resolve_bundle, user_errors
 from cxr_monai.constants import RESEARCH_USE_NOTICE
 
 EPILOG = examples(
@@ -31,7 +30,7 @@ def _load_studies(
 
     if datalist is not None:
         if patient_id is None:
-            raise usage_error("--datalist needs --patient-id")
+            raise fail("--datalist needs --patient-id", code=2)
         items = datalist_series(datalist, patient_id)
         studies = []
         for item in items:
@@ -41,20 +40,14 @@ def _load_studies(
             studies.append(Study(Path(item["image"]), read_cxr(item["image"]), label, day))
         return studies, "offset (days since symptom onset)", f"Patient {patient_id}"
     if not files:
-        raise usage_error("give image FILEs, or --datalist FILE --patient-id ID")
+        raise fail("give image FILEs, or --datalist FILE --patient-id ID", code=2)
     studies, how = order_studies([(path, read_cxr(path)) for path in files])
     return studies, how, f"{len(studies)} studies"
 
 
 def progression(
     files: list[Path] = typer.Argument(None, help="One patient's studies (DICOM ordered by StudyDate)."),
-    bundle: Path | None = typer.Option(
-        None,
-        "--bundle",
-        metavar="DIR",
-        envvar=BUNDLE_ENV,
-        help=f"Trained bundle directory (default: ${BUNDLE_ENV}).",
-    ),
+    bundle: Path | None = bundle_option(),
     out: Path = typer.Option(
         ..., "--out", metavar="DIR", help="Output directory (progression.png, progression.json)."
     ),

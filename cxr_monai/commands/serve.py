@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from cxr_monai.commands import console, examples, user_errors
+from cxr_monai.commands import bundle_option, console, examples, resolve_bundle, user_errors
 from cxr_monai.constants import MAX_PIXELS, MAX_SIDE
 
 TOKEN_ENV = "CXR_MONAI_TOKEN"
@@ -19,9 +19,7 @@ EPILOG = examples(
 
 
 def serve(
-    bundle: Path = typer.Option(
-        ..., "--bundle", metavar="DIR", envvar="CXR_MONAI_BUNDLE", help="Trained bundle directory."
-    ),
+    bundle: Path | None = bundle_option(),
     address: str = typer.Option(
         "127.0.0.1:50051",
         "--address",
@@ -89,6 +87,7 @@ def serve(
     server reflection (v1 and v1alpha) are on. A token from --token-file or $CXR_MONAI_TOKEN makes
     every call need `authorization: Bearer <token>` (health and reflection stay open). Stop with
     Ctrl-C or SIGTERM: the process exits within --grace seconds plus about 2."""
+    bundle_dir = resolve_bundle(bundle)
     # imported here so that `cxr-monai --help` and the other commands do not load grpc and torch
     from cxr_monai.io import ImageLimits
     from cxr_monai.predictor import Predictor
@@ -112,7 +111,7 @@ def serve(
             token=token,
             max_metadata_kb=max_metadata_kb,
         )
-        predictor = Predictor.from_bundle(bundle, device=device)
+        predictor = Predictor.from_bundle(bundle_dir, device=device)
         service = build_server(CXRTriageServicer(predictor, limits), config)
     host = address.rsplit(":", 1)[0]
     scheme = "mutual TLS" if tls_client_ca else "TLS" if tls_cert else "plaintext"
