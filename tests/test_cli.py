@@ -40,8 +40,9 @@ COMMANDS = _leaf_commands()
 def test_importing_the_cli_loads_no_heavy_library() -> None:
     """`cxr-monai --help` must not pay for torch, MONAI, scikit-learn ... (seconds each)."""
     code = f"import json, sys, cxr_monai.cli; print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
+    root = Path(__file__).parents[1]
     loaded = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1]
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root
     )
     assert json.loads(loaded.stdout) == []
 
