@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -161,6 +162,11 @@ def train(
             parameters["device"] = f"$torch.device({device!r})"
         if threads:
             torch.set_num_threads(threads)
+        # Two runs with the same data, seed, versions, threads and workers give the same weights: kernels
+        # without a deterministic version only warn; cuBLAS needs its fixed workspace set before CUDA starts.
+        # (set_determinism in train.json seeds Python, NumPy, torch and the DataLoader workers.)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
         if not parameters["verbose"]:
             # The progress bar shows epochs and validation accuracy; engine lines would interleave with it,
             # and MONAI warns that this process, not the bundle's logging.conf, configures logging.
