@@ -14,7 +14,8 @@ from pathlib import Path
 from cxr_monai.atomic import atomic_path
 from cxr_monai.errors import CXRMonaiError
 from cxr_monai.explain.gradcam import Explainer, Explanation
-from cxr_monai.explain.record import dicom_bytes, explained_image
+from cxr_monai.explain.overlay import png_bytes, render_captioned
+from cxr_monai.explain.record import dicom_bytes, explained_image, overlay_lines
 from cxr_monai.io import CXRImage, read_cxr
 from cxr_monai.predictor import Predictor
 
@@ -58,7 +59,11 @@ def _write_outputs(
     notes: list[str] = []
     payloads: dict[Path, bytes] = {}
     if "png" in formats:
-        payloads[out / f"{job.name}_gradcam.png"] = explained.overlay_png()
+        # a small film's text goes in a strip below it; the Secondary Capture keeps the source's grid
+        picture = render_captioned(
+            job.image.pixels, explained.heatmap, overlay_lines(predictor, job.image, result)
+        )
+        payloads[out / f"{job.name}_gradcam.png"] = png_bytes(picture)
     if "dcm" in formats:
         if job.image.dataset is None:
             record["secondary_capture"] = {"written": False, "reason": "not a DICOM input: no source study"}
