@@ -34,7 +34,7 @@ def bundle_option() -> Any:
         "--bundle",
         envvar=BUNDLE_ENV,
         metavar="DIR",
-        help=f"Trained bundle directory (default: ${BUNDLE_ENV}).",
+        help="Trained bundle directory.",
     )
 
 

@@ -37,8 +37,8 @@ def list_bundles() -> None:
     ),
 )
 def copy(
-    name: str = typer.Argument(..., help="cxr_classifier | cxr_cyclegan"),
-    destination: Path = typer.Argument(..., help="New folder for the editable copy."),
+    name: str = typer.Argument(..., metavar="NAME", help="cxr_classifier | cxr_cyclegan"),
+    destination: Path = typer.Argument(..., metavar="DESTINATION", help="New folder for the editable copy."),
 ) -> None:
     """Copy a shipped bundle into DESTINATION for editing and for `python -m monai.bundle run`."""
     from cxr_monai.bundles import copy_bundle

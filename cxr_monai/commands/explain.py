@@ -63,7 +63,9 @@ def parse_formats(text: str) -> tuple[str, ...]:
 
 
 def explain(
-    inputs: list[Path] = typer.Argument(..., help="Image files (DICOM, PNG, JPEG, NIfTI) or directories."),
+    inputs: list[Path] = typer.Argument(
+        ..., metavar="INPUT", help="Image files (DICOM, PNG, JPEG, NIfTI) or directories."
+    ),
     bundle: Path | None = bundle_option(),
     class_name: str | None = typer.Option(
         None,

@@ -46,7 +46,9 @@ def _load_studies(
 
 
 def progression(
-    files: list[Path] = typer.Argument(None, help="One patient's studies (DICOM ordered by StudyDate)."),
+    files: list[Path] = typer.Argument(
+        None, metavar="FILE", help="One patient's studies (DICOM ordered by StudyDate)."
+    ),
     bundle: Path | None = bundle_option(),
     out: Path = typer.Option(
         ..., "--out", metavar="DIR", help="Output directory (progression.png, progression.json)."
