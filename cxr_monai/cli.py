@@ -1,21 +1,31 @@
-"""``cxr-monai``: the command-line interface (typer). Each command lives in :mod:`cxr_monai.commands`."""
+"""``cxr-monai``: the command-line interface (typer). Each command lives in :mod:`cxr_monai.commands`.
+
+Importing this module loads no torch, MONAI, scikit-learn, pydicom or matplotlib (each command imports
+what it needs when it runs), so ``cxr-monai --help`` is quick. Help is click's plain layout
+(``rich_markup_mode=None``): it wraps to the terminal and never cuts an option name at 80 columns, where
+the rich panels do; each command's example is its ``epilog``, printed after the options.
+"""
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import typer
 
-from cxr_monai.commands import configure_logging
-from cxr_monai.commands.bundle import bundle_app
-from cxr_monai.commands.compare import compare
-from cxr_monai.commands.evaluate import evaluate
-from cxr_monai.commands.explain import explain
-from cxr_monai.commands.export import export
-from cxr_monai.commands.gateway import gateway
-from cxr_monai.commands.prepare import prepare
-from cxr_monai.commands.progression import progression
-from cxr_monai.commands.serve import serve
-from cxr_monai.commands.synthesize import synthesize
-from cxr_monai.commands.train import train
+from cxr_monai.commands import (
+    bundle,
+    compare,
+    configure_logging,
+    evaluate,
+    explain,
+    export,
+    gateway,
+    prepare,
+    progression,
+    serve,
+    synthesize,
+    train,
+)
 from cxr_monai.constants import RESEARCH_USE_NOTICE
 
 app = typer.Typer(
@@ -24,6 +34,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 
 
@@ -33,15 +44,19 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug 
     configure_logging(verbose)
 
 
-# Commands are registered below, one line each.
-app.command("prepare")(prepare)
-app.command("explain")(explain)
-app.command("progression")(progression)
-app.command("evaluate")(evaluate)
-app.command("serve")(serve)
-app.command("gateway")(gateway)
-app.command("train")(train)
-app.command("synthesize")(synthesize)
-app.command("compare")(compare)
-app.command("export")(export)
-app.add_typer(bundle_app)
+#: Command -> (its module, whose function of the same name it runs; the line `cxr-monai --help` lists).
+_COMMANDS: dict[str, tuple[ModuleType, str]] = {
+    "prepare": (prepare, "Build the patient-disjoint datalist from datasets and site CSVs."),
+    "train": (train, "Cross-validate the classifier bundle over the folds, keep one."),
+    "evaluate": (evaluate, "Score a trained bundle, with the shortcut check beside it."),
+    "explain": (explain, "Grad-CAM overlay (PNG), report (JSON) and DICOM per film."),
+    "progression": (progression, "One patient's studies over time, maps on one scale."),
+    "serve": (serve, "The gRPC service: classification and Grad-CAM."),
+    "gateway": (gateway, "DICOM C-STORE gateway: films in, Grad-CAM SC and SR out."),
+    "synthesize": (synthesize, "Synthetic COVID-19 training images from a CycleGAN."),
+    "compare": (compare, "Trained runs side by side: the paper's table and figures."),
+    "export": (export, "Export a trained bundle to ONNX or TorchScript, checked against eager."),
+}
+for _name, (_module, _summary) in _COMMANDS.items():
+    app.command(_name, short_help=_summary, epilog=_module.EPILOG)(getattr(_module, _name))
+app.add_typer(bundle.bundle_app, short_help="List or copy the MONAI bundles shipped with cxr-monai.")

@@ -20,3 +20,12 @@ DEFAULT_SPATIAL_SIZE: int = 224
 
 #: Printed on every output a person reads.
 RESEARCH_USE_NOTICE: str = "Research use only - NOT FOR CLINICAL USE"
+
+#: Larger images are refused before decoding (rows or columns, pixels). The size budgets live here, not in
+#: cxr_monai.io, so that the CLI's help shows them without loading the readers.
+MAX_SIDE: int = 10_000
+#: Default pixel budget (rows x columns), checked from the header before decoding.
+MAX_PIXELS: int = 50_000_000
+
+#: Views of covid-chestxray-dataset kept by default (frontal films; laterals and CT are left out).
+DEFAULT_COVID_VIEWS: tuple[str, ...] = ("PA", "AP", "AP Supine")

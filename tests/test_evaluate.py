@@ -261,11 +261,28 @@ def test_training_curves_figure_plots_numeric_keys_only() -> None:
     assert training_curves_figure([{"epoch": 1, "note": "x"}]) is None
     fig = training_curves_figure([{"epoch": 1, "train_loss": 1.0, "val_accuracy": 0.5, "lr": 1e-4}])
     assert fig is not None
-    assert [ax.get_title() for ax in fig.axes] == ["loss", "other figures", "learning rate"]
+    assert [ax.get_title() for ax in fig.axes] == ["loss", "accuracy", "learning rate"]
     fig = training_curves_figure([{"epoch": 1, "val_accuracy": 0.5, "train_seconds": 3.0, "ok": True}])
     assert fig is not None
-    assert [ax.get_title() for ax in fig.axes] == ["other figures", "seconds"]
+    assert [ax.get_title() for ax in fig.axes] == ["accuracy", "seconds"]
     assert [line.get_label() for line in fig.axes[0].get_lines()] == ["val_accuracy"]
+    fig = training_curves_figure([{"epoch": 1, "val_loss": 1.0, "grad_norm": 3.0, "f1": 0.4}])
+    assert fig is not None
+    assert [ax.get_title() for ax in fig.axes] == ["loss", "f1, grad_norm"]  # says what the panel holds
+
+
+def test_roc_legend_lists_the_classes_and_not_the_chance_line() -> None:
+    from cxr_monai.evaluation.plots import roc_figure
+
+    rng = np.random.default_rng(0)
+    y_true = np.array([0, 1, 2] * 10)
+    y_prob = rng.dirichlet(np.ones(3), size=y_true.size)
+    ax = roc_figure(y_true, y_prob).axes[0]
+    legend = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert len(legend) == 3 and [entry.split(" (")[0] for entry in legend] == list(CLASS_NAMES)
+    diagonal = [line for line in ax.get_lines() if list(line.get_xdata()) == [0, 1] == list(line.get_ydata())]
+    assert len(diagonal) == 1  # the chance line is still drawn
+    assert any("chance" in text.get_text() for text in ax.texts)
 
 
 def test_datalist_errors_and_relative_paths(tmp_path: Path) -> None:

@@ -73,8 +73,9 @@ def test_explain_writes_png_json_dcm_and_reports_the_broken_file(bundle, inputs,
     assert report["secondary_capture"]["patient_orientation_basis"] == "view_position"  # PA, no orientation
 
     png = np.asarray(Image.open(out / "study_gradcam.png"))
-    assert png.shape == (48, 64, 3)
-    assert np.asarray(Image.open(out / "film_gradcam.png")).shape == (48, 40, 3)
+    assert png.shape[0] > 48 and png.shape[1:] == (64, 3)  # a small film: the text in a strip below it
+    film_png = np.asarray(Image.open(out / "film_gradcam.png"))
+    assert film_png.shape[0] > 48 and film_png.shape[1:] == (40, 3)
     film = json.loads((out / "film.json").read_text())
     assert film["secondary_capture"]["written"] is False
     assert "no source study" in film["secondary_capture"]["reason"]
@@ -83,8 +84,7 @@ def test_explain_writes_png_json_dcm_and_reports_the_broken_file(bundle, inputs,
     sc = pydicom.dcmread(out / "study_gradcam.dcm")
     assert sc.StudyInstanceUID == source.StudyInstanceUID
     assert sc.SeriesInstanceUID != source.SeriesInstanceUID
-    assert (sc.Rows, sc.Columns) == (48, 64)
-    np.testing.assert_array_equal(sc.pixel_array, png)  # the PNG and the DICOM show the same picture
+    assert (sc.Rows, sc.Columns) == (48, 64)  # the source's grid, text burned in
     if shutil.which("dciodvfy"):
         check = subprocess.run(["dciodvfy", str(out / "study_gradcam.dcm")], capture_output=True, text=True)
         assert not [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
@@ -141,10 +141,10 @@ def test_all_good_inputs_exit_zero_with_named_class_and_formats(bundle, inputs, 
     assert json.loads((out / "study.json").read_text())["explained_class"] == "Pneumonia"
 
 
-def test_bundle_from_environment_and_missing_bundle_is_a_one_line_usage_error(bundle, inputs, tmp_path):
+def test_bundle_from_environment_and_missing_bundle_is_a_one_line_error(bundle, inputs, tmp_path):
     png = str(inputs / "film.png")
     missing = run("explain", png, "--out", str(tmp_path / "a"), env={"CXR_MONAI_BUNDLE": ""})
-    assert missing.exit_code == 2
+    assert missing.exit_code == 1
     assert "--bundle" in missing.output and len(missing.output.strip().splitlines()) == 1
     from_env = run("explain", png, "--out", str(tmp_path / "b"), env={"CXR_MONAI_BUNDLE": str(bundle)})
     assert from_env.exit_code == 0, from_env.output
@@ -191,3 +191,94 @@ def test_output_names_never_collide() -> None:
     names = unique_names(paths)
     assert len(set(names)) == len(names)
     assert names[0] == "a" and names[2].startswith("a_2")
+
+
+def test_inputs_are_checked_before_the_bundle_is_loaded(inputs, tmp_path):
+    """A mistyped path or an empty folder is named at once; the (missing) bundle is never opened."""
+    nowhere = str(tmp_path / "no-bundle")
+    missing = run("explain", str(inputs / "film.png"), "scans/typo.dcm", "--bundle", nowhere)
+    assert missing.exit_code == 1
+    assert "scans/typo.dcm" in missing.output and "no-bundle" not in missing.output
+    empty = tmp_path / "empty"
+    (empty / ".hidden").mkdir(parents=True)
+    (empty / "notes.txt").write_text("not an image")
+    none_found = run("explain", str(empty), "--bundle", nowhere)
+    assert none_found.exit_code == 1
+    assert f"no input files found in {empty}" in none_found.output and "no-bundle" not in none_found.output
+
+
+def test_failures_name_each_input_by_the_path_given(bundle, inputs, tmp_path, monkeypatch):
+    monkeypatch.chdir(inputs.parent)
+    result = run("explain", "in", "--bundle", str(bundle), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 1
+    failed = [line for line in result.output.splitlines() if line.startswith("failed:")]
+    assert len(failed) == 1 and failed[0].startswith(f"failed: {Path('in') / 'broken.dcm'}: not ")
+
+
+def test_warnings_that_matter_for_the_result_are_printed_one_line_per_file(bundle, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    save(make_dataset(gradient(12).astype(np.uint16), bits_stored=12, ViewPosition="LL"), folder / "lat.dcm")
+    save(make_dataset(gradient(12).astype(np.uint16), bits_stored=12, Modality="CT", BodyPartExamined="HEAD"),
+         folder / "ct.dcm")  # fmt: skip
+    save(make_dataset(gradient(12).astype(np.uint16), bits_stored=12), folder / "fine.dcm")
+    result = run("explain", str(folder), "--bundle", str(bundle), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    warned = [line for line in result.output.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 2
+    lateral = next(line for line in warned if "lat.dcm" in line)
+    ct = next(line for line in warned if "ct.dcm" in line)
+    assert "lateral" in lateral
+    assert "Modality is CT" in ct and "BodyPartExamined is HEAD" in ct
+    assert not any("fine.dcm" in line for line in warned)
+
+
+def _ink_runs(mask: np.ndarray) -> list[int]:
+    """Heights (pixels) of the runs of consecutive rows of ``mask`` (rows, cols) holding any ink."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(rows) > 1)
+    starts, ends = np.r_[rows[0], rows[breaks + 1]], np.r_[rows[breaks], rows[-1]]
+    return list(ends - starts + 1)
+
+
+LINES = [
+    "Predicted: COVID-19   (COVID-19 0.81  Normal 0.07  Pneumonia 0.12)",
+    "Warning: ViewPosition is LL (lateral); this model expects a frontal (PA or AP) view",
+    "Research use only - NOT FOR CLINICAL USE",
+]
+
+
+def _dark_film(side: int) -> tuple[np.ndarray, np.ndarray]:
+    """A dark film (white appears only where text is drawn) with a hot spot near its centre."""
+    yy, xx = np.mgrid[0:side, 0:side] / side
+    film = 30.0 + 10.0 * xx  # not flat: min-max scaling would make a flat film black
+    heat = np.exp(-((yy - 0.6) ** 2 + (xx - 0.5) ** 2) / 0.01).astype(np.float32)
+    return film, heat
+
+
+def test_a_small_film_keeps_its_pixels_and_gets_legible_text_in_a_strip_below() -> None:
+    from cxr_monai.explain.overlay import MIN_TEXT_PX, blend, render_captioned
+
+    film, heat = _dark_film(440)
+    picture = render_captioned(film, heat, LINES)
+    assert picture.shape[1:] == (440, 3) and picture.shape[0] > 440
+    # the film area is the film with the map, untouched by text (the colour bar sits at the right edge)
+    np.testing.assert_array_equal(picture[:440, :300], blend(film, heat)[:, :300])
+    strip_ink = _ink_runs((picture[440:] > 200).all(axis=2))
+    assert len(strip_ink) >= len(LINES)  # wrapped lines, all in the strip
+    assert max(strip_ink) >= 0.7 * MIN_TEXT_PX  # capitals about 10 px: words do not run together
+
+
+def test_a_large_film_gets_large_text_on_it_and_no_strip() -> None:
+    from cxr_monai.explain.overlay import blend, render_captioned, render_overlay
+
+    film, heat = _dark_film(3000)
+    picture = render_captioned(film, heat, LINES)
+    np.testing.assert_array_equal(picture, render_overlay(film, heat, LINES))  # same as the SC's picture
+    assert picture.shape == (3000, 3000, 3)
+    runs = _ink_runs((picture[:600, :2000] > 200).all(axis=2))
+    assert len(runs) == len(LINES) and min(runs) >= 40  # about 66 px type on a 3000 px film
+    drawn = (picture[:, -200:] != blend(film, heat)[:, -200:]).any(axis=2).any(axis=0)
+    assert drawn.sum() >= 3000 // 40  # the colour bar (and its labels) grow with the film

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -13,6 +15,34 @@ from cxr_monai.errors import CXRMonaiError
 
 #: Human-facing output (tables, progress) goes to stderr so stdout stays machine-readable.
 console = Console(stderr=True)
+#: Environment variable every ``--bundle`` option falls back to.
+BUNDLE_ENV = "CXR_MONAI_BUNDLE"
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    """Print ``error: message`` on one line; the caller raises the returned exit (1: bad input or
+    configuration, 2: usage, as typer's own usage errors)."""
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=code)
+
+
+def bundle_option() -> Any:
+    """The ``--bundle DIR`` option of every command that loads a trained bundle, ``$CXR_MONAI_BUNDLE``
+    as its default; pass the value to :func:`resolve_bundle`."""
+    return typer.Option(
+        None,
+        "--bundle",
+        envvar=BUNDLE_ENV,
+        metavar="DIR",
+        help="Trained bundle directory.",
+    )
+
+
+def resolve_bundle(bundle: Path | None) -> Path:
+    """``--bundle`` or ``$CXR_MONAI_BUNDLE``; neither is a one-line error, exit code 1."""
+    if bundle is None:
+        raise fail(f"no trained bundle: pass --bundle DIR or set {BUNDLE_ENV}")
+    return bundle
 
 
 @contextmanager
@@ -21,8 +51,15 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except CXRMonaiError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        raise typer.Exit(code=1) from exc
+        raise fail(str(exc)) from exc
+
+
+def examples(*commands: str) -> str:
+    """Typer ``epilog=`` text: the example command lines after the options, printed as written (``\\b``
+    stops click from rewrapping them; keep each line within 76 columns so help fits 80)."""
+    title = "Example:" if len(commands) == 1 else "Examples:"
+    lines = (line for command in commands for line in command.splitlines())
+    return "\b\n" + title + "\n" + "\n".join(f"  {line}" for line in lines)
 
 
 def configure_logging(verbose: bool) -> None:

@@ -7,31 +7,40 @@ from pathlib import Path
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from cxr_monai.commands import console, user_errors
+from cxr_monai.commands import console, examples, user_errors
 from cxr_monai.constants import RESEARCH_USE_NOTICE
+
+EPILOG = examples(
+    "cxr-monai compare out/vgg16 out/resnet50 out/effb0 \\\n"
+    "    --datalist out/prep/datalist.json --out out/compare",
+)
 
 
 def compare(
     runs: list[Path] = typer.Argument(
         ..., help="`cxr-monai train` --out folders (fold_K/, final/, cv_summary.json)."
     ),
-    datalist: Path = typer.Option(..., "--datalist", help="MONAI datalist JSON (from `cxr-monai prepare`)."),
-    out: Path = typer.Option(..., "--out", help="Folder for report.md, compare.json and the PNG figures."),
+    datalist: Path = typer.Option(
+        ..., "--datalist", metavar="FILE", help="MONAI datalist JSON (from `cxr-monai prepare`)."
+    ),
+    out: Path = typer.Option(
+        ..., "--out", metavar="DIR", help="Folder for report.md, compare.json and the PNG figures."
+    ),
     split: str = typer.Option(
-        "test", "--split", help="test | training | all | fold:K | source:NAME (as evaluate)."
+        "test", "--split", metavar="SPLIT", help="test | training | all | fold:K | source:NAME (as evaluate)."
     ),
     bootstrap: int = typer.Option(
-        2000, "--bootstrap", min=0, help="Bootstrap resamples for the 95% CIs (0: none)."
+        2000, "--bootstrap", metavar="N", min=0, help="Bootstrap resamples for the 95% CIs (0: none)."
     ),
     by_patient: bool = typer.Option(
         True, "--by-patient/--by-image", help="Bootstrap resamples whole patients (when every item has one)."
     ),
     gradcam: bool = typer.Option(True, "--gradcam/--no-gradcam", help="Draw Fig. 7 (Grad-CAM of every run)."),
-    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per forward pass."),
+    batch_size: int = typer.Option(8, "--batch-size", metavar="N", min=1, help="Images per forward pass."),
     device: str | None = typer.Option(
-        None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."
+        None, "--device", metavar="DEVICE", help="cpu, cuda, cuda:1 ... (default: cuda if available)."
     ),
-    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap and the baseline."),
+    seed: int = typer.Option(0, "--seed", metavar="SEED", help="Seed of the bootstrap and the baseline."),
 ) -> None:
     """Compare trained runs (any backbones, augmentation v1/v2) on one datalist split.
 
@@ -40,10 +49,6 @@ def compare(
     size, training s/epoch, inference images/s here; paired accuracy differences with bootstrap CIs; GAN
     quality of v2 runs), compare.json and Figs. 4-7 (curves, confusion matrices, class-wise bars,
     Grad-CAM on the same three test images).
-
-    Example:
-
-        cxr-monai compare out/vgg16 out/resnet50 out/effb0 --datalist out/prep/datalist.json --out out/cmp
     """
     from cxr_monai.evaluation import compare as comparison
     from cxr_monai.evaluation import report as evaluation

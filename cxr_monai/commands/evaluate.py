@@ -10,13 +10,20 @@ from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from cxr_monai.commands import console, user_errors
+from cxr_monai.commands import bundle_option, console, examples, resolve_bundle, user_errors
 from cxr_monai.constants import CLASS_NAMES, RESEARCH_USE_NOTICE
 
 if TYPE_CHECKING:
     from cxr_monai.evaluation.metrics import Estimate
     from cxr_monai.evaluation.report import EvaluationReport
     from cxr_monai.evaluation.sources import ScorerFigures, SourceMetrics
+
+EPILOG = examples(
+    "cxr-monai evaluate --bundle out/train/final \\\n"
+    "    --datalist out/prep/datalist.json --split test --out out/eval",
+    "cxr-monai evaluate --bundle out/no-nih --datalist out/prep/datalist.json \\\n"
+    "    --split source:site:nih-chestxray8 --out out/eval-nih",
+)
 
 _LABELS = {
     "precision": "precision (PPV)",
@@ -28,16 +35,17 @@ _LABELS = {
 
 
 def evaluate(
-    bundle: Path = typer.Option(
-        ..., "--bundle", help="Trained bundle directory (configs/, models/model.pt)."
+    bundle: Path | None = bundle_option(),
+    datalist: Path = typer.Option(
+        ..., "--datalist", metavar="FILE", help="MONAI datalist JSON (from `cxr-monai prepare`)."
     ),
-    datalist: Path = typer.Option(..., "--datalist", help="MONAI datalist JSON (from `cxr-monai prepare`)."),
     out: Path = typer.Option(
-        ..., "--out", help="Folder for metrics.json, predictions.csv and the PNG plots."
+        ..., "--out", metavar="DIR", help="Folder for metrics.json, predictions.csv and the PNG plots."
     ),
     split: str = typer.Option(
         "test",
         "--split",
+        metavar="SPLIT",
         help="test | training | all | fold:K | source:NAME (every non-synthetic item of source NAME, "
         "training and test alike: for a model trained with --exclude-source NAME).",
     ),
@@ -45,18 +53,18 @@ def evaluate(
         True, "--shortcut/--no-shortcut", help="Fit and score the disease-blind baseline beside the model."
     ),
     bootstrap: int = typer.Option(
-        2000, "--bootstrap", min=0, help="Bootstrap resamples for the 95% CIs (0: none)."
+        2000, "--bootstrap", metavar="N", min=0, help="Bootstrap resamples for the 95% CIs (0: none)."
     ),
     by_patient: bool = typer.Option(
         True,
         "--by-patient/--by-image",
         help="Bootstrap resamples whole patients (when every item has a patient_id) or single images.",
     ),
-    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per forward pass."),
+    batch_size: int = typer.Option(8, "--batch-size", metavar="N", min=1, help="Images per forward pass."),
     device: str | None = typer.Option(
-        None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."
+        None, "--device", metavar="DEVICE", help="cpu, cuda, cuda:1 ... (default: cuda if available)."
     ),
-    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap and the baseline."),
+    seed: int = typer.Option(0, "--seed", metavar="SEED", help="Seed of the bootstrap and the baseline."),
 ) -> None:
     """Evaluate a trained bundle: accuracy, per-class precision/recall/specificity/F1/AUROC with 95%
     bootstrap CIs, confusion matrix, calibration, and a disease-blind shortcut baseline beside the model;
@@ -65,14 +73,8 @@ def evaluate(
 
     Writes metrics.json, predictions.csv (no patient data) and PNG plots into --out. Works on any
     datalist, so a site can score a model on its own images.
-
-    Examples:
-
-        cxr-monai evaluate --bundle out/effb0 --datalist out/prep/datalist.json --split test --out out/eval
-
-        cxr-monai evaluate --bundle out/no-nih --datalist out/prep/datalist.json --split source:labels \
-            --out out/eval-nih
     """
+    bundle_dir = resolve_bundle(bundle)
     # imported here so that `cxr-monai --help` and the other commands do not load torch
     from cxr_monai.evaluation import report as evaluation
     from cxr_monai.predictor import Predictor
@@ -80,7 +82,7 @@ def evaluate(
     with user_errors():
         splits = evaluation.load_splits(datalist)
         items = evaluation.select_split(splits, split)
-        predictor = Predictor.from_bundle(bundle, device=device)
+        predictor = Predictor.from_bundle(bundle_dir, device=device)
         stages = {"evaluate": "model + features", "baseline": "baseline training features"}
         with Progress(
             TextColumn("{task.description}"),
@@ -109,8 +111,8 @@ def evaluate(
         written = evaluation.write_report(
             report,
             out,
-            bundle,
-            bundle=str(bundle.resolve()),
+            bundle_dir,
+            bundle=str(bundle_dir.resolve()),
             datalist=str(datalist.resolve()),
             split=split,
             split_scope=evaluation.describe_split(split),

@@ -6,19 +6,28 @@ from pathlib import Path
 
 import typer
 
-from cxr_monai.commands import console, user_errors
+from cxr_monai.commands import bundle_option, console, examples, resolve_bundle, user_errors
+
+EPILOG = examples(
+    "cxr-monai export --bundle out/train/final --format onnx --out model.onnx \\\n"
+    "    --verify-image film.dcm",
+)
 
 
 def export(
-    bundle: Path = typer.Option(..., "--bundle", help="Trained bundle directory."),
-    fmt: str = typer.Option("onnx", "--format", help="onnx or torchscript."),
+    bundle: Path | None = bundle_option(),
+    fmt: str = typer.Option("onnx", "--format", metavar="FORMAT", help="onnx or torchscript."),
     out: Path = typer.Option(
-        ..., "--out", help="Output file (.onnx / .pt); a .json report is written beside."
+        ..., "--out", metavar="FILE", help="Output file (.onnx / .pt); a .json report is written beside."
     ),
     images: list[Path] = typer.Option(
-        [], "--verify-image", exists=True, help="Image to verify exported vs eager logits on (repeatable)."
+        [],
+        "--verify-image",
+        metavar="FILE",
+        exists=True,
+        help="Image to verify exported vs eager logits on (repeatable).",
     ),
-    opset: int = typer.Option(17, "--opset", min=13, help="ONNX opset."),
+    opset: int = typer.Option(17, "--opset", metavar="N", min=13, help="ONNX opset."),
     int8: bool = typer.Option(
         True, "--int8/--no-int8", help="Also write <out>.int8.onnx (dynamic quantisation)."
     ),
@@ -26,13 +35,12 @@ def export(
     """Export the network for devices and ONNX Runtime: input `image` (B, 3, S, S) pre-processed as the
     bundle does, output `logits` (B, K), dynamic batch. Fails unless the exported logits equal eager within
     1e-4 on a random batch and on every --verify-image.
-
-    Example: cxr-monai export --bundle out/bundle --format onnx --out model.onnx --verify-image film.dcm
     """
+    bundle_dir = resolve_bundle(bundle)
     from cxr_monai.export import export_bundle
 
     with user_errors():
-        report = export_bundle(bundle, fmt, out, images=images, opset=opset, int8=int8)
+        report = export_bundle(bundle_dir, fmt, out, images=images, opset=opset, int8=int8)
     found = report.agreement
     console.print(
         f"{report.format} written to {report.path} ({report.size_bytes / 2**20:.1f} MiB); "

@@ -8,30 +8,43 @@ from pathlib import Path
 
 import typer
 
-from cxr_monai.commands import console, user_errors
-from cxr_monai.commands.explain import BUNDLE_ENV, resolve_bundle
+from cxr_monai.commands import bundle_option, console, examples, resolve_bundle, user_errors
+
+EPILOG = examples(
+    "cxr-monai gateway --bundle out/train/final --host 0.0.0.0 --port 11112 \\\n"
+    "    --allow MODALITY1 --dest-ae PACS --dest-host pacs.local \\\n"
+    "    --dest-port 104 --queue /var/lib/cxr-monai/queue"
+)
 
 
 def gateway(
-    bundle: Path | None = typer.Option(
-        None, "--bundle", envvar=BUNDLE_ENV, help=f"Trained bundle directory (default: ${BUNDLE_ENV})."
+    bundle: Path | None = bundle_option(),
+    ae_title: str = typer.Option("CXR_MONAI", "--ae-title", metavar="AE", help="This gateway's AE title."),
+    host: str = typer.Option(
+        "127.0.0.1", "--host", metavar="HOST", help="Address to listen on (0.0.0.0: all interfaces)."
     ),
-    ae_title: str = typer.Option("CXR_MONAI", "--ae-title", help="This gateway's AE title."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: all interfaces)."),
-    port: int = typer.Option(11112, "--port", min=0, max=65535, help="Port to listen on."),
+    port: int = typer.Option(11112, "--port", metavar="PORT", min=0, max=65535, help="Port to listen on."),
     allow: list[str] = typer.Option(
-        [], "--allow", help="Calling AE title allowed to send (repeat; default: any)."
+        [], "--allow", metavar="AE", help="Calling AE title allowed to send (repeat; default: any)."
     ),
-    dest_ae: str = typer.Option(..., "--dest-ae", help="Destination AE title (the PACS)."),
-    dest_host: str = typer.Option(..., "--dest-host", help="Destination host."),
-    dest_port: int = typer.Option(..., "--dest-port", min=1, max=65535, help="Destination port."),
-    queue_dir: Path = typer.Option(Path("gateway_queue"), "--queue", help="On-disk queue directory."),
-    batch_size: int = typer.Option(4, "--batch-size", min=1, help="Images per Grad-CAM batch."),
+    dest_ae: str = typer.Option(..., "--dest-ae", metavar="AE", help="Destination AE title (the PACS)."),
+    dest_host: str = typer.Option(..., "--dest-host", metavar="HOST", help="Destination host."),
+    dest_port: int = typer.Option(
+        ..., "--dest-port", metavar="PORT", min=1, max=65535, help="Destination port."
+    ),
+    queue_dir: Path = typer.Option(
+        Path("gateway_queue"), "--queue", metavar="DIR", help="On-disk queue directory."
+    ),
+    batch_size: int = typer.Option(4, "--batch-size", metavar="N", min=1, help="Images per Grad-CAM batch."),
     retry_max_s: float = typer.Option(
-        60.0, "--retry-max-s", min=1.0, help="Longest wait between delivery retries, seconds."
+        60.0,
+        "--retry-max-s",
+        metavar="SECONDS",
+        min=1.0,
+        help="Longest wait between delivery retries, seconds.",
     ),
     device: str | None = typer.Option(
-        None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)."
+        None, "--device", metavar="DEVICE", help="cpu, cuda, cuda:1 ... (default: cuda if present)."
     ),
 ) -> None:
     """Receive CR/DX/SC chest films over C-STORE; send a Grad-CAM Secondary Capture and a Structured
@@ -41,9 +54,6 @@ def gateway(
     until the destination accepts them, and a restarted gateway resumes its queue. Unsuitable instances
     are refused: 0xA900 (not a decodable single-frame image), 0xC000 (not a frontal chest radiograph).
     Stop with Ctrl-C. Research use only - NOT FOR CLINICAL USE.
-
-    Example: cxr-monai gateway --bundle out/bundle --host 0.0.0.0 --port 11112 --allow MODALITY1 \\
-    --dest-ae PACS --dest-host pacs.local --dest-port 104 --queue /var/lib/cxr-monai/queue
     """
     bundle_dir = resolve_bundle(bundle)
     # imported here so that `cxr-monai --help` and the other commands do not load torch and pynetdicom

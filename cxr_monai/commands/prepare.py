@@ -10,15 +10,14 @@ from rich import box
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cxr_monai.commands import console, user_errors
-from cxr_monai.constants import CLASS_NAMES
-from cxr_monai.data import (
-    DEFAULT_COVID_VIEWS,
-    FIGURE_FILENAME,
-    PrepareOptions,
-    assemble_dataset,
-    site_csv,
-    write_prepared,
+from cxr_monai.commands import console, examples, user_errors
+from cxr_monai.constants import CLASS_NAMES, DEFAULT_COVID_VIEWS
+
+EPILOG = examples(
+    "cxr-monai prepare --covid-dir ../shared/data/covid-chestxray-dataset \\\n"
+    "    --kaggle-dir ../shared/data/chest_xray \\\n"
+    "    --site-csv nih-chestxray8=../shared/data/nih-chestxray8/labels.csv \\\n"
+    "    --out out/prep"
 )
 
 
@@ -75,16 +74,18 @@ def _duplicate_table(report: dict[str, Any]) -> Table:
 
 def prepare(
     covid_dir: Path | None = typer.Option(
-        None, "--covid-dir", help="covid-chestxray-dataset checkout (metadata.csv + images/)."
+        None, "--covid-dir", metavar="DIR", help="covid-chestxray-dataset checkout (metadata.csv + images/)."
     ),
     kaggle_dir: Path | None = typer.Option(
         None,
         "--kaggle-dir",
+        metavar="DIR",
         help="Kaggle chest-xray-pneumonia folder holding {train,val,test}/{NORMAL,PNEUMONIA}/.",
     ),
     site_csvs: list[str] | None = typer.Option(
         None,
         "--site-csv",
+        metavar="[NAME=]CSV",
         help="[NAME=]CSV with columns image,label[,patient_id,age,sex] (label: class name or index; "
         "relative paths from the CSV's folder). Its source is site:NAME (default NAME: the file stem). "
         "Repeatable.",
@@ -92,31 +93,45 @@ def prepare(
     views: str = typer.Option(
         ",".join(DEFAULT_COVID_VIEWS),
         "--views",
+        metavar="VIEWS",
         help="covid-chestxray-dataset views to keep, comma-separated.",
     ),
     finding_map: Path | None = typer.Option(
         None,
         "--finding-map",
+        metavar="FILE",
         help="JSON {finding: class or null} or CSV finding,label updating the default "
         "covid-chestxray-dataset finding -> class map (COVID-19 findings -> COVID-19; bacterial, "
         "viral, fungal pneumonias and SARS -> Pneumonia; No Finding -> Normal; todo, ARDS, Lipoid ... "
         "skipped). Null/empty = skip.",
     ),
     cache_dir: Path | None = typer.Option(
-        None, "--cache-dir", help="Folder for the image fingerprint cache (default: OUT)."
+        None, "--cache-dir", metavar="DIR", help="Folder for the image fingerprint cache (default: OUT)."
     ),
-    n_covid: str = typer.Option("all", "--n-covid", help="COVID-19 images to take (a number or 'all')."),
-    n_normal: str = typer.Option("300", "--n-normal", help="Normal images to take (a number or 'all')."),
+    n_covid: str = typer.Option(
+        "all", "--n-covid", metavar="N|all", help="COVID-19 images to take (a number or 'all')."
+    ),
+    n_normal: str = typer.Option(
+        "300", "--n-normal", metavar="N|all", help="Normal images to take (a number or 'all')."
+    ),
     n_pneumonia: str = typer.Option(
-        "300", "--n-pneumonia", help="Pneumonia images to take (a number or 'all')."
+        "300", "--n-pneumonia", metavar="N|all", help="Pneumonia images to take (a number or 'all')."
     ),
     test_fraction: float = typer.Option(
-        0.2, "--test-fraction", help="Held-out test share: one of round(1/fraction) patient-grouped folds."
+        0.2,
+        "--test-fraction",
+        metavar="FRACTION",
+        help="Held-out test share: one of round(1/fraction) patient-grouped folds.",
     ),
-    folds: int = typer.Option(5, "--folds", help="Cross-validation folds of the training split."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the subsampling and the splits."),
+    folds: int = typer.Option(
+        5, "--folds", metavar="N", help="Cross-validation folds of the training split."
+    ),
+    seed: int = typer.Option(0, "--seed", metavar="SEED", help="Seed of the subsampling and the splits."),
     out: Path = typer.Option(
-        Path("out/prep"), "--out", help="Output folder for datalist.json and prepare_summary.json."
+        Path("out/prep"),
+        "--out",
+        metavar="DIR",
+        help="Output folder for datalist.json and prepare_summary.json.",
     ),
 ) -> None:
     """Build a patient-disjoint datalist (test split + cross-validation folds) from any of the sources.
@@ -128,13 +143,10 @@ def prepare(
     Writes OUT/datalist.json (MONAI datalist: "training" items with "fold", "test" items; each with
     source, group and, where known, age and sex), OUT/prepare_summary.json (counts, near-duplicate pairs,
     options, versions, warnings) and OUT/dataset_summary.png; prints the datalist path on stdout.
-
-    Example:
-
-        cxr-monai prepare --covid-dir ../shared/data/covid-chestxray-dataset \\
-            --kaggle-dir ../shared/data/chest_xray \\
-            --site-csv nih-chestxray8=../shared/data/nih-chestxray8/labels.csv --out out/prep
     """
+    # imported here so that `cxr-monai --help` and the other commands do not load scikit-learn
+    from cxr_monai.data import FIGURE_FILENAME, PrepareOptions, assemble_dataset, site_csv, write_prepared
+
     with user_errors():
         options = PrepareOptions(
             covid_dir=covid_dir,

@@ -8,9 +8,14 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from cxr_monai.atomic import atomic_path, write_json_atomic
-from cxr_monai.commands import console, user_errors
-from cxr_monai.commands.explain import BUNDLE_ENV, resolve_bundle, usage_error
+from cxr_monai.commands import bundle_option, console, examples, fail, resolve_bundle, user_errors
 from cxr_monai.constants import RESEARCH_USE_NOTICE
+
+EPILOG = examples(
+    "cxr-monai progression day1.dcm day5.dcm --bundle out/train/final \\\n    --out out/progression",
+    "cxr-monai progression --datalist out/prep/datalist.json --patient-id 19 \\\n"
+    "    --bundle out/train/final --out out/progression-19",
+)
 
 if TYPE_CHECKING:
     from cxr_monai.explain.progression import Study
@@ -25,7 +30,7 @@ def _load_studies(
 
     if datalist is not None:
         if patient_id is None:
-            raise usage_error("--datalist needs --patient-id")
+            raise fail("--datalist needs --patient-id", code=2)
         items = datalist_series(datalist, patient_id)
         studies = []
         for item in items:
@@ -35,29 +40,31 @@ def _load_studies(
             studies.append(Study(Path(item["image"]), read_cxr(item["image"]), label, day))
         return studies, "offset (days since symptom onset)", f"Patient {patient_id}"
     if not files:
-        raise usage_error("give image FILEs, or --datalist FILE --patient-id ID")
+        raise fail("give image FILEs, or --datalist FILE --patient-id ID", code=2)
     studies, how = order_studies([(path, read_cxr(path)) for path in files])
     return studies, how, f"{len(studies)} studies"
 
 
 def progression(
-    files: list[Path] = typer.Argument(None, help="One patient's studies (DICOM ordered by StudyDate)."),
-    bundle: Path | None = typer.Option(
-        None, "--bundle", envvar=BUNDLE_ENV, help=f"Trained bundle directory (default: ${BUNDLE_ENV})."
+    files: list[Path] = typer.Argument(
+        None, metavar="FILE", help="One patient's studies (DICOM ordered by StudyDate)."
     ),
-    out: Path = typer.Option(..., "--out", help="Output directory (progression.png, progression.json)."),
-    datalist: Path | None = typer.Option(None, "--datalist", help="Datalist from `cxr-monai prepare`."),
+    bundle: Path | None = bundle_option(),
+    out: Path = typer.Option(
+        ..., "--out", metavar="DIR", help="Output directory (progression.png, progression.json)."
+    ),
+    datalist: Path | None = typer.Option(
+        None, "--datalist", metavar="FILE", help="Datalist from `cxr-monai prepare`."
+    ),
     patient_id: str | None = typer.Option(
-        None, "--patient-id", help="Patient in the datalist (e.g. covid:19 or 19); images ordered by offset."
+        None,
+        "--patient-id",
+        metavar="ID",
+        help="Patient in the datalist (e.g. covid:19 or 19); images ordered by offset.",
     ),
-    batch_size: int = typer.Option(4, "--batch-size", min=1, help="Images per Grad-CAM batch."),
+    batch_size: int = typer.Option(4, "--batch-size", metavar="N", min=1, help="Images per Grad-CAM batch."),
 ) -> None:
-    """Montage of one patient's studies with Grad-CAM, normalised by the series maximum.
-
-    Examples:
-      cxr-monai progression day1.dcm day5.dcm --bundle out/bundle --out out/progression
-      cxr-monai progression --datalist out/datalist.json --patient-id 19 --bundle out/bundle --out out/prog
-    """
+    """Montage of one patient's studies with Grad-CAM, normalised by the series maximum."""
     bundle_dir = resolve_bundle(bundle)
     # imported here so that `cxr-monai --help` and the other commands do not load torch
     from cxr_monai.explain.gradcam import Explainer, normalise_series

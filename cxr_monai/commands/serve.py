@@ -8,50 +8,82 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from cxr_monai.commands import console, user_errors
-from cxr_monai.io.image import MAX_PIXELS, MAX_SIDE
+from cxr_monai.commands import bundle_option, console, examples, resolve_bundle, user_errors
+from cxr_monai.constants import MAX_PIXELS, MAX_SIDE
 
 if TYPE_CHECKING:
     from cxr_monai.export import OnnxModel
 
 TOKEN_ENV = "CXR_MONAI_TOKEN"
+EPILOG = examples(
+    "cxr-monai serve --bundle out/train/final --address 0.0.0.0:50051 \\\n"
+    "    --token-file token --tls-cert server.crt --tls-key server.key \\\n"
+    "    --tls-client-ca clients-ca.crt",
+    "cxr-monai serve --bundle out/train/final --backend onnx --max-batch 16",
+)
 
 
 def serve(
-    bundle: Path = typer.Option(..., "--bundle", envvar="CXR_MONAI_BUNDLE", help="Trained bundle directory."),
+    bundle: Path | None = bundle_option(),
     address: str = typer.Option(
-        "127.0.0.1:50051", "--address", help="host:port to listen on (0.0.0.0:50051 for all interfaces)."
+        "127.0.0.1:50051",
+        "--address",
+        metavar="HOST:PORT",
+        help="host:port to listen on (0.0.0.0:50051 for all interfaces).",
     ),
-    max_message_mb: int = typer.Option(64, "--max-message-mb", help="Largest request or response, MiB."),
+    max_message_mb: int = typer.Option(
+        64, "--max-message-mb", metavar="MIB", help="Largest request or response, MiB."
+    ),
     max_inflight: int = typer.Option(
         4,
         "--max-inflight",
         "--workers",
+        metavar="N",
         min=1,
         help="Classify/Explain calls admitted at once; more shed.",
     ),
     request_timeout: float = typer.Option(
-        60.0, "--request-timeout", min=0.0, help="Server-side time limit per call, seconds (0: none)."
+        60.0,
+        "--request-timeout",
+        metavar="SECONDS",
+        min=0.0,
+        help="Server-side time limit per call, seconds (0: none).",
     ),
     max_pixels: int = typer.Option(
-        MAX_PIXELS, "--max-pixels", min=1, help=f"Pixel budget per image (and {MAX_SIDE} per side)."
+        MAX_PIXELS,
+        "--max-pixels",
+        metavar="PIXELS",
+        min=1,
+        help=f"Pixel budget per image (and {MAX_SIDE} per side).",
     ),
-    grace: float = typer.Option(5.0, "--grace", min=0.0, help="Seconds calls in flight get at shutdown."),
+    grace: float = typer.Option(
+        5.0, "--grace", metavar="SECONDS", min=0.0, help="Seconds calls in flight get at shutdown."
+    ),
     tls_cert: Path | None = typer.Option(
-        None, "--tls-cert", exists=True, help="PEM certificate (with --tls-key)."
+        None, "--tls-cert", metavar="PEM", exists=True, help="PEM certificate (with --tls-key)."
     ),
     tls_key: Path | None = typer.Option(
-        None, "--tls-key", exists=True, help="PEM private key (with --tls-cert)."
+        None, "--tls-key", metavar="PEM", exists=True, help="PEM private key (with --tls-cert)."
     ),
     tls_client_ca: Path | None = typer.Option(
-        None, "--tls-client-ca", exists=True, help="PEM CA: require client certificates it signed (mTLS)."
+        None,
+        "--tls-client-ca",
+        metavar="PEM",
+        exists=True,
+        help="PEM CA: require client certificates it signed (mTLS).",
     ),
     token_file: Path | None = typer.Option(
-        None, "--token-file", exists=True, help=f"File holding the bearer token (instead of ${TOKEN_ENV})."
+        None,
+        "--token-file",
+        metavar="FILE",
+        exists=True,
+        help=f"File holding the bearer token (instead of ${TOKEN_ENV}).",
     ),
-    max_metadata_kb: int = typer.Option(16, "--max-metadata-kb", min=1, help="Request metadata limit, KiB."),
+    max_metadata_kb: int = typer.Option(
+        16, "--max-metadata-kb", metavar="KIB", min=1, help="Request metadata limit, KiB."
+    ),
     device: str | None = typer.Option(
-        None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)."
+        None, "--device", metavar="DEVICE", help="cpu, cuda, cuda:1 ... (default: cuda if present)."
     ),
     backend: str = typer.Option(
         "eager", "--backend", help="Classify with eager PyTorch or onnx (ONNX Runtime); Explain stays eager."
@@ -75,10 +107,8 @@ def serve(
     Concurrent Classify calls (and the images of a ClassifyStudy stream) share model calls: up to
     --max-batch images, waiting at most --max-batch-wait-ms for each other. --backend onnx classifies
     with ONNX Runtime (the bundle exported at start-up to a temporary file and verified, or --onnx FILE).
-
-    Example: cxr-monai serve --bundle out/bundle --address 0.0.0.0:50051 --token-file token \\
-    --tls-cert server.crt --tls-key server.key --tls-client-ca clients-ca.crt --backend onnx
     """
+    bundle_dir = resolve_bundle(bundle)
     # imported here so that `cxr-monai --help` and the other commands do not load grpc and torch
     from cxr_monai.errors import CXRMonaiError
     from cxr_monai.io import ImageLimits
@@ -109,8 +139,8 @@ def serve(
         if onnx_file is not None and backend != "onnx":
             raise CXRMonaiError("--onnx needs --backend onnx")
         batching = BatchingConfig(max_batch=max_batch, max_wait_ms=max_batch_wait_ms)
-        predictor = Predictor.from_bundle(bundle, device=device)
-        onnx_model = _onnx_model(bundle, onnx_file, onnx_threads) if backend == "onnx" else None
+        predictor = Predictor.from_bundle(bundle_dir, device=device)
+        onnx_model = _onnx_model(bundle_dir, onnx_file, onnx_threads) if backend == "onnx" else None
         servicer = CXRTriageServicer(predictor, limits, batching=batching, onnx_model=onnx_model)
         service = build_server(servicer, config)
     host = address.rsplit(":", 1)[0]

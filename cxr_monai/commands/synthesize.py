@@ -10,20 +10,33 @@ from typing import Any
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from cxr_monai.commands import console, user_errors
+from cxr_monai.commands import console, examples, user_errors
 from cxr_monai.constants import RESEARCH_USE_NOTICE
+
+EPILOG = examples(
+    "cxr-monai synthesize --gan out/gan --datalist out/prep/datalist.json \\\n    --n 100 --out out/synth"
+)
 
 
 def synthesize(
-    gan: Path = typer.Option(..., "--gan", help="CycleGAN training output_dir (bundles/cxr_cyclegan)."),
-    datalist: Path = typer.Option(..., "--datalist", help="MONAI datalist JSON (from `cxr-monai prepare`)."),
-    n: int = typer.Option(100, "--n", min=1, help="Number of synthetic COVID-19 images."),
-    out: Path = typer.Option(..., "--out", help="Folder for images/, datalist.json, synthesize_report.json."),
-    seed: int = typer.Option(0, "--seed", help="Seed for choosing the Normal source images."),
-    fold: int = typer.Option(
-        -1, "--fold", help="Draw no sources from this cross-validation fold (-1: all training folds)."
+    gan: Path = typer.Option(
+        ..., "--gan", metavar="DIR", help="CycleGAN training output_dir (bundles/cxr_cyclegan)."
     ),
-    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    datalist: Path = typer.Option(
+        ..., "--datalist", metavar="FILE", help="MONAI datalist JSON (from `cxr-monai prepare`)."
+    ),
+    n: int = typer.Option(100, "--n", metavar="N", min=1, help="Number of synthetic COVID-19 images."),
+    out: Path = typer.Option(
+        ..., "--out", metavar="DIR", help="Folder for images/, datalist.json, synthesize_report.json."
+    ),
+    seed: int = typer.Option(0, "--seed", metavar="SEED", help="Seed for choosing the Normal source images."),
+    fold: int = typer.Option(
+        -1,
+        "--fold",
+        metavar="K",
+        help="Draw no sources from this cross-validation fold (-1: all training folds).",
+    ),
+    batch_size: int = typer.Option(8, "--batch-size", metavar="N", min=1),
     quality: bool = typer.Option(
         True,
         "--quality/--no-quality",
@@ -31,17 +44,17 @@ def synthesize(
         "features), the shortcut baseline's COVID-19 call rate.",
     ),
     v1_bundle: Path | None = typer.Option(
-        None, "--v1-bundle", help="A trained v1 classifier: report the share of images it calls COVID-19."
+        None,
+        "--v1-bundle",
+        metavar="DIR",
+        help="A trained v1 classifier: report the share of images it calls COVID-19.",
     ),
 ) -> None:
     """Turn N randomly chosen Normal training images into synthetic COVID-19 training items.
 
     Writes 8-bit PNGs, a new datalist (the input plus the synthetic items, appended to `training` with
     `synthetic: true`, each in its source image's fold; never in `test`) and a JSON report. Classifier
-    validation skips synthetic items. Research use only.
-
-    Example: cxr-monai synthesize --gan out/gan --datalist out/prep/datalist.json --n 100 --out out/synth
-    """
+    validation skips synthetic items. Research use only."""
     from cxr_monai.gan.synthesize import synthesize_covid
 
     logging.getLogger("monai.bundle.workflows").setLevel(logging.ERROR)  # "logging file is False" noise

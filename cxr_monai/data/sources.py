@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cxr_monai.constants import CLASS_NAMES
+from cxr_monai.constants import CLASS_NAMES, DEFAULT_COVID_VIEWS
 from cxr_monai.data.findings import DEFAULT_FINDING_MAP, classify_finding
 from cxr_monai.errors import DatasetError
 
@@ -30,8 +30,6 @@ SITE_SOURCE_PREFIX = "site:"
 #: ``source`` of a datalist entry that names none (datalists written by hand or by other tools).
 UNKNOWN_SOURCE = "(no source)"
 
-#: Views of covid-chestxray-dataset kept by default (frontal films; laterals and CT are left out).
-DEFAULT_COVID_VIEWS: tuple[str, ...] = ("PA", "AP", "AP Supine")
 
 KAGGLE_SPLITS: tuple[str, ...] = ("train", "val", "test")
 #: Kaggle folder name -> class name in :data:`CLASS_NAMES`.

@@ -60,19 +60,20 @@ def confusion_matrix_figure(
 def roc_figure(
     y_true: np.ndarray, y_prob: np.ndarray, class_names: Sequence[str] = CLASS_NAMES, title: str = ""
 ) -> Figure:
-    """One-vs-rest ROC curve per class present (and absent from no image), AUROC in the legend."""
+    """One-vs-rest ROC curve per class present (and absent from no image), AUROC in the legend; the
+    chance diagonal is drawn and labelled on the plot, not listed among the classes."""
     fig = _figure(title or "ROC curves (one-vs-rest)", 6.0, 5.5)
     ax = fig.subplots()
     y_true = np.asarray(y_true)
     for k, name in enumerate(class_names):
         positive = y_true == k
         if 0 < positive.sum() < positive.size:
-            RocCurveDisplay.from_predictions(
-                positive, y_prob[:, k], name=name, ax=ax, plot_chance_level=k == 0
-            )
+            RocCurveDisplay.from_predictions(positive, y_prob[:, k], name=name, ax=ax)
+    ax.plot([0, 1], [0, 1], linestyle="--", color="gray", linewidth=1, label="_chance")  # "_": no legend
+    ax.text(0.62, 0.56, "chance (AUROC 0.5)", color="gray", rotation=45, rotation_mode="anchor", fontsize=8)
     ax.set_xlabel("1 - specificity (false positive rate)")
     ax.set_ylabel("sensitivity (true positive rate)")
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right", title="class vs rest")
     return fig
 
 
@@ -107,21 +108,28 @@ def reliability_figure(bins: ReliabilityBins, ece: float | None, title: str = ""
     return fig
 
 
+#: Panels of the training-curves figure, in order; keys that fit none share a last panel titled by them.
+_CURVE_PANELS = ("loss", "accuracy", "learning rate", "seconds")
+
+
 def _curve_group(key: str) -> str:
     lowered = key.lower()
     if "loss" in lowered:
         return "loss"
+    if "accuracy" in lowered:
+        return "accuracy"
     if lowered == "lr" or "learning_rate" in lowered:
         return "learning rate"
     if "seconds" in lowered:
         return "seconds"
-    return "other figures"
+    return ""
 
 
 def training_curves_figure(log: Sequence[Mapping[str, Any]], title: str = "") -> Figure | None:
     """Per-epoch curves from a training log (list of dicts with ``epoch`` and numeric figures): panels
-    for losses, every other figure (accuracy ...), the learning rate (log scale) and timings (keys
-    containing ``seconds``), each only when the log has such keys. None when nothing is numeric."""
+    for losses, accuracies, the learning rate (log scale), timings (keys containing ``seconds``) and any
+    other figures (titled by their keys), each only when the log has such keys. None when nothing is
+    numeric."""
     keys = sorted(
         {
             k
@@ -132,11 +140,7 @@ def training_curves_figure(log: Sequence[Mapping[str, Any]], title: str = "") ->
     )
     if not keys:
         return None
-    groups = [
-        g
-        for g in ("loss", "other figures", "learning rate", "seconds")
-        if any(_curve_group(k) == g for k in keys)
-    ]
+    groups = [g for g in (*_CURVE_PANELS, "") if any(_curve_group(k) == g for k in keys)]
     fig = _figure(title or "Training curves", 4.5 * len(groups) + 1.0, 4.5)
     axes = dict(zip(groups, np.atleast_1d(fig.subplots(1, len(groups))), strict=True))
     for key in keys:
@@ -149,7 +153,7 @@ def training_curves_figure(log: Sequence[Mapping[str, Any]], title: str = "") ->
         axes[_curve_group(key)].plot(epochs, values, marker="o", label=key)
     for name, ax in axes.items():
         ax.set_xlabel("epoch")
-        ax.set_title(name)
+        ax.set_title(name or ", ".join(k for k in keys if not _curve_group(k)))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if name == "learning rate":
             ax.set_yscale("log")

@@ -14,7 +14,8 @@ from pathlib import Path
 from cxr_monai.atomic import atomic_path
 from cxr_monai.errors import CXRMonaiError
 from cxr_monai.explain.gradcam import Explainer, Explanation
-from cxr_monai.explain.record import dicom_bytes, explained_image
+from cxr_monai.explain.overlay import png_bytes, render_captioned
+from cxr_monai.explain.record import dicom_bytes, explained_image, overlay_lines
 from cxr_monai.io import CXRImage, read_cxr
 from cxr_monai.predictor import Predictor
 
@@ -58,11 +59,15 @@ def _write_outputs(
     notes: list[str] = []
     payloads: dict[Path, bytes] = {}
     if "png" in formats:
-        payloads[out / f"{job.name}_gradcam.png"] = explained.overlay_png()
+        # a small film's text goes in a strip below it; the Secondary Capture keeps the source's grid
+        picture = render_captioned(
+            job.image.pixels, explained.heatmap, overlay_lines(predictor, job.image, result)
+        )
+        payloads[out / f"{job.name}_gradcam.png"] = png_bytes(picture)
     if "dcm" in formats:
         if job.image.dataset is None:
             record["secondary_capture"] = {"written": False, "reason": "not a DICOM input: no source study"}
-            notes.append(f"{job.source.name}: not DICOM, no source study; Secondary Capture skipped")
+            notes.append(f"{job.source}: not DICOM, no source study; Secondary Capture skipped")
         else:
             try:
                 sc, sc_notes = explained.secondary_capture()
@@ -95,12 +100,15 @@ def explain_files(
     batch_size: int,
     on_done: Callable[[], None] = lambda: None,
     on_note: Callable[[str], None] = lambda _: None,
+    on_warnings: Callable[[Path, tuple[str, ...]], None] = lambda _path, _found: None,
 ) -> dict[Path, str]:
     """Explain ``files`` in batches, writing ``formats`` (a subset of "png", "json", "dcm") into ``out``.
 
     ``target`` is the class index to explain (None: the predicted class). ``on_done`` is called once per
-    input, ``on_note`` with remarks for the user (e.g. why no DICOM was written). Returns
-    {file: one-line error} for the inputs that failed.
+    input, ``on_note`` with remarks for the user (e.g. why no DICOM was written), ``on_warnings`` with
+    each explained file that has :attr:`CXRImage.warnings` (lateral view, not CR/DX, not CHEST ...: the
+    result may not mean much). Returns {file: one-line reason, without the file's name} for the inputs
+    that failed.
     """
     explainer = Explainer(predictor.model, predictor.preprocess, batch_size=batch_size)
     failures: dict[Path, str] = {}
@@ -113,9 +121,11 @@ def explain_files(
             try:
                 jobs.append(_Job(path, name, read_cxr(path)))
             except (CXRMonaiError, OSError) as exc:
-                failures[path] = (
-                    str(exc) if isinstance(exc, CXRMonaiError) else f"{path.name}: {exc.strerror}"
-                )
+                if isinstance(exc, CXRMonaiError):
+                    # read_cxr names the file by its base name; the caller prints the path as given instead
+                    failures[path] = str(exc).removeprefix(f"{path.name}: ")
+                else:
+                    failures[path] = exc.strerror or str(exc)
                 on_done()
         if not jobs:
             continue
@@ -123,14 +133,16 @@ def explain_files(
             results = explainer.explain([job.image for job in jobs], target)
         except (CXRMonaiError, RuntimeError, ValueError) as exc:
             for job in jobs:
-                failures[job.source] = f"{job.source.name}: Grad-CAM failed ({exc})"
+                failures[job.source] = f"Grad-CAM failed ({exc})"
                 on_done()
             continue
         for job, result in zip(jobs, results, strict=True):
             try:
                 for note in _write_outputs(job, result, predictor, out, formats):
                     on_note(note)
+                if job.image.warnings:
+                    on_warnings(job.source, job.image.warnings)
             except (CXRMonaiError, OSError, ValueError) as exc:
-                failures[job.source] = f"{job.source.name}: outputs not written ({exc})"
+                failures[job.source] = f"outputs not written ({exc})"
             on_done()
     return failures

@@ -207,7 +207,7 @@ def build_secondary_capture(
         )
     orientation, basis = patient_orientation(source)
     if basis != "source":
-        logger.info("source has no PatientOrientation; PatientOrientation %s (%s)", orientation, basis)
+        logger.debug("source has no PatientOrientation; PatientOrientation %s (%s)", orientation, basis)
     series_number = int(source.get("SeriesNumber") or 0) + SERIES_NUMBER_OFFSET
     with warnings.catch_warnings():
         # highdicom warns about single-component person names and quotes the name: never print it

@@ -9,12 +9,9 @@ from typing import Any
 
 import numpy as np
 
+from cxr_monai.constants import MAX_PIXELS, MAX_SIDE
 from cxr_monai.errors import InvalidImageError
 
-#: Larger images are refused before decoding (rows or columns, pixels).
-MAX_SIDE: int = 10_000
-#: Default pixel budget (rows x columns), checked from the header before decoding.
-MAX_PIXELS: int = 50_000_000
 #: Decoded bytes per pixel at most: 8-bit RGB (16-bit colour is refused; 16-bit grayscale is 2).
 MAX_BYTES_PER_PIXEL = 3
 #: Room for the header and non-pixel elements when a whole data set is inflated (deflate syntax).

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,8 +38,26 @@ FINAL_MODES: tuple[str, ...] = ("best-fold", "retrain")
 CV_SUMMARY = "cv_summary.json"
 FINAL_DIR = "final"
 
-#: Called after every epoch: (run name, epochs done, max epochs, validation accuracy or None).
-EpochCallback = Callable[[str, int, int, "float | None"], None]
+
+@dataclass(frozen=True)
+class EpochReport:
+    """Where a run stands: sent once when it starts (``epoch`` = epochs restored from a checkpoint, the
+    timings None) and after every epoch.
+
+    ``seconds`` is the epoch's wall time, validation included; ``eta_seconds`` the epochs left times the
+    mean epoch time of this run so far (this run only: a cross-validation's later folds are not in it).
+    """
+
+    run: str
+    epoch: int
+    max_epochs: int
+    train_loss: float | None = None
+    val_accuracy: float | None = None
+    seconds: float | None = None
+    eta_seconds: float | None = None
+
+
+EpochCallback = Callable[[EpochReport], None]
 
 
 @dataclass(frozen=True)
@@ -88,12 +107,37 @@ def run_bundle(
 
 
 def _report_epochs(name: str, trainer: Engine, evaluator: Engine, on_epoch: EpochCallback) -> None:
-    def report(engine: Engine) -> None:
-        accuracy = evaluator.state.metrics.get("val_accuracy") if evaluator.state.epoch > 0 else None
-        on_epoch(name, engine.state.epoch, engine.state.max_epochs or 0, accuracy)
+    """Attach handlers sending :class:`EpochReport` s; attached last, they run after the bundle's
+    validation and logging handlers of the same event, so an epoch's figures are complete."""
+    clock = {"started": 0.0, "epoch_started": 0.0, "first_epoch": 0}
 
-    trainer.add_event_handler(Events.STARTED, report)  # after the resume loader: shows restored epochs
-    trainer.add_event_handler(Events.EPOCH_COMPLETED, report)
+    def started(engine: Engine) -> None:  # after the resume loader: reports the restored epochs
+        clock.update(started=time.perf_counter(), first_epoch=engine.state.epoch)
+        on_epoch(EpochReport(name, engine.state.epoch, engine.state.max_epochs or 0))
+
+    def epoch_started(engine: Engine) -> None:
+        clock["epoch_started"] = time.perf_counter()
+
+    def epoch_completed(engine: Engine) -> None:
+        now, epoch, total = time.perf_counter(), engine.state.epoch, engine.state.max_epochs or 0
+        per_epoch = (now - clock["started"]) / max(epoch - clock["first_epoch"], 1)
+        accuracy = evaluator.state.metrics.get("val_accuracy") if evaluator.state.epoch > 0 else None
+        loss = engine.state.metrics.get("train_loss")
+        on_epoch(
+            EpochReport(
+                name,
+                epoch,
+                total,
+                train_loss=None if loss is None else float(loss),
+                val_accuracy=None if accuracy is None else float(accuracy),
+                seconds=now - clock["epoch_started"],
+                eta_seconds=per_epoch * max(total - epoch, 0),
+            )
+        )
+
+    trainer.add_event_handler(Events.STARTED, started)
+    trainer.add_event_handler(Events.EPOCH_STARTED, epoch_started)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, epoch_completed)
 
 
 def fold_result(fold: int, bundle_dir: Path, entries: Sequence[Mapping[str, Any]]) -> FoldResult:
