@@ -86,15 +86,30 @@ def serve(
         None, "--device", metavar="DEVICE", help="cpu, cuda, cuda:1 ... (default: cuda if present)."
     ),
     backend: str = typer.Option(
-        "eager", "--backend", help="Classify with eager PyTorch or onnx (ONNX Runtime); Explain stays eager."
+        "eager",
+        "--backend",
+        metavar="BACKEND",
+        help="Classify with eager PyTorch or onnx (ONNX Runtime); Explain stays eager.",
     ),
     onnx_file: Path | None = typer.Option(
-        None, "--onnx", exists=True, help="ONNX file from `cxr-monai export` (default: export at start-up)."
+        None,
+        "--onnx",
+        metavar="FILE",
+        exists=True,
+        help="ONNX file from `cxr-monai export` (default: export at start-up).",
     ),
-    onnx_threads: int = typer.Option(0, "--onnx-threads", min=0, help="ONNX Runtime threads (0: all cores)."),
-    max_batch: int = typer.Option(8, "--max-batch", min=1, help="Most Classify images per model call."),
+    onnx_threads: int = typer.Option(
+        0, "--onnx-threads", metavar="N", min=0, help="ONNX Runtime threads (0: all cores)."
+    ),
+    max_batch: int = typer.Option(
+        8, "--max-batch", metavar="N", min=1, help="Most Classify images per model call."
+    ),
     max_batch_wait_ms: float = typer.Option(
-        5.0, "--max-batch-wait-ms", min=0.0, help="How long a Classify image waits for others to batch with."
+        5.0,
+        "--max-batch-wait-ms",
+        metavar="MS",
+        min=0.0,
+        help="How long a Classify image waits for others to batch with.",
     ),
 ) -> None:
     """Serve classification and Grad-CAM over gRPC (API: protos/cxr_monai/api/v1/cxr_triage.proto).

@@ -120,17 +120,24 @@ def train(
     augmentation: str = typer.Option(
         "v1",
         "--augmentation",
+        metavar="V",
         help="v1: flips/rotations only; v2: also CycleGAN COVID-19 images, one GAN per fold trained "
         "without that fold (cached).",
     ),
     n_synthetic: int = typer.Option(
-        100, "--n-synthetic", min=1, help="v2: synthetic COVID-19 images per fold."
+        100, "--n-synthetic", metavar="N", min=1, help="v2: synthetic COVID-19 images per fold."
     ),
-    gan_iterations: int = typer.Option(5000, "--gan-iterations", min=1, help="v2: CycleGAN iterations."),
-    gan_size: int = typer.Option(128, "--gan-size", min=32, help="v2: CycleGAN image side (multiple of 4)."),
-    gan_channels: int = typer.Option(64, "--gan-channels", min=1, help="v2: CycleGAN base channels."),
+    gan_iterations: int = typer.Option(
+        5000, "--gan-iterations", metavar="N", min=1, help="v2: CycleGAN iterations."
+    ),
+    gan_size: int = typer.Option(
+        128, "--gan-size", metavar="PX", min=32, help="v2: CycleGAN image side (multiple of 4)."
+    ),
+    gan_channels: int = typer.Option(
+        64, "--gan-channels", metavar="N", min=1, help="v2: CycleGAN base channels."
+    ),
     gan_cache: Path | None = typer.Option(
-        None, "--gan-cache", help="v2: folder of cached GAN runs (default: OUT/../gan_cache)."
+        None, "--gan-cache", metavar="DIR", help="v2: folder of cached GAN runs (default: OUT/../gan_cache)."
     ),
 ) -> None:
     """Train the cxr_classifier MONAI bundle on each patient-disjoint fold and keep one model.
