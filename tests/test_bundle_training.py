@@ -90,6 +90,24 @@ def _source_listing() -> list[str]:
     return sorted(str(p.relative_to(BUNDLE)) for p in BUNDLE.rglob("*"))
 
 
+def _accuracy_of_each_run(evaluator: Any) -> list[float]:
+    """Score every run of ``evaluator`` from its own outputs (argmax of ``pred`` vs ``label``, per item),
+    independently of its ignite metric; returns the list the runs fill, one accuracy per run."""
+    scored: list[float] = []
+    correct: list[bool] = []
+
+    def collect(engine: Any) -> None:
+        correct.extend(int(o["pred"].argmax()) == int(o["label"]) for o in engine.state.output)
+
+    def score(engine: Any) -> None:
+        scored.append(sum(correct) / len(correct))
+        correct.clear()
+
+    evaluator.add_event_handler(Events.ITERATION_COMPLETED, collect)
+    evaluator.add_event_handler(Events.COMPLETED, score)
+    return scored
+
+
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_config_workflow_trains_each_backbone(datalist: Path, tmp_path: Path, backbone: str) -> None:
     before = _source_listing()
@@ -103,12 +121,14 @@ def test_config_workflow_trains_each_backbone(datalist: Path, tmp_path: Path, ba
     )
     wf.initialize()
     assert wf.check_properties() == []
+    scored = _accuracy_of_each_run(wf.evaluator)
     wf.run()
     wf.finalize()
 
     log = json.loads((out / "logs" / "training_log.json").read_text())
     assert [e["epoch"] for e in log] == [1, 2]
-    assert all(0.0 <= e["val_accuracy"] <= 1.0 and e["train_loss"] > 0 for e in log)
+    assert [e["val_accuracy"] for e in log] == scored  # the evaluator's predictions, scored here
+    assert all(e["train_loss"] > 0 for e in log)
     state = torch.load(out / "models" / "model.pt", weights_only=True)  # a plain state_dict
     build_network(backbone).load_state_dict(state, strict=True)
     inference = json.loads((out / "configs" / "inference.json").read_text())
@@ -238,9 +258,10 @@ def test_inference_and_evaluate_configs_run_on_the_trained_bundle(cli_bundle: Pa
         workflow_type=None,
     )
     evaluate.initialize()
-    evaluate.run()
     evaluator = evaluate.parser.get_parsed_content("validate#evaluator")
-    assert 0.0 <= evaluator.state.metrics["val_accuracy"] <= 1.0
+    scored = _accuracy_of_each_run(evaluator)
+    evaluate.run()
+    assert [evaluator.state.metrics["val_accuracy"]] == scored
     assert evaluator.state.iteration == 1  # 3 test items, batch 4
     assert (cli_bundle / "eval" / "metrics.csv").is_file()
 
@@ -430,6 +451,45 @@ def test_cxr_monai_train_cross_validates_and_keeps_the_best_fold(datalist: Path,
         final.resolve()
     )
     assert not list((final / "models").glob("checkpoint_epoch=*.pt"))
+
+
+def test_cxr_monai_train_final_retrain_uses_every_training_item_for_the_mean_best_epoch(
+    datalist: Path, tmp_path: Path
+) -> None:
+    """``--final retrain``: after folds 0 and 1, ``final`` is trained without validation on all 9
+    training items (fold 2's too) for round(mean of the folds' best epochs) epochs."""
+    out, max_epochs, batch_size = tmp_path / "cv", 2, 3  # 9 and 6 items: no batch of 1 for BatchNorm at 32 px
+    args = ["train", "--datalist", str(datalist), "--out", str(out), "--folds", "0,1", "--final", "retrain",
+            "--max-epochs", str(max_epochs), "--spatial-size", "32", "--batch-size", str(batch_size),
+            "--num-workers", "0", "--threads", "1"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+
+    best_epochs = []  # the first epoch with the highest validation accuracy (the one model.pt keeps)
+    for fold in (0, 1):
+        log = json.loads((out / f"fold_{fold}" / "logs" / "training_log.json").read_text())
+        top = max(e["val_accuracy"] for e in log)
+        best_epochs.append(next(e["epoch"] for e in log if e["val_accuracy"] == top))
+    epochs = max(1, round(float(np.mean(best_epochs))))
+    assert epochs < max_epochs, "the folds' best epochs no longer tell the mean from --max-epochs"
+
+    summary = json.loads((out / "cv_summary.json").read_text())
+    assert [f["best_epoch"] for f in summary["folds"]] == best_epochs
+    assert summary["final"] == {"mode": "retrain", "bundle": "final", "epochs": epochs, "validation": None}
+    final = out / "final"
+    log = json.loads((final / "logs" / "training_log.json").read_text())
+    assert [e["epoch"] for e in log] == list(range(1, epochs + 1))
+    assert all("val_accuracy" not in e for e in log)
+    training = json.loads(datalist.read_text())["training"]
+    # The resume checkpoint records the trainer's iterations per epoch: every training item, once each.
+    (checkpoint,) = (final / "models").glob("checkpoint_epoch=*.pt")
+    trainer = torch.load(checkpoint, weights_only=True)["trainer"]
+    assert trainer["epoch_length"] == -(-len(training) // batch_size)
+    assert trainer["iteration"] == epochs * trainer["epoch_length"]
+    state = torch.load(final / "models" / "model.pt", weights_only=True)
+    build_network(summary["parameters"]["backbone"]).load_state_dict(state, strict=True)
+    inference = json.loads((final / "configs" / "inference.json").read_text())
+    assert (inference["bundle_root"], inference["spatial_size"]) == (str(final.resolve()), 32)
 
 
 def test_cxr_monai_train_rejects_a_fold_the_datalist_lacks(datalist: Path, tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from cxr_monai.cli import app
 from cxr_monai.constants import CLASS_NAMES
+from cxr_monai.data import load_datalist
 from cxr_monai.evaluation.compare import (
     FIGURES,
     TABLE_FIGURES,
@@ -24,6 +25,7 @@ from cxr_monai.evaluation.compare import (
     paired_accuracy_difference,
 )
 from cxr_monai.evaluation.metrics import Estimate
+from cxr_monai.predictor import Predictor
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 BOOT = "40"
@@ -75,7 +77,16 @@ def test_compare_writes_every_figure_and_the_report(compared: dict[str, Path]) -
     assert [q["fold"] for q in v2["gan_quality"]] == [0, 1]
     assert all(0.0 <= q["real_vs_synthetic_auroc"] <= 1.0 for q in v2["gan_quality"])
     [rate] = data["v1_covid_rate_on_synthetic"]
-    assert rate["n_synthetic"] == 6 and 0.0 <= rate["covid_rate"] <= 1.0
+    # v1's final model on v2's synthetic training images (3 per fold), called here one by one
+    augmented = json.loads((compared["root"] / "v2" / "cv_summary.json").read_text())["augmentation"]
+    content = load_datalist(augmented["augmented_datalist"])  # resolves relative image paths
+    synthetic = [item["image"] for item in content["training"] if item.get("synthetic")]
+    predictor = Predictor.from_bundle(compared["root"] / "v1" / "final", device="cpu")
+    called = [
+        predictor.predict([image])[0].predicted_index == CLASS_NAMES.index("COVID-19") for image in synthetic
+    ]
+    assert rate["n_synthetic"] == len(synthetic) == 6
+    assert rate["covid_rate"] == pytest.approx(sum(called) / len(called))
     [pair] = data["paired_differences"]
     assert pair["n_images"] == 12
     report = (out / "report.md").read_text()

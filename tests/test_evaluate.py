@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from cxr_monai.constants import CLASS_NAMES, RESEARCH_USE_NOTICE
 from cxr_monai.data import DataItem
 from cxr_monai.errors import DatasetError
 from cxr_monai.evaluation import report as evaluation
-from cxr_monai.evaluation.metrics import PER_CLASS_FIGURES
+from cxr_monai.evaluation.metrics import DEFAULT_ECE_BINS, PER_CLASS_FIGURES
 from cxr_monai.evaluation.plots import training_curves_figure
 from cxr_monai.predictor import Predictor
 
@@ -47,6 +48,19 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "bundle": make_trained_bundle(root / "bundle", spatial_size=32),
         "datalist": write_datalist(root / "datalist.json", training, test),
     }
+
+
+def _top_label_ece(y_true: np.ndarray, y_prob: np.ndarray, n_bins: int) -> float:
+    """Guo et al. 2017: bins (lo, hi] of equal width on the top probability; sum of bin share x
+    |accuracy - mean confidence|, written out here independently of cxr_monai.evaluation.metrics."""
+    confidence, correct = y_prob.max(axis=1), y_prob.argmax(axis=1) == y_true
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    total = 0.0
+    for low, high in itertools.pairwise(edges):
+        inside = (confidence > low) & (confidence <= high)
+        if inside.any():
+            total += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
+    return float(total)
 
 
 def run(*args: str) -> Any:
@@ -83,7 +97,14 @@ def test_evaluate_writes_the_report(setup: dict[str, Path]) -> None:
         assert set(model["per_class"][name]) == set(PER_CLASS_FIGURES)
     assert np.asarray(model["confusion_matrix"]["counts"]).sum() == 12
     assert model["bootstrap"]["unit"] == "patient" and model["bootstrap"]["n_resamples"] == 30
-    assert 0.0 <= model["expected_calibration_error"]["value"] <= 1.0
+    # Accuracy and top-label ECE recomputed from the per-image probabilities in predictions.csv (6 decimals)
+    with (out / "predictions.csv").open() as handle:
+        scored = list(csv.DictReader(handle))
+    y_true = np.array([CLASS_NAMES.index(row["true_class"]) for row in scored])
+    y_prob = np.array([[float(row[f"prob_{c}"]) for c in CLASS_NAMES] for row in scored])
+    assert model["accuracy"]["value"] == pytest.approx(np.mean(y_prob.argmax(axis=1) == y_true))
+    ece = model["expected_calibration_error"]["value"]
+    assert ece == pytest.approx(_top_label_ece(y_true, y_prob, DEFAULT_ECE_BINS), abs=1e-5)
 
     shortcut = metrics["shortcut_check"]
     assert shortcut["accuracy"]["value"] >= 0.9  # image size gives the class away here

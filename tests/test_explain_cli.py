@@ -15,6 +15,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cxr_monai.cli import app
+from cxr_monai.explain.gradcam import Explainer
+from cxr_monai.io import read_cxr
+from cxr_monai.predictor import Predictor
 from tests.bundle_factory import make_trained_bundle
 from tests.dicom_factory import PATIENT_ID, PATIENT_NAME, gradient, make_dataset, save
 
@@ -65,9 +68,15 @@ def test_explain_writes_png_json_dcm_and_reports_the_broken_file(bundle, inputs,
         "backbone": "tiny_cnn",
         "spatial_size": 32,
     }
-    row, col = report["heatmap"]["peak_row_col"]
-    assert 0 <= row < 48 and 0 <= col < 64  # original pixels, not the 32 x 32 network grid
-    assert 0.0 <= report["heatmap"]["fraction_above_0.5"] <= 1.0
+    # Peak and area of the map on the original 48 x 64 pixels (not the 32 x 32 network grid): Grad-CAM of
+    # the same file and bundle, normalised to its maximum, measured here.
+    predictor = Predictor.from_bundle(bundle, device="cpu")
+    [explained] = Explainer(predictor.model, predictor.preprocess).explain([read_cxr(inputs / "study.dcm")])
+    assert explained.raw_map.max() > 0
+    heat = explained.raw_map / explained.raw_map.max()
+    assert heat.shape == (48, 64)
+    assert report["heatmap"]["peak_row_col"] == list(np.unravel_index(int(np.argmax(heat)), heat.shape))
+    assert report["heatmap"]["fraction_above_0.5"] == pytest.approx(float(np.mean(heat > 0.5)))
     assert "NOT FOR CLINICAL USE" in report["intended_use"]
     assert report["secondary_capture"]["written"] is True
     assert report["secondary_capture"]["patient_orientation_basis"] == "view_position"  # PA, no orientation

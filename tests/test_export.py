@@ -24,6 +24,7 @@ from cxr_monai.export import (
     eager_logits,
     export_bundle,
     require_onnx,
+    verification_batch,
 )
 from cxr_monai.networks import build_network
 from cxr_monai.predictor import Predictor
@@ -80,7 +81,13 @@ def test_onnx_export_equals_eager_with_metadata_and_dynamic_batch(
     assert int8.is_file() and int8.name == "model.int8.onnx"
     assert report.int8["size_bytes"] < 0.5 * report.size_bytes
     q = report.int8["agreement"]
-    assert q["inputs"] == report.agreement.inputs and 0.0 <= q["max_abs_probability_diff"] <= 1.0
+    # the int8 model against eager on the verification inputs (2 seeded noise images + the 3 films)
+    checked = verification_batch(predictor, images)
+    int8_probs = torch.softmax(torch.from_numpy(OnnxModel(int8, threads=1).logits(checked)), dim=1)
+    eager_probs = torch.softmax(torch.from_numpy(eager_logits(predictor, checked)), dim=1)
+    assert q["inputs"] == report.agreement.inputs == len(checked)
+    largest = float((int8_probs - eager_probs).abs().max())
+    assert q["max_abs_probability_diff"] == pytest.approx(largest, abs=1e-6)
 
 
 def test_torchscript_export_equals_eager_and_carries_metadata(tmp_path: Path, images: list[Path]) -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.pixels import convert_color_space
+from pydicom.pixels import apply_modality_lut, apply_voi_lut, convert_color_space
 
 from cxr_monai.io import read_cxr
 from tests.dicom_factory import (
@@ -108,6 +109,73 @@ def test_voi_lut_sequence_wins_over_window(tmp_path: Path) -> None:
     np.testing.assert_array_equal(image.pixels, expected.astype(np.float32))
     assert image.extra["voi"] == "lut"
     assert image.extra["output_range"] == (0.0, 1023.0)
+
+
+def _modality_lut(table: np.ndarray, first_mapped: int, bits: int, vr: str) -> Dataset:
+    """A Modality LUT Sequence item (PS3.3 C.11.1) holding ``table``; ``vr`` "OW" (bytes, as scanners
+    write it) or "US" (a list of values)."""
+    item = Dataset()
+    item.add_new("LUTDescriptor", "US", [len(table), first_mapped, bits])
+    item.add_new("ModalityLUTType", "LO", "US")  # unspecified units
+    data = table.astype("<u2").tobytes() if vr == "OW" else [int(v) for v in table]
+    item.add_new("LUTData", vr, data)
+    return item
+
+
+def _pydicom_display(path: Path) -> np.ndarray:
+    """pydicom's modality LUT then VOI stage (first window), as the reader applies them, on the file."""
+    ds = pydicom.dcmread(path)
+    return apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds, index=0).astype(np.float64)
+
+
+# 12-bit stored values 0..4095 through a 3000-entry table starting at 500: values below 500 take the first
+# entry, values above 3499 the last, and the table is deliberately non-monotonic.
+LUT_FIRST, LUT_ENTRIES = 500, 3000
+
+
+@pytest.mark.parametrize(("bits", "vr"), [(16, "OW"), (16, "US"), (8, "US")])
+def test_modality_lut_sequence_matches_pydicom(tmp_path: Path, bits: int, vr: str) -> None:
+    stored = gradient(12)
+    table = (np.arange(LUT_ENTRIES) * 37) % 2**bits
+    ds = make_dataset(stored, bits_stored=12, ModalityLUTSequence=[_modality_lut(table, LUT_FIRST, bits, vr)])
+    path = save(ds, tmp_path / "a.dcm")
+    image = read_cxr(path)
+    expected = table[np.clip(stored.astype(int) - LUT_FIRST, 0, LUT_ENTRIES - 1)]
+    assert (stored < LUT_FIRST).any() and (stored >= LUT_FIRST + LUT_ENTRIES).any()  # both clips happen
+    np.testing.assert_array_equal(image.pixels, expected.astype(np.float32))
+    np.testing.assert_array_equal(image.pixels, _pydicom_display(path))
+    assert (image.extra["modality_lut"], image.extra["voi"]) == ("lut", "none")
+    assert image.extra["output_range"] == (0.0, float(2**bits - 1))
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_window_after_modality_lut_sequence(tmp_path: Path, photometric: str) -> None:
+    """The window maps the LUT's output range [0, 2**16 - 1] (PS3.3 C.11.2.1.2.1), and MONOCHROME1 is
+    inverted within that range, not within the 12-bit stored range."""
+    stored = gradient(12)
+    table = (np.arange(LUT_ENTRIES) * 37) % 2**16
+    item = _modality_lut(table, LUT_FIRST, 16, "OW")
+    center, width = 30000.0, 20000.0
+    ds = make_dataset(
+        stored,
+        photometric,
+        bits_stored=12,
+        ModalityLUTSequence=[item],
+        WindowCenter=center,
+        WindowWidth=width,
+    )
+    path = save(ds, tmp_path / "a.dcm")
+    image = read_cxr(path)
+    lut_values = table[np.clip(stored.astype(int) - LUT_FIRST, 0, LUT_ENTRIES - 1)]
+    expected = _windowed(lut_values, center, width, 0, 65535)
+    pydicom_values = _pydicom_display(path)
+    np.testing.assert_allclose(pydicom_values, expected, atol=1e-6)  # the hand-written window agrees
+    if photometric == "MONOCHROME1":
+        expected = 65535.0 - expected
+    np.testing.assert_allclose(image.pixels, expected, atol=1e-3)  # float32 of values up to 65535
+    assert (image.extra["modality_lut"], image.extra["voi"]) == ("lut", "window")
+    assert image.extra["output_range"] == (0.0, 65535.0)
+    assert image.extra["inverted"] is (photometric == "MONOCHROME1")
 
 
 def test_monochrome1_is_inverted_so_dense_is_bright(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from bundle_factory import blob_image, make_items
 
 from cxr_monai.evaluation.metrics import Estimate, classification_metrics
@@ -50,7 +51,10 @@ def test_features_keep_original_size_and_colour_mode() -> None:
     f = shortcut_features(image)
     assert (f.width, f.height, f.color_mode) == (130, 90, "RGB")
     assert f.thumbnail.shape == (THUMBNAIL_SIDE, THUMBNAIL_SIDE)
-    assert 0.0 <= f.thumbnail.min() < f.thumbnail.max() <= 1.0
+    # min-max scaled to [0, 1], then each thumbnail pixel the mean of its (fractional) block of the image
+    scaled = (image.pixels - image.pixels.min()) / (image.pixels.max() - image.pixels.min())
+    expected = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(scaled)[None], THUMBNAIL_SIDE)[0]
+    np.testing.assert_allclose(f.thumbnail, expected.numpy(), atol=1e-6)
 
 
 def test_unknown_colour_mode_at_scoring_time_is_ignored_not_an_error() -> None:

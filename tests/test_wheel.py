@@ -3,6 +3,7 @@ folder outside the source tree, it finds its bundles, trains one tiny epoch, eva
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -84,7 +85,11 @@ def test_train_evaluate_and_explain_through_the_installed_bundle(
     )
     metrics = json.loads((eval_dir / "metrics.json").read_text())
     assert metrics["model_metrics"]["n_images"] == 3
-    assert 0.0 <= metrics["model_metrics"]["accuracy"]["value"] <= 1.0
+    with (eval_dir / "predictions.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted(Path(row["image"]).name for row in rows) == sorted(Path(t["image"]).name for t in test)
+    right = [row["predicted_class"] == row["true_class"] for row in rows]
+    assert metrics["model_metrics"]["accuracy"]["value"] == pytest.approx(sum(right) / len(right))
     _run([cli, "explain", test[0]["image"], "--bundle", str(run_dir / "final"), "--out", str(explain_dir)],
          tmp_path, env)  # fmt: skip
     assert sorted(p.suffix for p in explain_dir.iterdir()) == [".json", ".png"]
