@@ -53,6 +53,10 @@ RUNS: dict[str, tuple[str, list[str]]] = {
             *("--histogram-equalize", "--strong-augmentation", "--source-balanced"),
         ],
     ),
+    "lite0_imagenet_adversarial": (
+        "EfficientNet-Lite0 ImageNet, 3 sources, source-adversarial head (gradient reversal, weight 0.3)",
+        ["--backbone", "efficientnet_lite0", "--pretrained", "imagenet", "--source-adversarial", "0.3"],
+    ),
 }
 
 

@@ -90,6 +90,14 @@ def train(
     source_balanced: bool = typer.Option(
         False, "--source-balanced", help="Sample every (source, class) cell equally often."
     ),
+    source_adversarial: float = typer.Option(
+        0.0,
+        "--source-adversarial",
+        metavar="WEIGHT",
+        min=0.0,
+        help="Weight of a source-adversarial head (gradient reversal: the trunk unlearns the image's "
+        "source); 0: off.",
+    ),
     num_workers: int | None = typer.Option(
         None,
         "--num-workers",
@@ -175,6 +183,7 @@ def train(
             "crop_borders": crop_borders,
             "strong_augmentation": strong_augmentation,
             "source_balanced": source_balanced,
+            "source_adversarial_weight": source_adversarial,
             "cache_rate": cache_rate,
             "early_stop_patience": early_stop_patience,
             "seed": seed,

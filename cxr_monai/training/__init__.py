@@ -1,6 +1,7 @@
 """What the ``cxr_classifier`` bundle configs call, and the cross-validation driver.
 
 * :mod:`~cxr_monai.training.datalists`: datalist items for one role of a run;
+* :mod:`~cxr_monai.training.adversarial`: the optional source-adversarial head (gradient reversal);
 * :mod:`~cxr_monai.training.handlers`: ignite handlers (fine-tuning schedule, training log, resume,
   early stopping);
 * :mod:`~cxr_monai.training.layout`: the trained-bundle layout;
@@ -10,6 +11,7 @@ The names below are re-exported because trained bundles written before the subpa
 them as ``cxr_monai.training.<name>`` in their configs; those bundles must keep loading.
 """
 
+from cxr_monai.training.adversarial import SourceAdversarialIteration, build_adversary
 from cxr_monai.training.datalists import check_sources, datalist_folds, fold_items, source_class_sampler
 from cxr_monai.training.handlers import (
     EarlyStopOnValidation,
@@ -43,8 +45,10 @@ __all__ = [
     "FineTuneSchedule",
     "ResumeFromCheckpoint",
     "SaveResumeCheckpoint",
+    "SourceAdversarialIteration",
     "TrainingLog",
     "best_epoch",
+    "build_adversary",
     "check_sources",
     "datalist_folds",
     "default_bundle_root",

@@ -16,9 +16,14 @@ from cxr_monai.errors import DatasetError
 logger = logging.getLogger(__name__)
 
 
+def datalist_sources(content: dict[str, Any]) -> list[str]:
+    """The datalist's sources (training and test items), sorted; an item without one counts as "None"."""
+    return sorted({str(item.get("source")) for item in content["training"] + content["test"]})
+
+
 def check_sources(content: dict[str, Any], names: Sequence[str]) -> None:
     """DatasetError naming the sources present when one of ``names`` is not a ``source`` of the datalist."""
-    present = sorted({str(item.get("source")) for item in content["training"] + content["test"]})
+    present = datalist_sources(content)
     unknown = [name for name in names if name not in present]
     if unknown:
         raise DatasetError(
@@ -28,7 +33,7 @@ def check_sources(content: dict[str, Any], names: Sequence[str]) -> None:
 
 
 def fold_items(
-    datalist: str, fold: int, role: str, exclude_sources: Sequence[str] = ()
+    datalist: str, fold: int, role: str, exclude_sources: Sequence[str] = (), with_source: bool = False
 ) -> list[dict[str, Any]]:
     """Items of the datalist written by ``cxr-monai prepare`` for one role of a run.
 
@@ -42,10 +47,17 @@ def fold_items(
     in a batch.
     ``exclude_sources``: sources whose items are left out of ``train`` and ``validate`` (leave-one-source-out;
     ``test`` and ``training`` keep them, so the left-out source can still be scored).
+    ``with_source``: items also get ``"source"``: the index of their source in :func:`datalist_sources`
+    (the same index in every fold and role), the target of the source-adversarial head.
     Raises DatasetError for a missing/invalid datalist, an unknown source or an empty selection.
     """
     selected = _selected_items(datalist, fold, role, exclude_sources)
-    return [{"image": item["image"], "label": int(item["label"])} for item in selected]
+    items = [{"image": item["image"], "label": int(item["label"])} for item in selected]
+    if with_source:
+        index = {name: i for i, name in enumerate(datalist_sources(load_datalist(datalist)))}
+        for item, entry in zip(items, selected, strict=True):
+            item["source"] = index[str(entry.get("source"))]
+    return items
 
 
 def source_class_sampler(
