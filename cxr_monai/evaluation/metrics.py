@@ -218,6 +218,26 @@ def bootstrap_interval(
     return percentile_interval(replicates, confidence)
 
 
+def point_and_interval(
+    statistic: Callable[[np.ndarray], np.ndarray],
+    n: int,
+    *,
+    n_boot: int = DEFAULT_N_BOOT,
+    confidence: float = DEFAULT_CONFIDENCE,
+    seed: int = 0,
+    groups: Sequence[Any] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(point (M,), low (M,), high (M,)) of ``statistic(indices) -> (M,)`` on all ``n`` items and its
+    :func:`bootstrap_interval`; with ``n_boot == 0`` the bounds are NaN (no interval)."""
+    point = statistic(np.arange(n))
+    if n_boot <= 0:
+        return point, np.full_like(point, np.nan), np.full_like(point, np.nan)
+    low, high = bootstrap_interval(
+        statistic, n, n_boot=n_boot, confidence=confidence, seed=seed, groups=groups
+    )
+    return point, low, high
+
+
 def to_estimate(value: float, low: float, high: float) -> Estimate:
     """An :class:`Estimate` from a point and its interval bounds; NaN means undefined."""
 

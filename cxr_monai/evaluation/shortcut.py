@@ -27,7 +27,7 @@ from cxr_monai.evaluation.metrics import (
     DEFAULT_CONFIDENCE,
     DEFAULT_N_BOOT,
     Estimate,
-    bootstrap_interval,
+    point_and_interval,
     to_estimate,
 )
 from cxr_monai.io import CXRImage
@@ -185,13 +185,9 @@ def score_shortcut(
         )
         return np.array([base_ok[idx].mean(), model_ok[idx].mean() - base_ok[idx].mean(), *recall])
 
-    point = figures(np.arange(len(y_true)))
-    if n_boot > 0:
-        low, high = bootstrap_interval(
-            figures, len(y_true), n_boot=n_boot, confidence=confidence, seed=seed, groups=groups
-        )
-    else:
-        low = high = np.full_like(point, np.nan)
+    point, low, high = point_and_interval(
+        figures, len(y_true), n_boot=n_boot, confidence=confidence, seed=seed, groups=groups
+    )
 
     def estimate(i: int) -> Estimate:
         return to_estimate(point[i], low[i], high[i])

@@ -33,7 +33,7 @@ from cxr_monai.evaluation.metrics import (
     DEFAULT_N_BOOT,
     Estimate,
     binary_auroc,
-    bootstrap_interval,
+    point_and_interval,
     to_estimate,
 )
 
@@ -213,13 +213,9 @@ def source_metrics(
 
         statistic = _paired_statistic(y, probs, present)
         group_rows = None if groups is None else [groups[int(i)] for i in rows]
-        point = statistic(np.arange(len(rows)))
-        if n_boot > 0:
-            low, high = bootstrap_interval(
-                statistic, len(rows), n_boot=n_boot, confidence=confidence, seed=seed, groups=group_rows
-            )
-        else:
-            low = high = np.full_like(point, np.nan)
+        point, low, high = point_and_interval(
+            statistic, len(rows), n_boot=n_boot, confidence=confidence, seed=seed, groups=group_rows
+        )
         estimates = [to_estimate(p, lo, hi) for p, lo, hi in zip(point, low, high, strict=True)]
         width = len(point) // (1 if baseline_prob is None else 3)  # model[, baseline, gap]
         scorers = [
