@@ -123,12 +123,32 @@ class ResumeFromCheckpoint:
     """Resume an interrupted run: if ``ckpt_dir`` holds a ``checkpoint_epoch=N.pt`` when the trainer is
     built, MONAI's ``CheckpointLoader`` restores ``objects`` and the trainer's epoch/iteration from it at
     ``STARTED``. Attach it first. (A wrapper because the config cannot name the trainer inside the
-    trainer's own handler list; the trainer is added here at attach time.)"""
+    trainer's own handler list; the trainer is added here at attach time.)
 
-    def __init__(self, ckpt_dir: str, objects: Mapping[str, Any], map_location: Any = None) -> None:
+    With ``best_model_saver`` (the validator's key-metric ``CheckpointSaver``) and ``training_log``, the
+    saver also learns the best validation score so far, from the log's entries up to the restored epoch,
+    through its public ``load_state_dict``: a worse epoch after the resume does not overwrite the best
+    ``model.pt``. (The saver has no public ``state_dict``, so its tracking list is not put in the resume
+    checkpoint; the training log already holds what it tracks.)
+    """
+
+    def __init__(
+        self,
+        ckpt_dir: str,
+        objects: Mapping[str, Any],
+        map_location: Any = None,
+        best_model_saver: CheckpointSaver | None = None,
+        best_model_filename: str = "model.pt",
+        training_log: str | None = None,
+        metric: str = "val_accuracy",
+    ) -> None:
         self.ckpt_dir = ckpt_dir
         self.objects = dict(objects)
         self.map_location = map_location
+        self.best_model_saver = best_model_saver
+        self.best_model_filename = best_model_filename
+        self.training_log = training_log
+        self.metric = metric
 
     def attach(self, engine: Engine) -> None:
         path = latest_checkpoint(self.ckpt_dir)
@@ -136,6 +156,45 @@ class ResumeFromCheckpoint:
             logger.info("Resuming from %s", path)
             load = {**self.objects, "trainer": engine}
             CheckpointLoader(load_path=path, load_dict=load, map_location=self.map_location).attach(engine)
+            if self.best_model_saver is not None and self.training_log:
+                engine.add_event_handler(Events.STARTED, self._restore_best_model_tracking)
+
+    def _restore_best_model_tracking(self, engine: Engine) -> None:
+        assert self.best_model_saver is not None and self.training_log is not None
+        restore_best_model_tracking(
+            self.best_model_saver,
+            self.best_model_filename,
+            Path(self.training_log),
+            engine.state.epoch,
+            self.metric,
+        )
+
+
+def restore_best_model_tracking(
+    saver: CheckpointSaver,
+    filename: str,
+    training_log: Path,
+    up_to_epoch: int,
+    metric: str = "val_accuracy",
+) -> float | None:
+    """Tell a key-metric ``CheckpointSaver`` (``key_metric_filename=filename``) that its file holds the
+    model of the best ``metric`` in ``training_log`` among epochs <= ``up_to_epoch``; returns that score
+    (None when there is none or the file is absent, and the saver is left as it is).
+
+    The state given is ignite ``Checkpoint``'s list of ``(priority, filename)`` pairs, under both the
+    key its docstring names (``saved``) and the one ignite 0.5 reads (``_saved``); MONAI's key-metric
+    priority is the metric's value (``key_metric_negative_sign`` off, as in this bundle).
+    """
+    if not training_log.is_file() or not (Path(saver.save_dir) / filename).is_file():
+        return None
+    entries = json.loads(training_log.read_text(encoding="utf-8"))
+    scores = [e[metric] for e in entries if e.get("epoch", 0) <= up_to_epoch and e.get(metric) is not None]
+    if not scores:
+        return None
+    best = float(max(scores))
+    saved = [(best, filename)]
+    saver.load_state_dict({"saved": saved, "_saved": saved})
+    return best
 
 
 class SaveResumeCheckpoint:
