@@ -31,7 +31,7 @@ def test_square_side_refuses_other_forms_in_one_line(given: object) -> None:
     assert "\n" not in str(caught.value)
 
 
-def _train(tmp_path: Path, spatial_size: object) -> Path:
+def _train(tmp_path: Path, spatial_size: object, **overrides: object) -> Path:
     training = make_items(tmp_path / "img", 6, size_tells_class=False, fold=0) + make_items(
         tmp_path / "img", 6, size_tells_class=False, fold=1, prefix="b", seed=1
     )
@@ -47,11 +47,14 @@ def _train(tmp_path: Path, spatial_size: object) -> Path:
         workflow_type="train",
         datalist=str(datalist),
         output_dir=str(out),
-        spatial_size=spatial_size,
-        batch_size=4,
-        num_workers=0,
-        verbose=False,
-        max_epochs=1,
+        **{
+            "spatial_size": spatial_size,
+            "batch_size": 4,
+            "num_workers": 0,
+            "verbose": False,
+            "max_epochs": 1,
+            **overrides,
+        },
     )
     workflow.initialize()
     workflow.run()
@@ -103,3 +106,12 @@ def test_a_folder_without_images_is_named_in_the_error(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(DatasetError, match=str(tmp_path)):
         inference_items("", "test", str(tmp_path))
+
+
+def test_a_last_training_batch_of_one_image_is_dropped(tmp_path: Path) -> None:
+    """6 training images in batches of 5 leave a batch of one; at 32 px EfficientNet-B0's last feature map
+    is 1 x 1, where BatchNorm in training mode cannot work on one value per channel."""
+    out = _train(tmp_path, 32, backbone="efficientnet_b0", batch_size=5)
+    log = json.loads((out / "logs" / "training_log.json").read_text())
+    assert [entry["epoch"] for entry in log] == [1]
+    assert (out / "models" / "model.pt").is_file()
