@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from bundle_factory import TinyCNN, make_items
+from bundle_factory import TinyCNN, make_items, write_datalist
 from monai.bundle import ConfigWorkflow
 from monai.engines import SupervisedTrainer
 from torch import nn
@@ -47,11 +47,7 @@ def _datalist(root: Path, sources: tuple[str, ...] = SOURCES) -> Path:
         {**item, "source": sources[0]}
         for item in make_items(root / "test", 3, size_tells_class=False, prefix="t", seed=9)
     ]
-    path = root / "datalist.json"
-    path.write_text(
-        json.dumps({"class_names": list(CLASS_NAMES), "num_folds": 2, "training": training, "test": test})
-    )
-    return path
+    return write_datalist(root / "datalist.json", training, test)
 
 
 def test_the_reversal_negates_and_scales_the_gradient() -> None:

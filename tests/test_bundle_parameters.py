@@ -6,10 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from bundle_factory import make_items
+from bundle_factory import make_items, write_datalist
 from monai.bundle import ConfigWorkflow
 
-from cxr_monai.constants import CLASS_NAMES
 from cxr_monai.errors import BundleError, CXRMonaiError, DatasetError
 from cxr_monai.training.inference_inputs import inference_items
 from cxr_monai.transforms import square_side
@@ -35,10 +34,7 @@ def _train(tmp_path: Path, spatial_size: object, **overrides: object) -> Path:
     training = make_items(tmp_path / "img", 6, size_tells_class=False, fold=0) + make_items(
         tmp_path / "img", 6, size_tells_class=False, fold=1, prefix="b", seed=1
     )
-    datalist = tmp_path / "datalist.json"
-    test = make_items(tmp_path / "t", 3, prefix="t")
-    doc = {"class_names": list(CLASS_NAMES), "num_folds": 2, "training": training, "test": test}
-    datalist.write_text(json.dumps(doc))
+    datalist = write_datalist(tmp_path / "datalist.json", training, make_items(tmp_path / "t", 3, prefix="t"))
     out = tmp_path / "run"
     workflow = ConfigWorkflow(
         config_file=str(CONFIGS / "train.json"),

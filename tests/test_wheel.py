@@ -11,9 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from bundle_factory import make_items
-
-from cxr_monai.constants import CLASS_NAMES
+from bundle_factory import make_items, write_datalist
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,9 +67,7 @@ def test_train_evaluate_and_explain_through_the_installed_bundle(
         tmp_path / "img", 6, size_tells_class=False, fold=1, prefix="b", seed=1
     )
     test = make_items(tmp_path / "test", 3, size_tells_class=False, prefix="t", seed=2)
-    datalist = tmp_path / "datalist.json"
-    doc = {"class_names": list(CLASS_NAMES), "num_folds": 2, "training": training, "test": test}
-    datalist.write_text(json.dumps(doc))
+    datalist = write_datalist(tmp_path / "datalist.json", training, test)
     run_dir, eval_dir, explain_dir = tmp_path / "run", tmp_path / "eval", tmp_path / "explain"
     tiny = ["--folds", "0", "--max-epochs", "1", "--spatial-size", "32", "--batch-size", "4"]
     tiny += ["--num-workers", "0", "--threads", "1"]
