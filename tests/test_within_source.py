@@ -84,6 +84,37 @@ def test_within_source_figures_equal_sklearn_on_the_subset() -> None:
     assert by_source["covid"].model.auroc["COVID-19"].value > 0.8  # type: ignore[operator]
 
 
+def test_three_class_source_gets_pairwise_aurocs_equal_to_sklearn_on_each_pair() -> None:
+    rng = np.random.default_rng(4)
+    y = np.asarray([COVID] * 15 + [NORMAL] * 6 + [PNEUMONIA] * 12 + [NORMAL] * 8 + [PNEUMONIA] * 8)
+    sources = ["covid"] * 33 + ["nih"] * 16
+    logits = rng.normal(0, 1, (len(y), 3))
+    logits[np.arange(len(y)), y] += 1.0
+    model = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    baseline = rng.dirichlet(np.ones(3), len(y))
+    covid, nih = source_metrics(y, model, sources, baseline, n_boot=50)
+    rows = np.arange(33)
+    pairs = {"COVID-19 vs Normal": (COVID, NORMAL), "COVID-19 vs Pneumonia": (COVID, PNEUMONIA)}
+    pairs["Normal vs Pneumonia"] = (NORMAL, PNEUMONIA)
+    assert list(covid.model.pairwise) == list(pairs)
+    for name, (a, b) in pairs.items():
+        pair = rows[np.isin(y[rows], (a, b))]
+        for scorer, prob in ((covid.model, model), (covid.baseline, baseline)):
+            assert scorer is not None
+            expected = roc_auc_score(y[pair] == a, prob[pair, a] / (prob[pair, a] + prob[pair, b]))
+            assert scorer.pairwise[name].value == pytest.approx(expected)
+        # differs from the one-vs-rest figure, which also counts the third class
+        assert covid.model.pairwise[name].ci_low is not None
+    assert covid.to_dict()["model"]["within_source"]["pairwise_auroc"].keys() == pairs.keys()
+    assert nih.model.pairwise == {} and nih.to_dict()["model"]["within_source"]["pairwise_auroc"] == {}
+    labels = [t.get_text() for t in source_figure([covid, nih]).axes[1].get_yticklabels()]
+    assert labels[3:6] == [
+        "covid: COVID-19 vs Normal (n=15 vs 6)",
+        "covid: COVID-19 vs Pneumonia (n=15 vs 12)",
+        "covid: Normal vs Pneumonia (n=6 vs 12)",
+    ]
+
+
 def test_within_source_interval_is_the_shared_patient_bootstrap() -> None:
     y, model, baseline, sources, groups = hand_built(seed=1)
     covid = source_metrics(y, model, sources, baseline, groups=groups, n_boot=200, seed=7)[0]
@@ -157,19 +188,24 @@ def _source(
     model: dict[str, Estimate],
     baseline: dict[str, Estimate] | None = None,
     gap: dict[str, Estimate] | None = None,
+    pairwise: tuple[dict[str, Estimate], dict[str, Estimate], dict[str, Estimate]] | None = None,
 ) -> SourceMetrics:
-    """A hand-built source: AUROCs as given (baseline and paired gap optional), other figures 0.7."""
+    """A hand-built source: AUROCs as given (baseline and paired gap optional; pairwise AUROCs of model,
+    baseline and gap for a three-class source), other figures 0.7."""
 
-    def figures(auroc: dict[str, Estimate] | None) -> ScorerFigures | None:
+    def figures(auroc: dict[str, Estimate] | None, pairs: dict[str, Estimate]) -> ScorerFigures | None:
         if auroc is None:
             return None
         within = Estimate(0.7) if len(auroc) >= 2 else None
-        return ScorerFigures(Estimate(0.7), {c: Estimate(0.7) for c in classes}, within, auroc)
+        return ScorerFigures(Estimate(0.7), {c: Estimate(0.7) for c in classes}, within, auroc, pairs)
 
-    model_figures = figures(model)
+    model_pairs, baseline_pairs, gap_pairs = pairwise or ({}, {}, {})
+    model_figures = figures(model, model_pairs)
     assert model_figures is not None
     counts = {c: classes.get(c, 0) for c in ("COVID-19", "Normal", "Pneumonia")}
-    return SourceMetrics(name, counts, 10, model_figures, figures(baseline), figures(gap))
+    return SourceMetrics(
+        name, counts, 10, model_figures, figures(baseline, baseline_pairs), figures(gap, gap_pairs)
+    )
 
 
 def _probe(accuracy: float, majority: float = 0.5) -> SourceProbe:
@@ -233,7 +269,8 @@ def test_verdict_branches() -> None:
     assert text[1] == "Source probe not run: only one source."
 
     three = {"COVID-19": 10, "Normal": 10, "Pneumonia": 10}
-    no_baseline = _source("covid", three, {"COVID-19": good, "Normal": Estimate(0.9), "Pneumonia": good})
+    pairs = {"COVID-19 vs Normal": good, "COVID-19 vs Pneumonia": Estimate(0.9), "Normal vs Pneumonia": good}
+    no_baseline = _source("covid", three, {c: good for c in three}, pairwise=(pairs, {}, {}))
     text = source_verdict([no_baseline], None)
     assert text[0].startswith("Disease signal within a source (model AUROC's 95% CI above 0.5):")
     assert "(no CI)" in text[1] and "No disease-blind baseline was scored" in text[2]
@@ -245,7 +282,7 @@ def test_source_figure_is_written(tmp_path: Path) -> None:
     fig = source_figure(by_source, "test")
     assert [ax.get_title() for ax in fig.axes] == [
         "per source",
-        "within source (one-vs-rest on the source's images)",
+        "within source (one-vs-rest and class pairs, on the source's images)",
     ]
     labels = [t.get_text() for t in fig.axes[1].get_yticklabels()]
     assert labels == [
@@ -281,3 +318,20 @@ def test_predictor_features_are_the_heads_pooled_input(tmp_path: Path) -> None:
     )
     with pytest.raises(BundleError, match="no 'head' module"):
         headless.predict_with_features(images)
+
+
+def test_verdict_judges_a_three_class_source_pair_by_pair() -> None:
+    three = {"COVID-19": 10, "Normal": 4, "Pneumonia": 8}
+    rest = {c: Estimate(0.7, 0.55, 0.85) for c in three}
+    model = {"COVID-19 vs Normal": Estimate(0.6, 0.4, 0.8), "COVID-19 vs Pneumonia": Estimate(0.9, 0.8, 0.97)}
+    model["Normal vs Pneumonia"] = Estimate(0.7, 0.52, 0.88)
+    baseline = {pair: Estimate(0.55, 0.4, 0.7) for pair in model}
+    gap = {pair: Estimate(0.3, 0.1, 0.5) for pair in model}
+    covid = _source("covid", three, rest, rest, rest, (model, baseline, gap))
+    text = source_verdict([covid], _probe(0.6))
+    assert "COVID-19 vs Pneumonia in covid: AUROC 0.90 [0.80, 0.97], baseline 0.55 [0.40, 0.70]" in text[0]
+    assert "COVID-19 vs Normal in covid: AUROC 0.60 [0.40, 0.80]" in text[1]
+    assert "CI reaches chance" in text[1]
+    assert "Normal vs Pneumonia in covid" in text[0]
+    assert " + " not in " ".join(text)  # no one-vs-rest comparison judged in a three-class source
+    assert text[-1].startswith("Disease signal shows in 2 of 3")

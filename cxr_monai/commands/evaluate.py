@@ -166,7 +166,8 @@ def _print_report(report: EvaluationReport, split: str) -> None:
 
 
 def _print_sources(report: EvaluationReport) -> None:
-    """Per-source table (accuracy, recall) and within-source table (accuracy, AUROC), model beside
+    """Per-source table (accuracy, recall) and within-source table (accuracy, one-vs-rest and pairwise
+    AUROC), model beside
     baseline, then the source probe's line."""
     has_baseline = report.shortcut is not None
     per_source = Table(title="per source (accuracy over all classes; recall of each class present)")
@@ -200,6 +201,8 @@ def _print_sources(report: EvaluationReport) -> None:
         add(within, f"{s.source}: accuracy among {' / '.join(s.classes)}", s, "within_accuracy")
         for name in s.classes:
             add(within, f"  {name} vs rest AUROC", s, "auroc", name)
+        for pair in s.model.pairwise:
+            add(within, f"  {pair} AUROC", s, "pairwise", pair)
     console.print(per_source)
     if within.row_count:
         console.print(within)

@@ -17,7 +17,7 @@ from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay
 from cxr_monai.atomic import atomic_path
 from cxr_monai.constants import CLASS_NAMES, RESEARCH_USE_NOTICE
 from cxr_monai.evaluation.metrics import Estimate, ReliabilityBins
-from cxr_monai.evaluation.sources import SourceMetrics
+from cxr_monai.evaluation.sources import ScorerFigures, SourceMetrics
 
 
 def _figure(title: str, width: float, height: float) -> Figure:
@@ -185,9 +185,10 @@ def _estimate_bars(
 
 
 def source_figure(by_source: Sequence[SourceMetrics], title: str = "") -> Figure:
-    """Left: accuracy per source; right: within-source one-vs-rest AUROC per (source, class) with the
-    chance line at 0.5. Model and disease-blind baseline side by side, 95% CI bars."""
-    comparisons = [(s, c) for s in by_source if len(s.classes) >= 2 for c in s.classes]
+    """Left: accuracy per source; right: within-source one-vs-rest AUROC per (source, class), and per
+    class pair in a source of three or more classes, with the chance line at 0.5. Model and disease-blind
+    baseline side by side, 95% CI bars."""
+    comparisons = [(s, c) for s in by_source if len(s.classes) >= 2 for c in [*s.classes, *s.model.pairwise]]
     rows = max(len(by_source), len(comparisons), 1)
     fig = _figure(title or "Per source and within source", 13.0, 2.5 + 0.45 * rows)
     acc_ax, auc_ax = fig.subplots(1, 2)
@@ -202,11 +203,21 @@ def source_figure(by_source: Sequence[SourceMetrics], title: str = "") -> Figure
         auc_ax.text(0.5, 0.5, "no evaluated source holds two classes", ha="center", va="center")
         auc_ax.set_axis_off()
         return fig
-    auc_series: dict[str, list[Estimate | None]] = {"model": [s.model.auroc[c] for s, c in comparisons]}
+    auc_series: dict[str, list[Estimate | None]] = {"model": [_auroc(s.model, c) for s, c in comparisons]}
     if has_baseline:
-        auc_series["baseline"] = [s.baseline.auroc[c] if s.baseline else None for s, c in comparisons]
-    auc_labels = [f"{s.source}: {c} vs rest (n={s.n_per_class[c]})" for s, c in comparisons]
+        auc_series["baseline"] = [_auroc(s.baseline, c) if s.baseline else None for s, c in comparisons]
+    auc_labels = [
+        f"{s.source}: {c} (n={s.n_per_class[c.split(' vs ')[0]]} vs {s.n_per_class[c.split(' vs ')[1]]})"
+        if c in s.model.pairwise
+        else f"{s.source}: {c} vs rest (n={s.n_per_class[c]})"
+        for s, c in comparisons
+    ]
     _estimate_bars(auc_ax, auc_labels, auc_series, "AUROC within the source")
     auc_ax.axvline(0.5, color="gray", linestyle="--", linewidth=1)
-    auc_ax.set_title("within source (one-vs-rest on the source's images)")
+    auc_ax.set_title("within source (one-vs-rest and class pairs, on the source's images)")
     return fig
+
+
+def _auroc(figures: ScorerFigures, comparison: str) -> Estimate:
+    """A class's one-vs-rest AUROC, or a pair's ("A vs B") AUROC."""
+    return figures.pairwise[comparison] if comparison in figures.pairwise else figures.auroc[comparison]

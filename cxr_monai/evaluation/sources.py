@@ -59,6 +59,11 @@ DEFINITIONS = {
         "equal), positives = the source's images of class c, negatives = the source's images of its other "
         "classes (images of other sources excluded); 0.5 = chance"
     ),
+    "within_source.pairwise_auroc": (
+        "for a source of three or more classes, AUROC of class a against class b within source s (e.g. "
+        "COVID-19 vs Pneumonia): the scorer's p_a / (p_a + p_b) on the source's images of a (positives) and "
+        "b (negatives) only; 0.5 = chance. The verdict judges these pairs in such a source"
+    ),
     "model_minus_baseline": "model figure minus baseline figure on the same bootstrap resamples",
     "disease_signal": (
         "a within-source comparison shows disease signal when the model's AUROC has a 95% CI lower bound "
@@ -74,13 +79,15 @@ class ScorerFigures:
     """One scorer's (or the model-minus-baseline gap's) figures on one source.
 
     ``recall`` and ``auroc`` are keyed by the classes present in the source; ``within_accuracy`` is None
-    and ``auroc`` empty for a source of one class.
+    and ``auroc`` empty for a source of one class. ``pairwise`` (keyed "A vs B", classes in class order)
+    holds one AUROC per pair of present classes in a source of three or more classes, else is empty.
     """
 
     accuracy: Estimate
     recall: dict[str, Estimate]
     within_accuracy: Estimate | None
     auroc: dict[str, Estimate]
+    pairwise: dict[str, Estimate]
 
     def to_dict(self) -> dict[str, Any]:
         within = None
@@ -88,6 +95,7 @@ class ScorerFigures:
             within = {
                 "accuracy": self.within_accuracy.to_dict(),
                 "auroc": {name: est.to_dict() for name, est in self.auroc.items()},
+                "pairwise_auroc": {pair: est.to_dict() for pair, est in self.pairwise.items()},
             }
         return {
             "accuracy": self.accuracy.to_dict(),
@@ -124,9 +132,17 @@ class SourceMetrics:
         }
 
 
+def _pairs(present: np.ndarray) -> list[tuple[int, int]]:
+    """Class pairs (a, b), a < b, judged pairwise: every pair of a source with three or more classes."""
+    if len(present) < 3:
+        return []
+    return [(int(a), int(b)) for i, a in enumerate(present) for b in present[i + 1 :]]
+
+
 def _figures(y_true: np.ndarray, y_prob: np.ndarray, present: np.ndarray) -> np.ndarray:
-    """[accuracy, recall per present class, (within accuracy, AUROC per present class)] on one source;
-    the bracketed part only for two or more present classes. NaN where undefined on these items."""
+    """[accuracy, recall per present class, (within accuracy, AUROC per present class, AUROC per pair of
+    :func:`_pairs`)] on one source; the bracketed part only for two or more present classes. NaN where
+    undefined on these items."""
     y_pred = y_prob.argmax(axis=1)
     out = [float(np.mean(y_pred == y_true))]
     for c in present:
@@ -138,6 +154,10 @@ def _figures(y_true: np.ndarray, y_prob: np.ndarray, present: np.ndarray) -> np.
         out.append(float(np.mean(within_pred == y_true)))
         total = np.clip(within.sum(axis=1), np.finfo(np.float64).tiny, None)
         out += [binary_auroc(y_true == c, within[:, k] / total) for k, c in enumerate(present)]
+        for a, b in _pairs(present):
+            pair = (y_true == a) | (y_true == b)
+            pair_total = np.clip(y_prob[pair, a] + y_prob[pair, b], np.finfo(np.float64).tiny, None)
+            out.append(binary_auroc(y_true[pair] == a, y_prob[pair, a] / pair_total))
     return np.asarray(out)
 
 
@@ -159,11 +179,13 @@ def _unpack(values: Sequence[Estimate], present: np.ndarray, class_names: Sequen
     k = len(present)
     names = [class_names[c] for c in present]
     multi = k >= 2
+    pair_names = [f"{class_names[a]} vs {class_names[b]}" for a, b in _pairs(present)]
     return ScorerFigures(
         accuracy=values[0],
         recall=dict(zip(names, values[1 : 1 + k], strict=True)),
         within_accuracy=values[1 + k] if multi else None,
         auroc=dict(zip(names, values[2 + k : 2 + 2 * k], strict=True)) if multi else {},
+        pairwise=dict(zip(pair_names, values[2 + 2 * k :], strict=True)),
     )
 
 
@@ -347,18 +369,30 @@ def source_probe(
     )
 
 
-def _comparison_name(source: SourceMetrics, name: str) -> str:
-    others = [c for c in source.classes if c != name]
-    return f"{name} vs {' + '.join(others)} in {source.source}"
+def _comparisons(source: SourceMetrics) -> list[tuple[str, Callable[[ScorerFigures], Estimate]]]:
+    """The within-source comparisons the verdict judges: (name, scorer -> its AUROC). A two-class source
+    is one comparison; a source of three or more classes is judged pair by pair."""
+    classes = source.classes
+    if len(classes) < 2:
+        return []
+    if len(classes) == 2:
+        return [(f"{classes[1]} vs {classes[0]}", lambda scorer: scorer.auroc[classes[1]])]
+    return [(pair, _pairwise_auroc(pair)) for pair in source.model.pairwise]
 
 
-def _verdict_on_comparison(source: SourceMetrics, name: str) -> tuple[bool, str]:
+def _pairwise_auroc(pair: str) -> Callable[[ScorerFigures], Estimate]:
+    return lambda scorer: scorer.pairwise[pair]
+
+
+def _verdict_on_comparison(
+    source: SourceMetrics, name: str, auroc: Callable[[ScorerFigures], Estimate]
+) -> tuple[bool, str]:
     """(shows disease signal, "COVID-19 vs Pneumonia in S: AUROC 0.91 [0.85, 0.96], baseline 0.62 [...]")
     by the rule in :data:`DEFINITIONS`."""
-    model = source.model.auroc[name]
-    base = source.baseline.auroc[name] if source.baseline is not None else None
-    gap = source.gap.auroc[name] if source.gap is not None else None
-    text = f"{_comparison_name(source, name)}: AUROC {model.format(2)}"
+    model = auroc(source.model)
+    base = auroc(source.baseline) if source.baseline is not None else None
+    gap = auroc(source.gap) if source.gap is not None else None
+    text = f"{name} in {source.source}: AUROC {model.format(2)}"
     if base is not None:
         text += f", baseline {base.format(2)}"
     if model.value is None:
@@ -378,13 +412,8 @@ def source_verdict(by_source: Sequence[SourceMetrics], probe: SourceProbe | None
     """Plain-words sentences: which within-source comparisons show disease signal (:data:`DEFINITIONS`),
     which do not, how strongly the model's features encode source, and what that adds up to."""
     sentences = []
-    comparisons = [  # in a two-class source both classes' AUROCs are the same comparison: judge it once
-        (source, name)
-        for source in by_source
-        if len(source.classes) >= 2
-        for name in (source.classes[1:] if len(source.classes) == 2 else source.classes)
-    ]
-    judged = [_verdict_on_comparison(source, name) for source, name in comparisons]
+    comparisons = [(source, *comparison) for source in by_source for comparison in _comparisons(source)]
+    judged = [_verdict_on_comparison(source, name, auroc) for source, name, auroc in comparisons]
     shown = [text for ok, text in judged if ok]
     missing = [text for ok, text in judged if not ok]
     has_baseline = any(source.baseline is not None for source in by_source)
