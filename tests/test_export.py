@@ -50,7 +50,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return [Path(item["image"]) for item in items]
 
 
-@pytest.mark.parametrize("backbone", ["efficientnet_lite0", "efficientnet_b0"])
+@pytest.mark.parametrize("backbone", ["efficientnet_lite0", "efficientnet_lite2", "efficientnet_b0"])
 def test_onnx_export_equals_eager_with_metadata_and_dynamic_batch(
     tmp_path: Path, images: list[Path], backbone: str
 ) -> None:

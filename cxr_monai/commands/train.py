@@ -50,7 +50,7 @@ def train(
         "none",
         "--pretrained",
         metavar="WEIGHTS",
-        help="none (from scratch) | imagenet (internet once; efficientnet_lite0 offline) | /path/weights.pth",
+        help="none (from scratch) | imagenet (internet once; efficientnet_lite* offline) | /path/weights.pth",
     ),
     folds: str = typer.Option(
         "all", "--folds", metavar="FOLDS", help="all, or fold numbers such as 0 or 0,1."
