@@ -55,10 +55,10 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     ),
     "lite2_imagenet_frozen_260": (
         "EfficientNet-Lite2 ImageNet (offline wheel), 3 sources, its native 260 px, the trunk frozen "
-        "throughout: only the paper's head trains, 15 epochs",
+        "throughout: only the paper's head trains, 10 epochs",
         [
             *("--backbone", "efficientnet_lite2", "--pretrained", "imagenet"),
-            *("--spatial-size", "260", "--max-epochs", "15", "--freeze-epochs", "15"),
+            *("--spatial-size", "260", "--max-epochs", "10", "--freeze-epochs", "10"),
         ],
     ),
     "lite0_imagenet_countermeasures": (

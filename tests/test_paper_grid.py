@@ -54,3 +54,18 @@ def test_tiny_grid_trains_v1_and_v2_and_compares(tmp_path: Path) -> None:
     assert "### compare's report" in results and "](compare/fig5_confusion_matrices.png)" in results
     with pytest.raises(SystemExit):
         grid.main([*args[:4], "--backbones", "alexnet"])
+
+
+def test_v2_backbones_limit_which_backbones_run_v2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    grid = load_script()
+    calls: list[list[str]] = []
+    monkeypatch.setattr(grid, "_cli", lambda args, env: calls.append(args))
+    backbones = ["vgg16", "efficientnet_b0"]
+    runs = grid.run_grid(
+        tmp_path / "d.json", tmp_path, "cpu", backbones, ["v1", "v2"], None, 10, ["efficientnet_b0"]
+    )
+    assert [run.name for run in runs] == ["vgg16_v1", "efficientnet_b0_v1", "efficientnet_b0_v2"]
+    trained = [(c[c.index("--backbone") + 1], c[c.index("--augmentation") + 1]) for c in calls[:-1]]
+    assert trained == [("vgg16", "v1"), ("efficientnet_b0", "v1"), ("efficientnet_b0", "v2")]
+    assert calls[-1][0] == "compare" and calls[-1][1:4] == [str(run) for run in runs]
+    assert "--gan-cache" in calls[2] and "--gan-cache" not in calls[1]
