@@ -65,7 +65,7 @@ class FineTuneSchedule:
                 for group in self.optimizer.param_groups:
                     group["lr"] = self.finetune_learning_rate
         if epoch in (1, self.freeze_epochs + 1):
-            logger.info("Epoch %d: fine-tuning stage: %s", epoch, stage)
+            logger.info("Epoch %d: training stage: %s", epoch, stage)
 
 
 class TrainingLog:
