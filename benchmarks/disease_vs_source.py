@@ -183,14 +183,17 @@ def main() -> None:
                 *extra,
             )  # fmt: skip
             train_seconds = time.perf_counter() - start
+            threads = args.threads
         else:
             train_seconds = earlier.get(name, {}).get("train_seconds", float("nan"))
+            threads = earlier.get(name, {}).get("train_threads")
         _cli("evaluate", "--bundle", str(run_dir / "final"), "--datalist", str(datalist),
              "--split", "test", "--out", str(run_dir / "eval_test"))  # fmt: skip
         entry = {
             "description": description,
             "train_arguments": extra,
             "train_seconds": None if train_seconds != train_seconds else round(train_seconds),
+            "train_threads": threads,
             "test": _summary(json.loads((run_dir / "eval_test" / "metrics.json").read_text())),
         }
         if NIH in extra:  # leave-NIH-out: every NIH film is new to this model
@@ -210,7 +213,7 @@ def _write(results: dict[str, Any], stem: Path) -> None:
         "",
         f"Fold 0 of `cxr-monai prepare` on covid-chestxray-dataset + Kaggle + NIH (site CSV); "
         f"{s['epochs']} epochs ({s['freeze_epochs']} head-only for ImageNet starts), {s['spatial_size']} "
-        f"px, CPU {s['threads']} threads. Test split; 95 % patient-cluster bootstrap intervals. AUROCs are "
+        f"px, CPU (threads per run below). Test split; 95 % patient-cluster bootstrap intervals. AUROCs are "
         "within one source (on that source's images only): one-vs-rest, or for a pair of classes. "
         "Command: `python benchmarks/disease_vs_source.py`.",
         "",
@@ -233,7 +236,8 @@ def _write(results: dict[str, Any], stem: Path) -> None:
         )
     lines += ["", "Runs (`cxr-monai train` arguments beyond the common ones):", ""]
     for name, run in results["runs"].items():
-        lines.append(f"- {name}: {run['description']} (`{' '.join(run['train_arguments'])}`)")
+        threads = f", {run['train_threads']} CPU threads" if run.get("train_threads") else ""
+        lines.append(f"- {name}: {run['description']} (`{' '.join(run['train_arguments'])}`{threads})")
     for name, run in results["runs"].items():
         if "nih_all" in run:
             nih = run["nih_all"]

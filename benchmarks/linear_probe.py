@@ -85,6 +85,44 @@ def cached_features(
     return features
 
 
+def fit_probe(x: np.ndarray, y: np.ndarray, folds: list[int]) -> Any:
+    """Standardised features -> multinomial L2 logistic regression, C by log-loss cross-validation over
+    the datalist's own folds (patient-grouped, so no patient leaks)."""
+    probe = make_pipeline(
+        StandardScaler(),
+        LogisticRegressionCV(
+            Cs=np.logspace(-4, 1, 11).tolist(),
+            cv=PredefinedSplit(folds),
+            max_iter=5000,
+            scoring="neg_log_loss",
+            l1_ratios=(0.0,),  # plain L2 (scikit-learn >= 1.8 asks for it explicitly)
+            use_legacy_attributes=False,
+        ),
+    )
+    return probe.fit(x, y)
+
+
+def leave_source_out(features: np.ndarray, items: list[dict[str, Any]], n_train: int, source: str) -> str:
+    """Fit the probe on the training split without ``source``; score every item of ``source`` (training
+    and test): one markdown line with accuracy, each class's recall and what its images were called."""
+    sources = np.asarray([str(item.get("source")) for item in items])
+    labels = np.asarray([item["label"] for item in items])
+    fit_rows = np.flatnonzero((np.arange(len(items)) < n_train) & (sources != source))
+    probe = fit_probe(features[fit_rows], labels[fit_rows], [items[i]["fold"] for i in fit_rows])
+    rows = np.flatnonzero(sources == source)
+    called = probe.predict_proba(features[rows]).argmax(axis=1)
+    truth = labels[rows]
+    parts = [
+        f"{CLASS_NAMES[k]} ({int((truth == k).sum())}) called "
+        + "/".join(f"{np.mean(called[truth == k] == j):.2f}" for j in range(len(CLASS_NAMES)))
+        for k in sorted(set(truth.tolist()))
+    ]
+    return (
+        f"Leave-{source}-out (probe fitted without it, every {source} image scored): accuracy "
+        f"{np.mean(called == truth):.3f}; " + "; ".join(parts) + " (as " + "/".join(CLASS_NAMES) + ")."
+    )
+
+
 def auroc_with_interval(
     positive: np.ndarray, score: np.ndarray, patients: list[str], seed: int
 ) -> tuple[float, float, float]:
@@ -110,6 +148,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--features-cache", type=Path, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--leave-out", action="append", default=[], metavar="SOURCE", help="Also probe leave-SOURCE-out."
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -122,19 +163,7 @@ def main() -> None:
     y_train = np.asarray([item["label"] for item in train])
     y_test = np.asarray([item["label"] for item in test])
 
-    # C by cross-validation over the datalist's own folds (patient-grouped, so no patient leaks).
-    probe = make_pipeline(
-        StandardScaler(),
-        LogisticRegressionCV(
-            Cs=np.logspace(-4, 1, 11).tolist(),
-            cv=PredefinedSplit([item["fold"] for item in train]),
-            max_iter=5000,
-            scoring="neg_log_loss",
-            l1_ratios=(0.0,),  # plain L2 (scikit-learn >= 1.8 asks for it explicitly)
-            use_legacy_attributes=False,
-        ),
-    )
-    probe.fit(x_train, y_train)
+    probe = fit_probe(x_train, y_train, [item["fold"] for item in train])
     prob = probe.predict_proba(x_test)
     accuracy = accuracy_score(y_test, prob.argmax(axis=1))
     patients = [str(item["patient_id"]) for item in test]
@@ -187,6 +216,7 @@ def main() -> None:
     command = (
         f"python benchmarks/linear_probe.py --datalist {args.datalist} --backbone {args.backbone} "
         f"--spatial-size {args.spatial_size} --threads {args.threads} --out {args.out}"
+        + "".join(f" --leave-out {source}" for source in args.leave_out)
     )
     text = "\n".join(
         [
@@ -208,6 +238,7 @@ def main() -> None:
             "|---|---|---|---|---|",
             *rows,
             "",
+            *(leave_source_out(features, train + test, len(train), name) + "\n" for name in args.leave_out),
             f"Datalist: `{args.datalist}` (training: "
             + ", ".join(f"{k} {v}" for k, v in sorted(Counter(str(i.get("source")) for i in train).items()))
             + ").",
