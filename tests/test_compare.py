@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,8 @@ from cxr_monai.evaluation.compare import (
     FIGURES,
     TABLE_FIGURES,
     class_accuracy,
+    classwise_figure,
+    curves_figure,
     difference_sentence,
     paired_accuracy_difference,
 )
@@ -169,3 +172,18 @@ def test_compare_rejects_a_folder_that_is_not_a_run(compared: dict[str, Path], t
         app, ["compare", str(tmp_path), "--datalist", str(compared["datalist"]), "--out", str(tmp_path / "o")]
     )
     assert result.exit_code == 1 and "no cv_summary.json" in result.output
+
+
+def test_run_figures_share_one_legend_below_the_panels() -> None:
+    """Per-panel legends hid the bars of a six-run grid: Figs. 4 and 6 carry one figure legend instead."""
+    runs = []
+    for n in range(5):
+        per_class = {name: {"precision": Estimate(0.5), "recall": Estimate(0.6)} for name in CLASS_NAMES}
+        metrics = SimpleNamespace(per_class=per_class, confusion_matrix=np.eye(3, dtype=int) * 5 + 1)
+        log = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.1 / e} for e in (1, 2)]
+        runs.append(SimpleNamespace(label=f"run{n}", final=SimpleNamespace(metrics=metrics), logs=[log]))
+    for fig, per_run in ((classwise_figure(runs), 1), (curves_figure(runs), 2)):  # type: ignore[arg-type]
+        assert all(ax.get_legend() is None for ax in fig.axes)
+        (legend,) = fig.legends
+        labels = [text.get_text() for text in legend.get_texts()]
+        assert len(labels) == 5 * per_run and all(f"run{n}" in " ".join(labels) for n in range(5))
