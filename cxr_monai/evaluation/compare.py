@@ -320,19 +320,19 @@ def curves_figure(runs: Sequence[RunScores]) -> Figure:
     for ax, figure in ((loss_ax, "loss"), (acc_ax, "accuracy")):
         ax.set_xlabel("epoch")
         ax.set_title(figure)
-    _shared_legend(fig, [loss_ax, acc_ax], columns=4)
+    _shared_legend(fig, [loss_ax, acc_ax])
     return fig
 
 
-def _shared_legend(fig: Figure, axes: Sequence[Axes], columns: int) -> None:
-    """One legend below the panels (from the first axes' entries) instead of one per panel: with
+def _shared_legend(fig: Figure, axes: Sequence[Axes]) -> None:
+    """One legend right of the panels (from the first axes' entries) instead of one per panel: with
     several runs, per-panel legends hide the bars and curves they label."""
     for ax in axes:
         legend = ax.get_legend()
         if legend is not None:
             legend.remove()
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncol=columns, fontsize=8)
+    fig.legend(handles, labels, loc="outside right upper", fontsize=8)
 
 
 def confusion_figure(runs: Sequence[RunScores]) -> Figure:
@@ -371,7 +371,7 @@ def classwise_figure(runs: Sequence[RunScores]) -> Figure:
             ax, list(CLASS_NAMES), series, figure if figure != "accuracy" else "one-vs-rest accuracy"
         )
         ax.set_title(figure)
-    _shared_legend(fig, list(axes), columns=3)
+    _shared_legend(fig, list(axes))
     return fig
 
 
