@@ -167,8 +167,7 @@ def _print_report(report: EvaluationReport, split: str) -> None:
 
 def _print_sources(report: EvaluationReport) -> None:
     """Per-source table (accuracy, recall) and within-source table (accuracy, one-vs-rest and pairwise
-    AUROC), model beside
-    baseline, then the source probe's line."""
+    AUROC), model beside baseline, then the source probe's line."""
     has_baseline = report.shortcut is not None
     per_source = Table(title="per source (accuracy over all classes; recall of each class present)")
     within = Table(title="within source (on that source's images only)")
