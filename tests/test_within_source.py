@@ -103,8 +103,9 @@ def test_three_class_source_gets_pairwise_aurocs_equal_to_sklearn_on_each_pair()
             assert scorer is not None
             expected = roc_auc_score(y[pair] == a, prob[pair, a] / (prob[pair, a] + prob[pair, b]))
             assert scorer.pairwise[name].value == pytest.approx(expected)
-        # differs from the one-vs-rest figure, which also counts the third class
-        assert covid.model.pairwise[name].ci_low is not None
+        est = covid.model.pairwise[name]  # with its bootstrap interval around the point estimate
+        assert est.ci_low is not None and est.ci_high is not None and est.value is not None
+        assert est.ci_low <= est.value <= est.ci_high
     assert covid.to_dict()["model"]["within_source"]["pairwise_auroc"].keys() == pairs.keys()
     assert nih.model.pairwise == {} and nih.to_dict()["model"]["within_source"]["pairwise_auroc"] == {}
     labels = [t.get_text() for t in source_figure([covid, nih]).axes[1].get_yticklabels()]
