@@ -4,6 +4,7 @@
 * :mod:`~cxr_monai.training.adversarial`: the optional source-adversarial head (gradient reversal);
 * :mod:`~cxr_monai.training.handlers`: ignite handlers (fine-tuning schedule, training log, resume,
   early stopping);
+* :mod:`~cxr_monai.training.trunk_features`: head-only training on cached frozen-trunk features;
 * :mod:`~cxr_monai.training.layout`: the trained-bundle layout;
 * :mod:`~cxr_monai.training.crossval`: folds run one after another, summary and final model.
 
@@ -34,6 +35,12 @@ from cxr_monai.training.layout import (
     read_training_log,
     relocate_trained_bundle,
 )
+from cxr_monai.training.trunk_features import (
+    TrunkFeaturesd,
+    check_trunk_feature_options,
+    trainable_network,
+    trunk_feature_chain,
+)
 
 __all__ = [
     "BUNDLE_NAME",
@@ -47,9 +54,11 @@ __all__ = [
     "SaveResumeCheckpoint",
     "SourceAdversarialIteration",
     "TrainingLog",
+    "TrunkFeaturesd",
     "best_epoch",
     "build_adversary",
     "check_sources",
+    "check_trunk_feature_options",
     "datalist_folds",
     "default_bundle_root",
     "fold_items",
@@ -59,4 +68,6 @@ __all__ = [
     "read_training_log",
     "relocate_trained_bundle",
     "source_class_sampler",
+    "trainable_network",
+    "trunk_feature_chain",
 ]

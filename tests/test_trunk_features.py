@@ -1,0 +1,137 @@
+"""Head-only training on cached trunk features (``cache_trunk_features: true`` in the bundle).
+
+On 12 small PNGs the test writes: the cached features equal the eval-mode trunk's pooled output even
+while the network is in training mode; a cached run leaves the ImageNet trunk bit for bit as loaded,
+trains the head, and its recorded validation accuracy is what the saved whole network scores through the
+ordinary inference chain; options that a cached run cannot honour stop it at initialisation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from bundle_factory import make_items, write_datalist
+from monai.bundle import ConfigWorkflow
+from monai.data import Dataset
+
+from cxr_monai.errors import BundleError
+from cxr_monai.networks import build_network, load_pretrained
+from cxr_monai.training import TrunkFeaturesd, trunk_feature_chain
+from cxr_monai.transforms import inference_transforms_d
+
+CONFIGS = Path(__file__).resolve().parent.parent / "bundles" / "cxr_classifier" / "configs"
+SIZE = 64
+CACHED = {
+    "spatial_size": SIZE,
+    "batch_size": 4,
+    "num_workers": 0,
+    "verbose": False,
+    "backbone": "efficientnet_lite0",
+    "pretrained": "imagenet",
+    "cache_trunk_features": True,
+    "max_epochs": 3,
+    "freeze_epochs": 3,
+    "learning_rate": 1e-2,
+}
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "no_network")
+
+
+@pytest.fixture(scope="module")
+def datalist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 images (each class its own size and colour mode): folds 0 and 1 of 4 items, 4 test items."""
+    root = tmp_path_factory.mktemp("trunk_features")
+    training = make_items(root / "f0", 4, prefix="a", fold=0) + make_items(root / "f1", 4, prefix="b", fold=1)
+    return write_datalist(root / "datalist.json", training, make_items(root / "test", 4, prefix="t"))
+
+
+def _workflow(datalist: Path, out: Path, **overrides: Any) -> ConfigWorkflow:
+    return ConfigWorkflow(
+        config_file=str(CONFIGS / "train.json"),
+        meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=False,
+        workflow_type="train",
+        **{**CACHED, "datalist": str(datalist), "output_dir": str(out), **overrides},
+    )
+
+
+def test_cached_features_are_the_eval_mode_trunk_pooled(datalist: Path) -> None:
+    net = build_network("efficientnet_lite0")
+    load_pretrained(net, "imagenet")
+    net.train()  # drop-connect active: the cache must not see it
+    items = json.loads(datalist.read_text())["training"][:3]
+    preprocessing = inference_transforms_d(("image",), SIZE)
+    cached = [d["image"] for d in Dataset(items, trunk_feature_chain(preprocessing, net))]
+    net.eval()
+    with torch.no_grad():
+        for item, features in zip(items, cached, strict=True):
+            image = preprocessing({"image": item["image"]})["image"].as_tensor()
+            expected = net.trunk(image.unsqueeze(0)).mean(dim=(2, 3), keepdim=True)[0]
+            assert features.shape == (1280, 1, 1)
+            torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-6)
+            logits = net.head(features.unsqueeze(0))
+            torch.testing.assert_close(logits, net(image.unsqueeze(0)), rtol=1e-5, atol=1e-5)
+
+
+def test_a_cached_run_trains_the_head_and_keeps_the_imagenet_trunk(datalist: Path, tmp_path: Path) -> None:
+    imagenet = build_network("efficientnet_lite0")
+    load_pretrained(imagenet, "imagenet")
+    out = tmp_path / "run"
+    wf = _workflow(datalist, out)
+    wf.initialize()
+    assert wf.check_properties() == []
+    wf.run()
+    wf.finalize()
+
+    state = torch.load(out / "models" / "model.pt", weights_only=True)
+    start = imagenet.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in start.items() if k.startswith("trunk."))
+    assert not all(torch.equal(state[k], v) for k, v in start.items() if k.startswith("head."))
+    log = json.loads((out / "logs" / "training_log.json").read_text())
+    assert [e["epoch"] for e in log] == [1, 2, 3]
+    assert json.loads((out / "configs" / "train.json").read_text())["cache_trunk_features"] is True
+
+    # The best epoch's validation accuracy, recomputed from the saved whole network on the images.
+    trained = build_network("efficientnet_lite0")
+    trained.load_state_dict(state)
+    trained.eval()
+    validation = [i for i in json.loads(datalist.read_text())["training"] if i["fold"] == 0]
+    preprocessing = inference_transforms_d(("image",), SIZE)
+    with torch.no_grad():
+        called = [
+            int(trained(preprocessing({"image": i["image"]})["image"].as_tensor().unsqueeze(0)).argmax())
+            for i in validation
+        ]
+    accuracy = sum(c == i["label"] for c, i in zip(called, validation, strict=True)) / len(validation)
+    assert accuracy == pytest.approx(max(e["val_accuracy"] for e in log))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"pretrained": "none"}, "pretrained"),
+        ({"freeze_epochs": 2}, "freeze_epochs (2) must be at least max_epochs (3)"),
+        ({"source_adversarial_weight": 0.5}, "source_adversarial_weight"),
+    ],
+)
+def test_options_a_cached_run_cannot_honour_stop_it_at_initialisation(
+    datalist: Path, tmp_path: Path, overrides: dict[str, Any], named: str
+) -> None:
+    wf = _workflow(datalist, tmp_path / "run", **overrides)
+    with pytest.raises(RuntimeError) as info:  # MONAI wraps the expression's error
+        wf.initialize()
+    assert isinstance(info.value.__cause__, BundleError)
+    assert named in str(info.value.__cause__)
+    assert not (tmp_path / "run").exists()  # stopped before the output folder was made
+
+
+def test_trunk_features_refuse_a_wrapped_network_and_a_batched_input() -> None:
+    with pytest.raises(BundleError, match="multi_gpu_train"):
+        TrunkFeaturesd("image", torch.nn.DataParallel(build_network("efficientnet_lite0")))
+    transform = TrunkFeaturesd("image", build_network("efficientnet_lite0"))
+    with pytest.raises(BundleError, match=r"\(3, H, W\)"):
+        transform({"image": torch.zeros(1, 3, SIZE, SIZE)})
