@@ -1,9 +1,12 @@
 """Head-only training on cached trunk features (``cache_trunk_features: true`` in the bundle).
 
 On 12 small PNGs the test writes: the cached features equal the eval-mode trunk's pooled output even
-while the network is in training mode; a cached run leaves the ImageNet trunk bit for bit as loaded,
+while the network is in training mode; the disk cache is reused for the same trunk weights and
+pre-processing only; a cached run leaves the ImageNet trunk bit for bit as loaded,
 trains the head, and its recorded validation accuracy is what the saved whole network scores through the
-ordinary inference chain; options that a cached run cannot honour stop it at initialisation.
+ordinary inference chain; ``cxr-monai train --cache-trunk-features`` computes each image's features once
+for all folds and the final retraining; options that a cached run cannot honour stop it at
+initialisation, and the CLI says so in one line.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ import torch
 from bundle_factory import make_items, write_datalist
 from monai.bundle import ConfigWorkflow
 from monai.data import Dataset
+from typer.testing import CliRunner
 
+from cxr_monai.cli import app
 from cxr_monai.errors import BundleError
 from cxr_monai.networks import build_network, load_pretrained
 from cxr_monai.training import TrunkFeaturesd, trunk_feature_chain
@@ -65,7 +70,7 @@ def test_cached_features_are_the_eval_mode_trunk_pooled(datalist: Path) -> None:
     net.train()  # drop-connect active: the cache must not see it
     items = json.loads(datalist.read_text())["training"][:3]
     preprocessing = inference_transforms_d(("image",), SIZE)
-    cached = [d["image"] for d in Dataset(items, trunk_feature_chain(preprocessing, net))]
+    cached = [d["image"] for d in Dataset(items, trunk_feature_chain(net, SIZE))]
     net.eval()
     with torch.no_grad():
         for item, features in zip(items, cached, strict=True):
@@ -75,6 +80,34 @@ def test_cached_features_are_the_eval_mode_trunk_pooled(datalist: Path) -> None:
             torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-6)
             logits = net.head(features.unsqueeze(0))
             torch.testing.assert_close(logits, net(image.unsqueeze(0)), rtol=1e-5, atol=1e-5)
+
+
+def test_the_disk_cache_is_reused_only_for_the_same_trunk_and_pre_processing(
+    datalist: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    net = build_network("efficientnet_lite0")
+    load_pretrained(net, "imagenet")
+    items = json.loads(datalist.read_text())["training"][:3]
+    first = [d["image"] for d in Dataset(items, trunk_feature_chain(net, SIZE, cache_dir=tmp_path))]
+    assert len(list(tmp_path.glob("*.pt"))) == 3
+    assert not list(tmp_path.glob(".*"))  # no temporary file left behind
+
+    def no_trunk(*args: Any) -> None:
+        raise AssertionError("the trunk ran although every image was cached")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(net.trunk, "forward", no_trunk)
+        again = [d["image"] for d in Dataset(items, trunk_feature_chain(net, SIZE, cache_dir=tmp_path))]
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    labels = [d["label"] for d in Dataset(items, trunk_feature_chain(net, SIZE, cache_dir=tmp_path))]
+    assert labels == [i["label"] for i in items]  # the item's other keys pass through a cache hit
+
+    Dataset(items, trunk_feature_chain(net, SIZE, histogram_equalize=True, cache_dir=tmp_path))[0]
+    with torch.no_grad():
+        net.trunk.features[0].conv.weight.mul_(2.0)
+    changed = Dataset(items, trunk_feature_chain(net, SIZE, cache_dir=tmp_path))[0]["image"]
+    assert len(list(tmp_path.glob("*.pt"))) == 5  # new entries for new options and new weights
+    assert not torch.equal(changed, first[0])
 
 
 def test_a_cached_run_trains_the_head_and_keeps_the_imagenet_trunk(datalist: Path, tmp_path: Path) -> None:
@@ -129,9 +162,36 @@ def test_options_a_cached_run_cannot_honour_stop_it_at_initialisation(
     assert not (tmp_path / "run").exists()  # stopped before the output folder was made
 
 
-def test_trunk_features_refuse_a_wrapped_network_and_a_batched_input() -> None:
+def test_trunk_features_refuse_a_wrapped_network() -> None:
     with pytest.raises(BundleError, match="multi_gpu_train"):
-        TrunkFeaturesd("image", torch.nn.DataParallel(build_network("efficientnet_lite0")))
-    transform = TrunkFeaturesd("image", build_network("efficientnet_lite0"))
-    with pytest.raises(BundleError, match=r"\(3, H, W\)"):
-        transform({"image": torch.zeros(1, 3, SIZE, SIZE)})
+        TrunkFeaturesd("image", torch.nn.DataParallel(build_network("efficientnet_lite0")), SIZE)
+
+
+def test_cxr_monai_train_shares_one_feature_file_per_image_across_folds(
+    datalist: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "cv"
+    common = ["--datalist", str(datalist), "--out", str(out), "--backbone", "efficientnet_lite0"]
+    options = ["--pretrained", "imagenet", "--cache-trunk-features", "--spatial-size", str(SIZE)]
+    epochs = ["--max-epochs", "2", "--freeze-epochs", "2", "--batch-size", "4", "--num-workers", "0"]
+    result = CliRunner().invoke(app, ["train", *common, *options, *epochs, "--final", "retrain"])
+    assert result.exit_code == 0, result.output
+    training = json.loads(datalist.read_text())["training"]
+    assert len(list((out / "trunk_features").glob("*.pt"))) == len(training)  # 2 folds + final: once each
+    summary = json.loads((out / "cv_summary.json").read_text())
+    assert [f["fold"] for f in summary["folds"]] == [0, 1] and summary["final"]["mode"] == "retrain"
+    build_network("efficientnet_lite0").load_state_dict(
+        torch.load(out / "final" / "models" / "model.pt", weights_only=True)
+    )
+
+
+def test_cxr_monai_train_reports_a_conflicting_option_in_one_line(datalist: Path, tmp_path: Path) -> None:
+    common = ["--datalist", str(datalist), "--out", str(tmp_path / "cv"), "--folds", "0"]
+    options = ["--backbone", "efficientnet_lite0", "--pretrained", "imagenet", "--cache-trunk-features"]
+    result = CliRunner().invoke(
+        app, ["train", *common, *options, "--max-epochs", "3", "--freeze-epochs", "1"]
+    )
+    assert result.exit_code == 1
+    assert "error: cache_trunk_features needs the trunk frozen" in result.output
+    assert "freeze_epochs (1) must be at least max_epochs (3)" in result.output
+    assert "Traceback" not in result.output

@@ -47,11 +47,29 @@ def resolve_bundle(bundle: Path | None) -> Path:
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn a :class:`CXRMonaiError` into a one-line message and exit code 1 (2 stays typer's usage error)."""
+    """Turn a :class:`CXRMonaiError` into a one-line message and exit code 1 (2 stays typer's usage error),
+    also when a MONAI bundle expression raised it (MONAI wraps it in a RuntimeError)."""
     try:
         yield
     except CXRMonaiError as exc:
         raise fail(str(exc)) from exc
+    except RuntimeError as exc:
+        cause = _user_error_cause(exc)
+        if cause is None:
+            raise
+        raise fail(str(cause)) from exc
+
+
+def _user_error_cause(exc: BaseException) -> CXRMonaiError | None:
+    """The :class:`CXRMonaiError` in ``exc``'s chain of causes, if any."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, CXRMonaiError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__
+    return None
 
 
 def examples(*commands: str) -> str:

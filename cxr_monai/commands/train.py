@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: OUT's folder of cached trunk features (``--cache-trunk-features``).
+TRUNK_FEATURE_CACHE = "trunk_features"
+
 EPILOG = examples(
     "cxr-monai train --datalist out/prep/datalist.json --folds 0 --max-epochs 3 \\\n    --out out/train"
 )
@@ -97,6 +100,12 @@ def train(
         min=0.0,
         help="Weight of a source-adversarial head (gradient reversal: the trunk unlearns the image's "
         "source); 0: off.",
+    ),
+    cache_trunk_features: bool = typer.Option(
+        False,
+        "--cache-trunk-features",
+        help="With the trunk frozen throughout (--freeze-epochs >= --max-epochs): run it once per image "
+        "and train the head on its cached features (no augmentation; many epochs in seconds).",
     ),
     num_workers: int | None = typer.Option(
         None,
@@ -184,6 +193,11 @@ def train(
             "strong_augmentation": strong_augmentation,
             "source_balanced": source_balanced,
             "source_adversarial_weight": source_adversarial,
+            "cache_trunk_features": cache_trunk_features,
+            # One feature file per image, shared by the folds and the final retraining.
+            "trunk_feature_cache_dir": str(out.resolve() / TRUNK_FEATURE_CACHE)
+            if cache_trunk_features
+            else "",
             "cache_rate": cache_rate,
             "early_stop_patience": early_stop_patience,
             "seed": seed,

@@ -7,33 +7,60 @@ the validator then run the paper's head alone. The head is a sub-module of the n
 (saved from the whole network) holds the trained head and the untouched trunk: inference, Grad-CAM and
 export are unchanged.
 
+With ``trunk_feature_cache_dir`` the features are also kept on disk, one file per image, so the folds of
+a cross-validation (and its final retraining) compute each image's features once. MONAI's
+``PersistentDataset`` is not used for this: it fills its cache lazily inside DataLoader worker processes,
+where a CUDA trunk cannot run, and keys entries by the data item only, so another backbone, weights file
+or pre-processing would silently reuse stale features. Here an entry's key holds the image file (path,
+size, modification time), the pre-processing options, the trunk's weights and cxr-monai's version.
+
 The cost: no augmentation reaches the head (an augmented image would need a fresh trunk pass, the very
 cost the cache removes), and the trunk runs in eval mode (no drop-connect), as it does at inference.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import threading
 from collections.abc import Hashable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from monai.config import KeysCollection
 from monai.transforms import Compose, MapTransform
+from monai.utils import convert_to_tensor
 
+from cxr_monai.atomic import atomic_path
 from cxr_monai.errors import BundleError
 from cxr_monai.networks import PRETRAINED_NONE, CXRClassifier
+from cxr_monai.transforms import inference_transforms_d
+from cxr_monai.versions import cxr_monai_version
 
 
 class TrunkFeaturesd(MapTransform):
-    """(3, S, S) network input -> (F, 1, 1) float32 CPU tensor: ``network``'s trunk in eval mode, no grad,
-    then the global average pool (the first step of the paper's head, so the head's own pooling of a 1 x 1
-    map is the identity). F = 1280 for EfficientNet-B0/Lite, 2048 for ResNet50, 512 for VGG16.
+    """Image path -> (F, 1, 1) float32 CPU tensor: the inference pre-processing (``spatial_size``,
+    ``histogram_equalize``, ``crop_borders``), ``network``'s trunk in eval mode without gradients, then the
+    global average pool (the first step of the paper's head, so the head's own pooling of a 1 x 1 map is
+    the identity). F = 1280 for EfficientNet-B0/Lite, 2048 for ResNet50, 512 for VGG16.
 
-    Runs on the network's device; safe to call from ``CacheDataset``'s worker threads.
+    Other keys of the item pass through unchanged. With ``cache_dir`` each image's features are read
+    from, or written (atomically) to, ``cache_dir/<key>.pt``. Runs on the network's device; safe to call
+    from ``CacheDataset``'s worker threads.
     """
 
-    def __init__(self, keys: KeysCollection, network: torch.nn.Module, allow_missing_keys: bool = False):
+    def __init__(
+        self,
+        keys: KeysCollection,
+        network: torch.nn.Module,
+        spatial_size: int,
+        histogram_equalize: bool = False,
+        crop_borders: bool = False,
+        cache_dir: str | Path = "",
+        allow_missing_keys: bool = False,
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
         if not isinstance(network, CXRClassifier):
             raise BundleError(
@@ -41,31 +68,74 @@ class TrunkFeaturesd(MapTransform):
                 "multi_gpu_train.json does not support it)"
             )
         self.network = network
+        self.options = {
+            "spatial_size": int(spatial_size),
+            "histogram_equalize": bool(histogram_equalize),
+            "crop_borders": bool(crop_borders),
+        }
+        self.preprocessing = inference_transforms_d(keys, **self.options)
+        self.cache_dir = Path(cache_dir) if str(cache_dir) else None
         self._lock = threading.Lock()
+        self._spec: str | None = None
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
-        trunk = self.network.trunk
-        device = next(trunk.parameters()).device
         for key in self.key_iterator(d):
-            image = torch.as_tensor(d[key], dtype=torch.float32)
-            if image.ndim != 3:
-                shape = tuple(image.shape)
-                raise BundleError(f"{key!r}: expected a (3, H, W) network input, got shape {shape}")
-            with self._lock:  # the eval-mode switch is global to the module: one pass at a time
-                trunk.eval()
-                with torch.inference_mode():
-                    features = trunk(image.unsqueeze(0).to(device)).mean(dim=(2, 3), keepdim=True)
-            d[key] = features[0].to("cpu", torch.float32).clone()
+            entry = self._entry(d[key])
+            if entry is not None and entry.is_file():
+                d[key] = torch.load(entry, weights_only=True)
+                continue
+            image = convert_to_tensor(self.preprocessing({key: d[key]})[key], track_meta=False)
+            d[key] = self._features(image)
+            if entry is not None:
+                with atomic_path(entry) as tmp:
+                    torch.save(d[key], tmp)
         return d
+
+    def _features(self, image: torch.Tensor) -> torch.Tensor:
+        trunk = self.network.trunk
+        with self._lock:  # the eval-mode switch is global to the module: one pass at a time
+            trunk.eval()
+            with torch.inference_mode():
+                device = next(trunk.parameters()).device
+                pooled = trunk(image.unsqueeze(0).to(device)).mean(dim=(2, 3), keepdim=True)
+        return pooled[0].to("cpu", torch.float32).clone()
+
+    def _entry(self, image: Any) -> Path | None:
+        """The cache file of an image path; None without a cache or for an input that is not a file path."""
+        if self.cache_dir is None or not isinstance(image, (str, os.PathLike)):
+            return None
+        path = Path(image).resolve()
+        stat = path.stat()
+        item = json.dumps([self._weights_spec(), str(path), stat.st_size, stat.st_mtime_ns])
+        return self.cache_dir / f"{hashlib.sha256(item.encode()).hexdigest()}.pt"
+
+    def _weights_spec(self) -> str:
+        """Digest of what the features depend on besides the image, computed once (after the bundle's
+        ``initialize`` has loaded the weights: datasets are built when the trainer is)."""
+        with self._lock:
+            if self._spec is None:
+                digest = hashlib.sha256(
+                    json.dumps([cxr_monai_version(), self.network.backbone_name, self.options]).encode()
+                )
+                for name, tensor in sorted(self.network.trunk.state_dict().items()):
+                    digest.update(name.encode())
+                    digest.update(tensor.detach().to("cpu").contiguous().numpy().tobytes())
+                self._spec = digest.hexdigest()
+            return self._spec
 
 
 def trunk_feature_chain(
-    preprocessing: Compose, network: torch.nn.Module, keys: KeysCollection = ("image",)
+    network: torch.nn.Module,
+    spatial_size: int,
+    histogram_equalize: bool = False,
+    crop_borders: bool = False,
+    cache_dir: str | Path = "",
+    keys: KeysCollection = ("image",),
 ) -> Compose:
-    """``preprocessing`` (the inference chain: deterministic, so ``CacheDataset`` caches its result) then
-    :class:`TrunkFeaturesd`."""
-    return Compose([*preprocessing.transforms, TrunkFeaturesd(keys, network)])
+    """The cached run's dataset transform: one deterministic :class:`TrunkFeaturesd`, so ``CacheDataset``
+    keeps its output in memory for every epoch."""
+    return Compose([TrunkFeaturesd(keys, network, spatial_size, histogram_equalize, crop_borders, cache_dir)])
 
 
 def trainable_network(network: torch.nn.Module, cache_trunk_features: bool) -> torch.nn.Module:
