@@ -68,12 +68,12 @@ class TrunkFeaturesd(MapTransform):
                 "multi_gpu_train.json does not support it)"
             )
         self.network = network
-        self.options = {
+        self.options: dict[str, Any] = {
             "spatial_size": int(spatial_size),
             "histogram_equalize": bool(histogram_equalize),
             "crop_borders": bool(crop_borders),
         }
-        self.preprocessing = inference_transforms_d(keys, **self.options)
+        self.preprocessing = inference_transforms_d(keys, int(spatial_size), histogram_equalize, crop_borders)
         self.cache_dir = Path(cache_dir) if str(cache_dir) else None
         self._lock = threading.Lock()
         self._spec: str | None = None
