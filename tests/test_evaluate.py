@@ -368,3 +368,60 @@ def test_evaluate_on_real_images(shared_data: Path, tmp_path: Path) -> None:
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["model_metrics"]["n_images"] == 12 and metrics["skipped_images"] == []
     assert metrics["shortcut_check"]["n_training_items"] == 12
+
+
+def _cross_validation(root: Path, excluded_by_fold_1: list[str]) -> Path:
+    """A `cxr-monai train` output: two fold bundles with different weights and cv_summary.json."""
+    cv = root / "cv"
+    for fold in (0, 1):
+        bundle = make_trained_bundle(cv / f"fold_{fold}", spatial_size=32, seed=10 + fold)
+        excluded = excluded_by_fold_1 if fold == 1 else []
+        (bundle / "configs" / "train.json").write_text(json.dumps({"exclude_sources": excluded}))
+    summary = {"folds": [{"fold": k, "bundle": f"fold_{k}"} for k in (0, 1)]}
+    (cv / "cv_summary.json").write_text(json.dumps(summary))
+    return cv
+
+
+def test_cv_split_scores_each_training_item_with_the_model_that_held_it_out(
+    setup: dict[str, Path], tmp_path: Path
+) -> None:
+    cv = _cross_validation(tmp_path, [])
+    out = tmp_path / "eval"
+    result = run(
+        "--bundle", str(cv), "--datalist", str(setup["datalist"]), "--split", "cv", "--out", str(out),
+        "--bootstrap", "20", "--batch-size", "4",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    training = json.loads(setup["datalist"].read_text())["training"]
+    assert sorted(r["image"] for r in rows) == sorted(i["image"] for i in training)
+    fold_of = {i["image"]: i["fold"] for i in training}
+    predictors = {k: Predictor.from_bundle(cv / f"fold_{k}") for k in (0, 1)}
+    for row in rows:
+        own = predictors[fold_of[row["image"]]].predict([row["image"]])[0]
+        other = predictors[1 - fold_of[row["image"]]].predict([row["image"]])[0]
+        stored = [float(row[f"prob_{name}"]) for name in CLASS_NAMES]
+        assert stored == pytest.approx(own.probabilities.tolist(), abs=1e-5)
+        assert stored != pytest.approx(other.probabilities.tolist(), abs=1e-5)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["split"] == "cv" and "out of fold" in metrics["split_scope"]
+    assert sum(metrics["model_metrics"]["n_per_class"].values()) == len(training)
+    assert metrics["shortcut_check"]["n_training_items"] == 15  # each fold's baseline: the other fold only
+    assert not metrics["shortcut_check"]["fitted_on_evaluated_items"]
+
+
+def test_cv_split_leaves_out_the_sources_a_fold_excluded(setup: dict[str, Path], tmp_path: Path) -> None:
+    cv = _cross_validation(tmp_path, ["site-b"])  # fold 1 holds site-b only: nothing of it is scored
+    splits = evaluation.load_splits(setup["datalist"])
+    folds = evaluation.cross_validation_folds(cv, splits)
+    assert [(bundle.name, len(items)) for bundle, items in folds] == [("fold_0", 15)]
+
+
+def test_cv_split_needs_a_cross_validation_folder(setup: dict[str, Path]) -> None:
+    result = run(
+        "--bundle", str(setup["bundle"]), "--datalist", str(setup["datalist"]), "--split", "cv",
+        "--out", str(setup["root"] / "never"),
+    )  # fmt: skip
+    assert result.exit_code == 1
+    assert "cv_summary.json" in result.output and "cxr-monai train" in result.output
+    assert not (setup["root"] / "never").exists()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.panel import Panel
@@ -23,6 +23,8 @@ EPILOG = examples(
     "    --datalist out/prep/datalist.json --split test --out out/eval",
     "cxr-monai evaluate --bundle out/no-nih --datalist out/prep/datalist.json \\\n"
     "    --split source:site:nih-chestxray8 --out out/eval-nih",
+    "cxr-monai evaluate --bundle out/train --datalist out/prep/datalist.json \\\n"
+    "    --split cv --out out/eval-cv",
 )
 
 _LABELS = {
@@ -47,7 +49,8 @@ def evaluate(
         "--split",
         metavar="SPLIT",
         help="test | training | all | fold:K | source:NAME (every non-synthetic item of source NAME, "
-        "training and test alike: for a model trained with --exclude-source NAME).",
+        "training and test alike: for a model trained with --exclude-source NAME) | cv (out of fold: "
+        "--bundle is a `cxr-monai train` output; each fold's model scores the fold it held out).",
     ),
     shortcut: bool = typer.Option(
         True, "--shortcut/--no-shortcut", help="Fit and score the disease-blind baseline beside the model."
@@ -81,8 +84,14 @@ def evaluate(
 
     with user_errors():
         splits = evaluation.load_splits(datalist)
-        items = evaluation.select_split(splits, split)
-        predictor = Predictor.from_bundle(bundle_dir, device=device)
+        if split == evaluation.CV_SPLIT:
+            folds = evaluation.cross_validation_folds(bundle_dir, splits)
+            predictors = [(Predictor.from_bundle(b, device=device), items) for b, items in folds]
+            curves_bundle = folds[0][0]
+        else:
+            items = evaluation.select_split(splits, split)
+            predictor = Predictor.from_bundle(bundle_dir, device=device)
+            curves_bundle = bundle_dir
         stages = {"evaluate": "model + features", "baseline": "baseline training features"}
         with Progress(
             TextColumn("{task.description}"),
@@ -97,21 +106,22 @@ def evaluate(
             def on_progress(stage: str, done: int, total: int) -> None:
                 progress.update(tasks[stage], completed=done, total=total)
 
-            report = evaluation.evaluate(
-                predictor,
-                items,
-                splits["training"],
-                shortcut=shortcut,
-                batch_size=batch_size,
-                n_boot=bootstrap,
-                seed=seed,
-                by_patient=by_patient,
-                progress=on_progress,
-            )
+            options: dict[str, Any] = {
+                "shortcut": shortcut,
+                "batch_size": batch_size,
+                "n_boot": bootstrap,
+                "seed": seed,
+                "by_patient": by_patient,
+                "progress": on_progress,
+            }
+            if split == evaluation.CV_SPLIT:
+                report = evaluation.evaluate_cross_validated(predictors, splits["training"], **options)
+            else:
+                report = evaluation.evaluate(predictor, items, splits["training"], **options)
         written = evaluation.write_report(
             report,
             out,
-            bundle_dir,
+            curves_bundle,
             bundle=str(bundle_dir.resolve()),
             datalist=str(datalist.resolve()),
             split=split,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -58,6 +59,7 @@ from cxr_monai.evaluation.sources import (
 )
 from cxr_monai.io import CXRImage, read_cxr
 from cxr_monai.predictor import Predictor
+from cxr_monai.training.crossval import CV_SUMMARY
 from cxr_monai.training.layout import TRAINING_LOG, read_training_log
 from cxr_monai.versions import package_versions
 
@@ -66,6 +68,9 @@ logger = logging.getLogger(__name__)
 #: ``--split`` values besides ``fold:K`` and ``source:NAME``.
 SPLITS = ("test", "training", "all")
 SOURCE_SPLIT = "source:"
+#: Out-of-fold: every fold's validation items, each scored by that fold's model (``--bundle`` is then the
+#: output folder of ``cxr-monai train``).
+CV_SPLIT = "cv"
 
 #: Called as ``progress(stage, done, total)``; stages "evaluate" (evaluated items) then "baseline"
 #: (training items decoded for the baseline only).
@@ -132,8 +137,51 @@ def select_split(splits: dict[str, list[DataItem]], split: str) -> list[DataItem
     return items
 
 
+def cross_validation_folds(
+    cv_dir: str | Path, splits: dict[str, list[DataItem]]
+) -> list[tuple[Path, list[DataItem]]]:
+    """``(fold bundle, its validation items)`` for each fold in ``cv_dir/cv_summary.json`` (written by
+    ``cxr-monai train``), leaving out the sources that fold's run excluded (and a fold left empty).
+
+    Raises:
+        DatasetError: ``cv_dir`` is not a ``cxr-monai train`` output, or a fold is not in the datalist.
+    """
+    summary_path = Path(cv_dir) / CV_SUMMARY
+    try:
+        summary = json.loads(summary_path.read_text())
+        rows = [(int(row["fold"]), Path(cv_dir) / str(row["bundle"])) for row in summary["folds"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DatasetError(
+            f"--split {CV_SPLIT} needs --bundle to be the output folder of `cxr-monai train` (with "
+            f"{CV_SUMMARY} and fold_K/); cannot read {summary_path}"
+        ) from exc
+    folds = []
+    for fold, bundle in rows:
+        excluded = set(_run_parameters(bundle).get("exclude_sources") or [])
+        items = [item for item in select_split(splits, f"fold:{fold}") if item.source not in excluded]
+        if items:  # a fold holding only excluded sources has nothing to score
+            folds.append((bundle, items))
+    if not folds:
+        raise DatasetError(f"no fold of {cv_dir} has validation items outside its excluded sources")
+    return folds
+
+
+def _run_parameters(bundle: Path) -> dict[str, Any]:
+    """The training parameters a trained bundle's ``configs/train.json`` records ({} when unreadable)."""
+    try:
+        config = json.loads((bundle / "configs" / "train.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
 def describe_split(split: str) -> str:
     """One line on what ``split`` holds (recorded in ``metrics.json`` as ``split_scope``)."""
+    if split == CV_SPLIT:
+        return (
+            "out of fold: every non-synthetic training item, each scored by the model of the "
+            "cross-validation fold that held it out (and the baseline fitted on the other folds)"
+        )
     if split.startswith(SOURCE_SPLIT):
         name = split[len(SOURCE_SPLIT) :]
         return (
@@ -185,6 +233,66 @@ def _decode(
         progress(stage, done, len(items))
 
 
+@dataclass
+class _Predictions:
+    """One predictor's outputs on its readable items, before any figure is computed."""
+
+    items: list[DataItem]
+    #: (N, K) the model's probabilities and (N, F) its pooled features
+    y_prob: np.ndarray
+    pooled: np.ndarray
+    #: the baseline's features of each evaluated image (by path), its (N, K) probabilities, the number
+    #: of training items it was fitted on and whether those overlapped the evaluated ones
+    features: dict[str, ShortcutFeatures]
+    baseline_prob: np.ndarray | None = None
+    n_baseline_training: int = 0
+    baseline_overlap: bool = False
+
+
+def _predict(
+    predictor: Predictor,
+    items: Sequence[DataItem],
+    training_items: Sequence[DataItem],
+    shortcut: bool,
+    batch_size: int,
+    seed: int,
+    skipped: list[dict[str, str]],
+    progress: ProgressHook,
+    stage: str = "evaluate",
+) -> _Predictions:
+    """Decode every item once: the model's probabilities and pooled features, and (``shortcut``) the
+    baseline fitted on ``training_items`` not evaluated and scored on the evaluated items."""
+    kept: list[DataItem] = []
+    probs: list[np.ndarray] = []
+    pooled: list[np.ndarray] = []
+    features: dict[str, ShortcutFeatures] = {}
+    pending: list[tuple[DataItem, CXRImage]] = []
+
+    def flush() -> None:
+        if pending:
+            batch_probs, batch_pooled = predictor.predict_with_features(
+                [img for _, img in pending], batch_size
+            )
+            kept.extend(item for item, _ in pending)
+            probs.append(batch_probs)
+            pooled.append(batch_pooled)
+        pending.clear()
+
+    for item, image in _decode(items, skipped, stage, progress):
+        if shortcut:
+            features[item.image] = shortcut_features(image)
+        pending.append((item, image))
+        if len(pending) == batch_size:
+            flush()
+    flush()
+    if not kept:
+        raise DatasetError(f"none of the {len(items)} evaluated images could be read")
+    predicted = _Predictions(kept, np.concatenate(probs).astype(np.float64), np.concatenate(pooled), features)
+    if shortcut:
+        _fit_baseline(predicted, training_items, skipped, seed, progress)
+    return predicted
+
+
 def evaluate(
     predictor: Predictor,
     items: Sequence[DataItem],
@@ -210,42 +318,88 @@ def evaluate(
     """
     report_progress = progress or (lambda stage, done, total: None)
     skipped: list[dict[str, str]] = []
-    kept: list[DataItem] = []
-    probs: list[np.ndarray] = []
-    pooled: list[np.ndarray] = []
-    features: dict[str, ShortcutFeatures] = {}
-    pending: list[tuple[DataItem, CXRImage]] = []
+    predicted = _predict(
+        predictor, items, training_items, shortcut, batch_size, seed, skipped, report_progress
+    )
+    return _score([predicted], _model_info(predictor), shortcut, n_boot, seed, by_patient, skipped)
 
-    def flush() -> None:
-        if pending:
-            batch_probs, batch_pooled = predictor.predict_with_features(
-                [img for _, img in pending], batch_size
-            )
-            kept.extend(item for item, _ in pending)
-            probs.append(batch_probs)
-            pooled.append(batch_pooled)
-        pending.clear()
 
-    for item, image in _decode(items, skipped, "evaluate", report_progress):
-        if shortcut:
-            features[item.image] = shortcut_features(image)
-        pending.append((item, image))
-        if len(pending) == batch_size:
-            flush()
-    flush()
-    if not kept:
-        raise DatasetError(f"none of the {len(items)} evaluated images could be read")
+def evaluate_cross_validated(
+    folds: Sequence[tuple[Predictor, Sequence[DataItem]]],
+    training_items: Sequence[DataItem],
+    *,
+    shortcut: bool = True,
+    batch_size: int = 8,
+    n_boot: int = DEFAULT_N_BOOT,
+    seed: int = 0,
+    by_patient: bool = True,
+    progress: ProgressHook | None = None,
+) -> EvaluationReport:
+    """Out-of-fold evaluation of a cross-validation: each ``(predictor, items)`` pair is one fold's model
+    and that fold's validation items, which it never trained on; the disease-blind baseline of each fold
+    is fitted on the other ``training_items`` in the same way. The figures are then computed once over
+    all folds' items, as :func:`evaluate` computes them over one split: every training-split image counts
+    once, so the intervals are narrower than the test split's. (The source probe pools the folds'
+    features; with a frozen trunk they come from one and the same network.)
+    """
+    if not folds:
+        raise DatasetError("no folds to evaluate")
+    report_progress = progress or (lambda stage, done, total: None)
+    skipped: list[dict[str, str]] = []
+    parts = []
+    for n, (predictor, items) in enumerate(folds):
+        evaluated = {item.image for item in items}
+        fit = [item for item in training_items if item.image not in evaluated]
 
+        def fold_progress(stage: str, done: int, total: int, n: int = n) -> None:
+            report_progress(stage, done + n * total, total * len(folds))
+
+        parts.append(_predict(predictor, items, fit, shortcut, batch_size, seed, skipped, fold_progress))
+    return _score(parts, _model_info(folds[0][0]), shortcut, n_boot, seed, by_patient, skipped)
+
+
+def _model_info(predictor: Predictor) -> dict[str, Any]:
+    return {
+        "name": predictor.model_name,
+        "version": predictor.model_version,
+        "backbone": predictor.backbone,
+        "spatial_size": predictor.spatial_size,
+    }
+
+
+def _score(
+    parts: Sequence[_Predictions],
+    model: dict[str, Any],
+    shortcut: bool,
+    n_boot: int,
+    seed: int,
+    by_patient: bool,
+    skipped: list[dict[str, str]],
+) -> EvaluationReport:
+    """Every figure of the report over the items of ``parts`` taken together."""
+    kept = [item for part in parts for item in part.items]
     y_true = np.asarray([item.label for item in kept], dtype=np.int64)
-    y_prob = np.concatenate(probs).astype(np.float64)
+    y_prob = np.concatenate([part.y_prob for part in parts])
     groups = [item.patient_id for item in kept] if by_patient and all(i.patient_id for i in kept) else None
     metrics = classification_metrics(y_true, y_prob, CLASS_NAMES, n_boot=n_boot, seed=seed, groups=groups)
 
     result = baseline_prob = None
     sentences = []
+    features = {path: f for part in parts for path, f in part.features.items()}
     if shortcut:
-        result, baseline_prob = _shortcut_check(
-            kept, features, training_items, y_true, y_prob, skipped, n_boot, seed, groups, report_progress
+        baseline_prob = np.concatenate(
+            [part.baseline_prob for part in parts if part.baseline_prob is not None]
+        )
+        result = score_shortcut(
+            baseline_prob.argmax(axis=1),
+            y_true,
+            y_prob.argmax(axis=1),
+            class_names=CLASS_NAMES,
+            n_training_items=min(part.n_baseline_training for part in parts),
+            fitted_on_evaluated_items=any(part.baseline_overlap for part in parts),
+            n_boot=n_boot,
+            seed=seed,
+            groups=groups,
         )
         majority = float(np.bincount(y_true, minlength=NUM_CLASSES).max() / len(y_true))
         sentences.append(verdict(metrics.accuracy, result, majority))
@@ -254,67 +408,49 @@ def evaluate(
         y_true, y_prob, sources, baseline_prob, groups=groups, n_boot=n_boot, seed=seed
     )
     probe = source_probe(
-        np.concatenate(pooled),
+        np.concatenate([part.pooled for part in parts]),
         sources,
         encode_features([features[item.image] for item in kept]) if shortcut else None,
         groups=groups,
         seed=seed,
     )
     sentences += source_verdict(by_source, probe)
-    model = {
-        "name": predictor.model_name,
-        "version": predictor.model_version,
-        "backbone": predictor.backbone,
-        "spatial_size": predictor.spatial_size,
-    }
     return EvaluationReport(
         kept, y_prob, metrics, result, sentences, model, by_source, probe, baseline_prob, skipped
     )
 
 
-def _shortcut_check(
-    kept: list[DataItem],
-    features: dict[str, ShortcutFeatures],
+def _fit_baseline(
+    predicted: _Predictions,
     training_items: Sequence[DataItem],
-    y_true: np.ndarray,
-    y_prob: np.ndarray,
     skipped: list[dict[str, str]],
-    n_boot: int,
     seed: int,
-    groups: list[Any] | None,
     progress: ProgressHook,
-) -> tuple[ShortcutResult, np.ndarray]:
+) -> None:
     """Fit the baseline on training items not evaluated (all training items if that leaves fewer than
-    two classes, flagged), reusing features already computed, and score it on the evaluated items.
-    Returns the scores and the baseline's probabilities (N, K) on the evaluated items."""
-    evaluated = {item.image for item in kept}
+    two classes, flagged), reusing features already computed, and put its probabilities on the
+    evaluated items into ``predicted``."""
+    features = predicted.features
+    evaluated = {item.image for item in predicted.items}
     fit_items = [item for item in training_items if item.image not in evaluated]
     overlap = len({item.label for item in fit_items}) < 2
     if overlap:
         fit_items = list(training_items)
     todo = [item for item in fit_items if item.image not in features]
+    fitted: dict[str, ShortcutFeatures] = {}
     for item, image in _decode(todo, skipped, "baseline", progress):
-        features[item.image] = shortcut_features(image)
-    usable = [item for item in fit_items if item.image in features]
+        fitted[item.image] = shortcut_features(image)
+    fitted.update(features)
+    usable = [item for item in fit_items if item.image in fitted]
     if len({item.label for item in usable}) < 2:
         raise DatasetError(
             "the shortcut baseline needs training items of at least two classes in the datalist's "
             "'training' list (or pass --no-shortcut)"
         )
-    baseline = ShortcutBaseline(seed=seed).fit([features[i.image] for i in usable], [i.label for i in usable])
-    baseline_prob = baseline.predict_proba([features[item.image] for item in kept])
-    result = score_shortcut(
-        baseline_prob.argmax(axis=1),
-        y_true,
-        y_prob.argmax(axis=1),
-        class_names=CLASS_NAMES,
-        n_training_items=len(usable),
-        fitted_on_evaluated_items=overlap,
-        n_boot=n_boot,
-        seed=seed,
-        groups=groups,
-    )
-    return result, baseline_prob
+    baseline = ShortcutBaseline(seed=seed).fit([fitted[i.image] for i in usable], [i.label for i in usable])
+    predicted.baseline_prob = baseline.predict_proba([features[item.image] for item in predicted.items])
+    predicted.n_baseline_training = len(usable)
+    predicted.baseline_overlap = overlap
 
 
 def report_dict(report: EvaluationReport, **context: Any) -> dict[str, Any]:
