@@ -184,6 +184,21 @@ def test_cxr_monai_train_shares_one_feature_file_per_image_across_folds(
         torch.load(out / "final" / "models" / "model.pt", weights_only=True)
     )
 
+    # Another run on the same images and trunk reuses the folder instead of filling its own.
+    shared = ["--trunk-feature-cache", str(out / "trunk_features"), "--folds", "0"]
+    other = [
+        "--datalist",
+        str(datalist),
+        "--out",
+        str(tmp_path / "other"),
+        "--backbone",
+        "efficientnet_lite0",
+    ]
+    result = CliRunner().invoke(app, ["train", *other, *options, *epochs, *shared, "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    assert len(list((out / "trunk_features").glob("*.pt"))) == len(training)
+    assert not (tmp_path / "other" / "trunk_features").exists()
+
 
 def test_cxr_monai_train_reports_a_conflicting_option_in_one_line(datalist: Path, tmp_path: Path) -> None:
     common = ["--datalist", str(datalist), "--out", str(tmp_path / "cv"), "--folds", "0"]

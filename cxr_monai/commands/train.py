@@ -107,6 +107,13 @@ def train(
         help="With the trunk frozen throughout (--freeze-epochs >= --max-epochs): run it once per image "
         "and train the head on its cached features (no augmentation; many epochs in seconds).",
     ),
+    trunk_feature_cache: Path | None = typer.Option(
+        None,
+        "--trunk-feature-cache",
+        metavar="DIR",
+        help="With --cache-trunk-features: folder of the feature files (default: OUT/trunk_features); "
+        "share it between runs on the same images, backbone and pre-processing.",
+    ),
     num_workers: int | None = typer.Option(
         None,
         "--num-workers",
@@ -195,7 +202,7 @@ def train(
             "source_adversarial_weight": source_adversarial,
             "cache_trunk_features": cache_trunk_features,
             # One feature file per image, shared by the folds and the final retraining.
-            "trunk_feature_cache_dir": str(out.resolve() / TRUNK_FEATURE_CACHE)
+            "trunk_feature_cache_dir": str((trunk_feature_cache or out / TRUNK_FEATURE_CACHE).resolve())
             if cache_trunk_features
             else "",
             "cache_rate": cache_rate,
