@@ -252,16 +252,13 @@ class _Predictions:
 def _predict(
     predictor: Predictor,
     items: Sequence[DataItem],
-    training_items: Sequence[DataItem],
     shortcut: bool,
     batch_size: int,
-    seed: int,
     skipped: list[dict[str, str]],
     progress: ProgressHook,
-    stage: str = "evaluate",
 ) -> _Predictions:
     """Decode every item once: the model's probabilities and pooled features, and (``shortcut``) the
-    baseline fitted on ``training_items`` not evaluated and scored on the evaluated items."""
+    baseline's features."""
     kept: list[DataItem] = []
     probs: list[np.ndarray] = []
     pooled: list[np.ndarray] = []
@@ -278,7 +275,7 @@ def _predict(
             pooled.append(batch_pooled)
         pending.clear()
 
-    for item, image in _decode(items, skipped, stage, progress):
+    for item, image in _decode(items, skipped, "evaluate", progress):
         if shortcut:
             features[item.image] = shortcut_features(image)
         pending.append((item, image))
@@ -287,10 +284,7 @@ def _predict(
     flush()
     if not kept:
         raise DatasetError(f"none of the {len(items)} evaluated images could be read")
-    predicted = _Predictions(kept, np.concatenate(probs).astype(np.float64), np.concatenate(pooled), features)
-    if shortcut:
-        _fit_baseline(predicted, training_items, skipped, seed, progress)
-    return predicted
+    return _Predictions(kept, np.concatenate(probs).astype(np.float64), np.concatenate(pooled), features)
 
 
 def evaluate(
@@ -318,9 +312,9 @@ def evaluate(
     """
     report_progress = progress or (lambda stage, done, total: None)
     skipped: list[dict[str, str]] = []
-    predicted = _predict(
-        predictor, items, training_items, shortcut, batch_size, seed, skipped, report_progress
-    )
+    predicted = _predict(predictor, items, shortcut, batch_size, skipped, report_progress)
+    if shortcut:
+        _fit_baseline(predicted, training_items, predicted.features, skipped, seed, report_progress)
     return _score([predicted], _model_info(predictor), shortcut, n_boot, seed, by_patient, skipped)
 
 
@@ -348,13 +342,17 @@ def evaluate_cross_validated(
     skipped: list[dict[str, str]] = []
     parts = []
     for n, (predictor, items) in enumerate(folds):
-        evaluated = {item.image for item in items}
-        fit = [item for item in training_items if item.image not in evaluated]
 
         def fold_progress(stage: str, done: int, total: int, n: int = n) -> None:
             report_progress(stage, done + n * total, total * len(folds))
 
-        parts.append(_predict(predictor, items, fit, shortcut, batch_size, seed, skipped, fold_progress))
+        parts.append(_predict(predictor, items, shortcut, batch_size, skipped, fold_progress))
+    if shortcut:  # each image decoded once: the folds' evaluated images are the others' fitting images
+        known = {path: f for part in parts for path, f in part.features.items()}
+        for part in parts:
+            evaluated = {item.image for item in part.items}
+            fit = [item for item in training_items if item.image not in evaluated]
+            _fit_baseline(part, fit, known, skipped, seed, report_progress)
     return _score(parts, _model_info(folds[0][0]), shortcut, n_boot, seed, by_patient, skipped)
 
 
@@ -423,32 +421,33 @@ def _score(
 def _fit_baseline(
     predicted: _Predictions,
     training_items: Sequence[DataItem],
+    known: dict[str, ShortcutFeatures],
     skipped: list[dict[str, str]],
     seed: int,
     progress: ProgressHook,
 ) -> None:
     """Fit the baseline on training items not evaluated (all training items if that leaves fewer than
-    two classes, flagged), reusing features already computed, and put its probabilities on the
-    evaluated items into ``predicted``."""
-    features = predicted.features
+    two classes, flagged) and put its probabilities on the evaluated items into ``predicted``.
+
+    ``known``: baseline features already computed, by image path (the evaluated images' among them);
+    training images not in it are decoded once and added to it.
+    """
     evaluated = {item.image for item in predicted.items}
     fit_items = [item for item in training_items if item.image not in evaluated]
     overlap = len({item.label for item in fit_items}) < 2
     if overlap:
         fit_items = list(training_items)
-    todo = [item for item in fit_items if item.image not in features]
-    fitted: dict[str, ShortcutFeatures] = {}
+    todo = [item for item in fit_items if item.image not in known]
     for item, image in _decode(todo, skipped, "baseline", progress):
-        fitted[item.image] = shortcut_features(image)
-    fitted.update(features)
-    usable = [item for item in fit_items if item.image in fitted]
+        known[item.image] = shortcut_features(image)
+    usable = [item for item in fit_items if item.image in known]
     if len({item.label for item in usable}) < 2:
         raise DatasetError(
             "the shortcut baseline needs training items of at least two classes in the datalist's "
             "'training' list (or pass --no-shortcut)"
         )
-    baseline = ShortcutBaseline(seed=seed).fit([fitted[i.image] for i in usable], [i.label for i in usable])
-    predicted.baseline_prob = baseline.predict_proba([features[item.image] for item in predicted.items])
+    baseline = ShortcutBaseline(seed=seed).fit([known[i.image] for i in usable], [i.label for i in usable])
+    predicted.baseline_prob = baseline.predict_proba([known[item.image] for item in predicted.items])
     predicted.n_baseline_training = len(usable)
     predicted.baseline_overlap = overlap
 
