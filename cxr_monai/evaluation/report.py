@@ -314,7 +314,7 @@ def evaluate(
     skipped: list[dict[str, str]] = []
     predicted = _predict(predictor, items, shortcut, batch_size, skipped, report_progress)
     if shortcut:
-        _fit_baseline(predicted, training_items, predicted.features, skipped, seed, report_progress)
+        _fit_baseline(predicted, training_items, dict(predicted.features), skipped, seed, report_progress)
     return _score([predicted], _model_info(predictor), shortcut, n_boot, seed, by_patient, skipped)
 
 
