@@ -23,7 +23,7 @@ from monai.data import Dataset
 from typer.testing import CliRunner
 
 from cxr_monai.cli import app
-from cxr_monai.errors import BundleError
+from cxr_monai.errors import BundleError, InvalidImageError
 from cxr_monai.networks import build_network, load_pretrained
 from cxr_monai.training import TrunkFeaturesd, trunk_feature_chain
 from cxr_monai.transforms import inference_transforms_d
@@ -210,3 +210,12 @@ def test_cxr_monai_train_reports_a_conflicting_option_in_one_line(datalist: Path
     assert "error: cache_trunk_features needs the trunk frozen" in result.output
     assert "freeze_epochs (1) must be at least max_epochs (3)" in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_missing_image_is_named_by_the_reader_not_the_cache(tmp_path: Path) -> None:
+    transform = TrunkFeaturesd("image", build_network("efficientnet_lite0"), SIZE, cache_dir=tmp_path)
+    with pytest.raises(RuntimeError) as info:  # MONAI wraps a transform's error
+        transform({"image": str(tmp_path / "gone.png")})
+    assert isinstance(info.value.__cause__, InvalidImageError)
+    assert "gone.png" in str(info.value.__cause__)
+    assert not list(tmp_path.iterdir())

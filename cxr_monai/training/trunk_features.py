@@ -102,11 +102,15 @@ class TrunkFeaturesd(MapTransform):
         return pooled[0].to("cpu", torch.float32).clone()
 
     def _entry(self, image: Any) -> Path | None:
-        """The cache file of an image path; None without a cache or for an input that is not a file path."""
+        """The cache file of an image path; None without a cache, or for an input that is not the path of
+        an existing file."""
         if self.cache_dir is None or not isinstance(image, (str, os.PathLike)):
             return None
         path = Path(image).resolve()
-        stat = path.stat()
+        try:
+            stat = path.stat()
+        except OSError:  # the reader names the problem when it tries the file
+            return None
         item = json.dumps([self._weights_spec(), str(path), stat.st_size, stat.st_mtime_ns])
         return self.cache_dir / f"{hashlib.sha256(item.encode()).hexdigest()}.pt"
 
