@@ -425,3 +425,21 @@ def test_cv_split_needs_a_cross_validation_folder(setup: dict[str, Path]) -> Non
     assert result.exit_code == 1
     assert "cv_summary.json" in result.output and "cxr-monai train" in result.output
     assert not (setup["root"] / "never").exists()
+
+
+def test_cv_split_lists_an_unreadable_training_image_once(setup: dict[str, Path], tmp_path: Path) -> None:
+    document = json.loads(setup["datalist"].read_text())
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    document["training"][0]["image"] = str(broken)  # fold 0: skipped there, and by fold 1's baseline
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps(document))
+    out = tmp_path / "eval"
+    result = run(
+        "--bundle", str(_cross_validation(tmp_path, [])), "--datalist", str(datalist), "--split", "cv",
+        "--out", str(out), "--bootstrap", "0", "--batch-size", "4",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    skipped = json.loads((out / "metrics.json").read_text())["skipped_images"]
+    assert [entry["image"] for entry in skipped] == [str(broken)]
+    assert sum(1 for _ in csv.DictReader((out / "predictions.csv").open())) == len(document["training"]) - 1

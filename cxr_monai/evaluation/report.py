@@ -430,14 +430,15 @@ def _fit_baseline(
     two classes, flagged) and put its probabilities on the evaluated items into ``predicted``.
 
     ``known``: baseline features already computed, by image path (the evaluated images' among them);
-    training images not in it are decoded once and added to it.
+    training images not in it are decoded once and added to it, except those ``skipped`` already lists.
     """
     evaluated = {item.image for item in predicted.items}
     fit_items = [item for item in training_items if item.image not in evaluated]
     overlap = len({item.label for item in fit_items}) < 2
     if overlap:
         fit_items = list(training_items)
-    todo = [item for item in fit_items if item.image not in known]
+    unreadable = {entry["image"] for entry in skipped}  # tried once already: listed once
+    todo = [item for item in fit_items if item.image not in known and item.image not in unreadable]
     for item, image in _decode(todo, skipped, "baseline", progress):
         known[item.image] = shortcut_features(image)
     usable = [item for item in fit_items if item.image in known]
