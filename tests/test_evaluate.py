@@ -371,13 +371,14 @@ def test_evaluate_on_real_images(shared_data: Path, tmp_path: Path) -> None:
 
 
 def _cross_validation(root: Path, excluded_by_fold_1: list[str]) -> Path:
-    """A `cxr-monai train` output: two fold bundles with different weights and cv_summary.json."""
+    """A `cxr-monai train` output: two fold bundles with different weights, a final one, cv_summary.json."""
     cv = root / "cv"
     for fold in (0, 1):
         bundle = make_trained_bundle(cv / f"fold_{fold}", spatial_size=32, seed=10 + fold)
         excluded = excluded_by_fold_1 if fold == 1 else []
         (bundle / "configs" / "train.json").write_text(json.dumps({"exclude_sources": excluded}))
-    summary = {"folds": [{"fold": k, "bundle": f"fold_{k}"} for k in (0, 1)]}
+    make_trained_bundle(cv / "final", spatial_size=32, seed=12)
+    summary = {"folds": [{"fold": k, "bundle": f"fold_{k}"} for k in (0, 1)], "final": {"bundle": "final"}}
     (cv / "cv_summary.json").write_text(json.dumps(summary))
     return cv
 

@@ -35,7 +35,7 @@ from sklearn.metrics import ConfusionMatrixDisplay
 from cxr_monai.atomic import write_json_atomic, write_text_atomic
 from cxr_monai.constants import CLASS_NAMES, RESEARCH_USE_NOTICE
 from cxr_monai.data.sources import DataItem
-from cxr_monai.errors import BundleError, DatasetError
+from cxr_monai.errors import DatasetError
 from cxr_monai.evaluation.metrics import (
     DEFAULT_N_BOOT,
     ClassificationMetrics,
@@ -47,6 +47,7 @@ from cxr_monai.evaluation.metrics import (
 from cxr_monai.evaluation.plots import _estimate_bars, _figure, save_png
 from cxr_monai.evaluation.report import EvaluationReport, evaluate
 from cxr_monai.io import read_cxr
+from cxr_monai.training.crossval import trained_bundles
 
 #: Per-class figures of the table, in order (the paper's Table 2).
 TABLE_FIGURES: tuple[str, ...] = ("precision", "recall", "f1")
@@ -56,8 +57,6 @@ FIGURES: dict[str, str] = {
     "classwise": "fig6_classwise.png",
     "gradcam": "fig7_gradcam.png",
 }
-CV_SUMMARY = "cv_summary.json"
-FINAL = "final"
 
 #: ``progress(stage, done, total)``.
 ProgressHook = Callable[[str, int, int], None]
@@ -82,23 +81,6 @@ class RunScores:
     @property
     def label(self) -> str:
         return f"{self.name} ({self.final.model['backbone']}, {self.augmentation})"
-
-
-def run_bundles(run: str | Path) -> tuple[Path, list[tuple[int, Path]], dict[str, Any]]:
-    """(final bundle, [(fold, fold bundle)...], cv_summary) of a ``cxr-monai train`` folder; BundleError
-    naming what is missing."""
-    import json
-
-    root = Path(run)
-    summary_path = root / CV_SUMMARY
-    if not summary_path.is_file():
-        raise BundleError(f"{root}: no {CV_SUMMARY}; pass the --out folder of `cxr-monai train`")
-    summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    final = root / str((summary.get("final") or {}).get("bundle", FINAL))
-    if not (final / "models" / "model.pt").is_file():
-        raise BundleError(f"{root}: {final.name}/models/model.pt is missing")
-    folds = [(int(r["fold"]), root / str(r["bundle"])) for r in summary.get("folds", [])]
-    return final, [(k, d) for k, d in folds if (d / "models" / "model.pt").is_file()], summary
 
 
 def patient_groups(items: Sequence[DataItem], by_patient: bool) -> list[str] | None:
@@ -141,7 +123,7 @@ def score_run(
     from cxr_monai.predictor import Predictor
     from cxr_monai.training import read_training_log
 
-    final_dir, fold_dirs, summary = run_bundles(run)
+    final_dir, fold_dirs, summary = trained_bundles(run)
     name = name or Path(run).name
 
     def report(stage: str, done: int, total: int) -> None:
@@ -282,7 +264,7 @@ def v1_call_rates(runs: Sequence[RunScores], batch_size: int = 8) -> list[dict[s
         content = load_datalist(record["augmented_datalist"])
         synthetic = [str(i["image"]) for i in content["training"] if i.get("synthetic")]
         for v1 in v1_runs:
-            final_dir = run_bundles(v1.path)[0]
+            final_dir = trained_bundles(v1.path)[0]
             rate = covid_call_rate(final_dir, synthetic, batch_size)
             rows.append(
                 {"v2_run": run.label, "v1_run": v1.label, "n_synthetic": len(synthetic), "covid_rate": rate}
@@ -398,7 +380,7 @@ def gradcam_figure(
     )
     axes = np.atleast_2d(fig.subplots(len(runs), len(examples), squeeze=False))
     for r, run in enumerate(runs):
-        predictor = Predictor.from_bundle(run_bundles(run.path)[0], device=device)
+        predictor = Predictor.from_bundle(trained_bundles(run.path)[0], device=device)
         explanations = Explainer(predictor.model, predictor.preprocess).explain(images)
         for c, (item, image, expl) in enumerate(zip(examples, images, explanations, strict=True)):
             ax = axes[r, c]

@@ -59,7 +59,7 @@ from cxr_monai.evaluation.sources import (
 )
 from cxr_monai.io import CXRImage, read_cxr
 from cxr_monai.predictor import Predictor
-from cxr_monai.training.crossval import CV_SUMMARY
+from cxr_monai.training.crossval import trained_bundles
 from cxr_monai.training.layout import TRAINING_LOG, read_training_log
 from cxr_monai.versions import package_versions
 
@@ -144,17 +144,10 @@ def cross_validation_folds(
     ``cxr-monai train``), leaving out the sources that fold's run excluded (and a fold left empty).
 
     Raises:
-        DatasetError: ``cv_dir`` is not a ``cxr-monai train`` output, or a fold is not in the datalist.
+        BundleError: ``cv_dir`` is not a ``cxr-monai train`` output (:func:`trained_bundles`).
+        DatasetError: a fold is not in the datalist, or no fold has items left.
     """
-    summary_path = Path(cv_dir) / CV_SUMMARY
-    try:
-        summary = json.loads(summary_path.read_text())
-        rows = [(int(row["fold"]), Path(cv_dir) / str(row["bundle"])) for row in summary["folds"]]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DatasetError(
-            f"--split {CV_SPLIT} needs --bundle to be the output folder of `cxr-monai train` (with "
-            f"{CV_SUMMARY} and fold_K/); cannot read {summary_path}"
-        ) from exc
+    _, rows, _ = trained_bundles(cv_dir)
     folds = []
     for fold, bundle in rows:
         excluded = set(_run_parameters(bundle).get("exclude_sources") or [])

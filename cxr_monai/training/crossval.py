@@ -13,6 +13,7 @@ started here and one started with ``python -m monai.bundle run`` are the same; i
 
 from __future__ import annotations
 
+import json
 import logging
 import statistics
 import time
@@ -160,6 +161,21 @@ def aggregate(values: Sequence[float | int | None]) -> dict[str, float | int | N
         "mean": statistics.fmean(present) if present else None,
         "sd": statistics.stdev(present) if len(present) > 1 else None,
     }
+
+
+def trained_bundles(out: str | Path) -> tuple[Path, list[tuple[int, Path]], dict[str, Any]]:
+    """(final bundle, [(fold, fold bundle)...], cv_summary) of a :func:`cross_validate` output folder;
+    folds without a ``models/model.pt`` are left out. BundleError naming what is missing."""
+    root = Path(out)
+    summary_path = root / CV_SUMMARY
+    if not summary_path.is_file():
+        raise BundleError(f"{root}: no {CV_SUMMARY}; pass the --out folder of `cxr-monai train`")
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    final = root / str((summary.get("final") or {}).get("bundle", FINAL_DIR))
+    if not (final / "models" / "model.pt").is_file():
+        raise BundleError(f"{root}: {final.name}/models/model.pt is missing")
+    folds = [(int(r["fold"]), root / str(r["bundle"])) for r in summary.get("folds", [])]
+    return final, [(k, d) for k, d in folds if (d / "models" / "model.pt").is_file()], summary
 
 
 def cross_validate(
