@@ -444,3 +444,15 @@ def test_cv_split_lists_an_unreadable_training_image_once(setup: dict[str, Path]
     skipped = json.loads((out / "metrics.json").read_text())["skipped_images"]
     assert [entry["image"] for entry in skipped] == [str(broken)]
     assert sum(1 for _ in csv.DictReader((out / "predictions.csv").open())) == len(document["training"]) - 1
+
+
+def test_cv_split_names_a_damaged_cv_summary(setup: dict[str, Path], tmp_path: Path) -> None:
+    cv = _cross_validation(tmp_path, [])
+    (cv / "cv_summary.json").write_text('{"folds": [{"bundle": "fold_0"}]')  # truncated, no fold number
+    result = run(
+        "--bundle", str(cv), "--datalist", str(setup["datalist"]), "--split", "cv",
+        "--out", str(tmp_path / "never"),
+    )  # fmt: skip
+    assert result.exit_code == 1
+    assert "cv_summary.json: not a cxr-monai train summary" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "never").exists()

@@ -170,11 +170,14 @@ def trained_bundles(out: str | Path) -> tuple[Path, list[tuple[int, Path]], dict
     summary_path = root / CV_SUMMARY
     if not summary_path.is_file():
         raise BundleError(f"{root}: no {CV_SUMMARY}; pass the --out folder of `cxr-monai train`")
-    summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    final = root / str((summary.get("final") or {}).get("bundle", FINAL_DIR))
+    try:
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        final = root / str((summary.get("final") or {}).get("bundle", FINAL_DIR))
+        folds = [(int(r["fold"]), root / str(r["bundle"])) for r in summary.get("folds", [])]
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise BundleError(f"{summary_path}: not a cxr-monai train summary ({type(exc).__name__})") from exc
     if not (final / "models" / "model.pt").is_file():
         raise BundleError(f"{root}: {final.name}/models/model.pt is missing")
-    folds = [(int(r["fold"]), root / str(r["bundle"])) for r in summary.get("folds", [])]
     return final, [(k, d) for k, d in folds if (d / "models" / "model.pt").is_file()], summary
 
 
