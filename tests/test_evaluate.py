@@ -279,17 +279,29 @@ def test_without_training_log_the_curves_are_skipped_with_a_note(
 
 
 def test_training_curves_figure_plots_numeric_keys_only() -> None:
-    assert training_curves_figure([{"epoch": 1, "note": "x"}]) is None
-    fig = training_curves_figure([{"epoch": 1, "train_loss": 1.0, "val_accuracy": 0.5, "lr": 1e-4}])
+    assert training_curves_figure([[{"epoch": 1, "note": "x"}]]) is None
+    fig = training_curves_figure([[{"epoch": 1, "train_loss": 1.0, "val_accuracy": 0.5, "lr": 1e-4}]])
     assert fig is not None
     assert [ax.get_title() for ax in fig.axes] == ["loss", "accuracy", "learning rate"]
-    fig = training_curves_figure([{"epoch": 1, "val_accuracy": 0.5, "train_seconds": 3.0, "ok": True}])
+    fig = training_curves_figure([[{"epoch": 1, "val_accuracy": 0.5, "train_seconds": 3.0, "ok": True}]])
     assert fig is not None
     assert [ax.get_title() for ax in fig.axes] == ["accuracy", "seconds"]
     assert [line.get_label() for line in fig.axes[0].get_lines()] == ["val_accuracy"]
-    fig = training_curves_figure([{"epoch": 1, "val_loss": 1.0, "grad_norm": 3.0, "f1": 0.4}])
+    fig = training_curves_figure([[{"epoch": 1, "val_loss": 1.0, "grad_norm": 3.0, "f1": 0.4}]])
     assert fig is not None
     assert [ax.get_title() for ax in fig.axes] == ["loss", "f1, grad_norm"]  # says what the panel holds
+
+
+def test_training_curves_of_several_folds_draw_one_line_per_fold_and_label_once() -> None:
+    folds = [[{"epoch": e, "val_accuracy": 0.5 + f / 10 + e / 100} for e in (1, 2, 3)] for f in range(3)]
+    folds[2] = [*folds[2][:2], {"epoch": 3, "note": "stopped"}]
+    fig = training_curves_figure(folds)
+    assert fig is not None
+    lines = fig.axes[0].get_lines()
+    assert [len(line.get_xdata()) for line in lines] == [3, 3, 2]
+    assert list(lines[1].get_ydata()) == pytest.approx([0.61, 0.62, 0.63])
+    assert [text.get_text() for text in fig.axes[0].get_legend().get_texts()] == ["val_accuracy (3 runs)"]
+    assert len({line.get_color() for line in lines}) == 1
 
 
 def test_roc_legend_lists_the_classes_and_not_the_chance_line() -> None:
@@ -409,6 +421,7 @@ def test_cv_split_scores_each_training_item_with_the_model_that_held_it_out(
     assert sum(metrics["model_metrics"]["n_per_class"].values()) == len(training)
     assert metrics["shortcut_check"]["n_training_items"] == 15  # each fold's baseline: the other fold only
     assert not metrics["shortcut_check"]["fitted_on_evaluated_items"]
+    assert "training_curves.png" in metrics["plots"] and metrics["notes"] == []  # both folds' logs
 
 
 def test_cv_split_leaves_out_the_sources_a_fold_excluded(setup: dict[str, Path], tmp_path: Path) -> None:

@@ -87,11 +87,11 @@ def evaluate(
         if split == evaluation.CV_SPLIT:
             folds = evaluation.cross_validation_folds(bundle_dir, splits)
             predictors = [(Predictor.from_bundle(b, device=device), items) for b, items in folds]
-            curves_bundle = folds[0][0]
+            curves_bundles = [b for b, _ in folds]
         else:
             items = evaluation.select_split(splits, split)
             predictor = Predictor.from_bundle(bundle_dir, device=device)
-            curves_bundle = bundle_dir
+            curves_bundles = [bundle_dir]
         stages = {"evaluate": "model + features", "baseline": "baseline training features"}
         with Progress(
             TextColumn("{task.description}"),
@@ -121,7 +121,7 @@ def evaluate(
         written = evaluation.write_report(
             report,
             out,
-            curves_bundle,
+            curves_bundles,
             bundle=str(bundle_dir.resolve()),
             datalist=str(datalist.resolve()),
             split=split,

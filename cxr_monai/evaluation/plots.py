@@ -125,14 +125,16 @@ def _curve_group(key: str) -> str:
     return ""
 
 
-def training_curves_figure(log: Sequence[Mapping[str, Any]], title: str = "") -> Figure | None:
-    """Per-epoch curves from a training log (list of dicts with ``epoch`` and numeric figures): panels
-    for losses, accuracies, the learning rate (log scale), timings (keys containing ``seconds``) and any
-    other figures (titled by their keys), each only when the log has such keys. None when nothing is
-    numeric."""
+def training_curves_figure(logs: Sequence[Sequence[Mapping[str, Any]]], title: str = "") -> Figure | None:
+    """Per-epoch curves from one or more training logs (each a list of dicts with ``epoch`` and numeric
+    figures; several: the folds of a cross-validation, one thin line each in the figure's colour, so the
+    spread across folds shows): panels for losses, accuracies, the learning rate (log scale), timings
+    (keys containing ``seconds``) and any other figures (titled by their keys), each only when a log has
+    such keys. None when nothing is numeric."""
     keys = sorted(
         {
             k
+            for log in logs
             for row in log
             for k, v in row.items()
             if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
@@ -143,14 +145,28 @@ def training_curves_figure(log: Sequence[Mapping[str, Any]], title: str = "") ->
     groups = [g for g in (*_CURVE_PANELS, "") if any(_curve_group(k) == g for k in keys)]
     fig = _figure(title or "Training curves", 4.5 * len(groups) + 1.0, 4.5)
     axes = dict(zip(groups, np.atleast_1d(fig.subplots(1, len(groups))), strict=True))
-    for key in keys:
-        points = [
-            (row.get("epoch", i + 1), row[key])
-            for i, row in enumerate(log)
-            if isinstance(row.get(key), (int, float))
-        ]
-        epochs, values = zip(*points, strict=True)
-        axes[_curve_group(key)].plot(epochs, values, marker="o", label=key)
+    several = len(logs) > 1
+    for colour, key in enumerate(keys):
+        labelled = False
+        for log in logs:
+            points = [
+                (row.get("epoch", i + 1), row[key])
+                for i, row in enumerate(log)
+                if isinstance(row.get(key), (int, float))
+            ]
+            if not points:
+                continue
+            epochs, values = zip(*points, strict=True)
+            axes[_curve_group(key)].plot(
+                epochs,
+                values,
+                color=f"C{colour}",
+                marker="." if several else "o",
+                linewidth=1.0 if several else 1.5,
+                alpha=0.7 if several else 1.0,
+                label=None if labelled else (f"{key} ({len(logs)} runs)" if several else key),
+            )
+            labelled = True
     for name, ax in axes.items():
         ax.set_xlabel("epoch")
         ax.set_title(name or ", ".join(k for k in keys if not _curve_group(k)))

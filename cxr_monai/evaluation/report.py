@@ -489,12 +489,13 @@ def predictions_csv(report: EvaluationReport) -> str:
 
 
 def write_report(
-    report: EvaluationReport, out_dir: str | Path, bundle_dir: str | Path, **context: Any
+    report: EvaluationReport, out_dir: str | Path, bundle_dirs: Sequence[str | Path], **context: Any
 ) -> dict[str, Path]:
     """Write ``metrics.json``, ``predictions.csv`` and the PNG plots into ``out_dir``; return their paths.
 
-    The training-curves plot needs the bundle's ``logs/training_log.json``; without it the plot is
-    skipped and ``metrics.json`` says so under ``notes``.
+    The training-curves plot draws the ``logs/training_log.json`` of each of ``bundle_dirs`` (one
+    bundle, or every fold of a cross-validation); a bundle without it is left out, and when none has
+    one the plot is skipped and ``metrics.json`` says so under ``notes``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -512,12 +513,12 @@ def write_report(
         ),
         "sources.png": source_figure(report.by_source, f"Per source and within source - {name}"),
     }
-    log = read_training_log(bundle_dir)
-    curves = training_curves_figure(log, f"Training curves - {name}") if log else None
+    logs = [log for log in map(read_training_log, bundle_dirs) if log]
+    title = f"Training curves - {name}" + (f", {len(logs)} folds" if len(logs) > 1 else "")
+    curves = training_curves_figure(logs, title) if logs else None
     if curves is None:
-        notes.append(
-            f"no training curves: {Path(bundle_dir) / TRAINING_LOG} is absent or has no numeric figures"
-        )
+        where = ", ".join(str(Path(b) / TRAINING_LOG) for b in bundle_dirs)
+        notes.append(f"no training curves: {where} absent or without numeric figures")
     else:
         figures["training_curves.png"] = curves
     written = {file: save_png(fig, out / file) for file, fig in figures.items()}
