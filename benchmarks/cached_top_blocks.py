@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _results import command_line, write_results
 from frozen_feature_variants import NIH, NORMAL, PNEUMONIA, figures, pair_auroc
 from monai.data import DataLoader, Dataset
 
@@ -145,14 +146,10 @@ def main() -> None:
         "covid-dataset | OOF NIH | OOF Kaggle | test accuracy | test COVID-19 vs Pneumonia | test NIH | "
         "leave-NIH-out: NIH Normal called Normal | leave-NIH-out: NIH AUROC |"
     )
-    command = (
-        f"python benchmarks/cached_top_blocks.py --datalist {args.datalist} --cache-dir {args.cache_dir} "
-        f"--blocks {args.blocks} --head-epochs {args.head_epochs} --tune-epochs {args.tune_epochs} "
-        f"--lr {args.lr} --out {args.out}"
-    )
     previous = args.out.read_text().splitlines() if args.out.is_file() else []
     rows = [line for line in previous if line.startswith("| ") and not line.startswith("| run ")]
-    text = "\n".join(
+    write_results(
+        args.out,
         [
             "# Fine-tuning Lite2's top blocks on cached maps (no augmentation)",
             "",
@@ -163,13 +160,10 @@ def main() -> None:
             *[r for r in rows if not r.startswith(f"| {setting} |")],
             row,
             "",
-            f"Last command: `{command}`",
+            f"Last command: `{command_line()}`",
             "",
-        ]
+        ],
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(text)
 
 
 if __name__ == "__main__":

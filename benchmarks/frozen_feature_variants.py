@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _results import command_line, write_results
 from monai.data import DataLoader, Dataset
 from sklearn.covariance import LedoitWolf
 from sklearn.decomposition import PCA
@@ -316,7 +317,8 @@ def main() -> None:
             print(rows[-1])
 
     base = features_by_variant[VARIANTS[0][0]]
-    text = "\n".join(
+    write_results(
+        args.out,
         [
             "# Frozen ImageNet EfficientNet-Lite features: variants and classifiers",
             "",
@@ -338,14 +340,10 @@ def main() -> None:
             unfamiliarity(base, sources, is_train, NIH),
             unfamiliarity(base, sources, is_train, KAGGLE),
             "",
-            f"Command: `python benchmarks/frozen_feature_variants.py --datalist {args.datalist} --cache-dir "
-            f"{args.cache_dir} --C {args.C} --out {args.out}`",
+            f"Command: `{command_line()}`",
             "",
-        ]
+        ],
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(text)
 
 
 if __name__ == "__main__":

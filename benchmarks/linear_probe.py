@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _results import command_line, write_results
 from monai.data import DataLoader, Dataset
 from sklearn.linear_model import LogisticRegressionCV
 from sklearn.metrics import accuracy_score, roc_auc_score
@@ -213,12 +214,8 @@ def main() -> None:
         rows.append(f"| {source} | {count_text} | {source_acc:.3f} | {called} | {'; '.join(aurocs)} |")
 
     chosen_c = float(probe[-1].C_)
-    command = (
-        f"python benchmarks/linear_probe.py --datalist {args.datalist} --backbone {args.backbone} "
-        f"--spatial-size {args.spatial_size} --threads {args.threads} --out {args.out}"
-        + "".join(f" --leave-out {source}" for source in args.leave_out)
-    )
-    text = "\n".join(
+    write_results(
+        args.out,
         [
             f"# Linear probe on frozen ImageNet {args.backbone} features",
             "",
@@ -243,13 +240,10 @@ def main() -> None:
             + ", ".join(f"{k} {v}" for k, v in sorted(Counter(str(i.get("source")) for i in train).items()))
             + ").",
             "",
-            f"Command: `{command}`",
+            f"Command: `{command_line()}`",
             "",
-        ]
+        ],
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(text)
 
 
 if __name__ == "__main__":

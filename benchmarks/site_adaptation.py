@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from frozen_feature_variants import NIH, NORMAL, PNEUMONIA, extract, pair_auroc, paper_head
+from _results import command_line, write_results
+from frozen_feature_variants import LITE2, NIH, NORMAL, PNEUMONIA, pair_auroc, paper_head, variant_features
 
 from cxr_monai.constants import CLASS_NAMES
 from cxr_monai.data.datalist import load_datalist
@@ -45,9 +46,7 @@ def main() -> None:
     datalist = load_datalist(args.datalist)
     items = datalist["training"] + datalist["test"]
     n_train = len(datalist["training"])
-    x = extract(
-        items, "efficientnet_lite2", 260, False, args.cache_dir / "f_efficientnet_lite2_260_plain.npz"
-    )["l8"]
+    x = variant_features(items, ((*LITE2, "l8"),), False, args.cache_dir)
     y = np.asarray([item["label"] for item in items])
     sources = np.asarray([str(item.get("source")) for item in items])
     is_train = np.arange(len(items)) < n_train
@@ -91,7 +90,8 @@ def main() -> None:
         rows.append(f"| {2 * per_class} | {len(table)} | {int(mean[5])} | " + " | ".join(cells) + " |")
         print(rows[-1])
 
-    text = "\n".join(
+    write_results(
+        args.out,
         [
             "# Site adaptation: a new hospital's own labelled films (leave-NIH-out as the new hospital)",
             "",
@@ -106,14 +106,10 @@ def main() -> None:
             "|---|---|---|---|---|---|---|---|",
             *rows,
             "",
-            f"Command: `python benchmarks/site_adaptation.py --datalist {args.datalist} --cache-dir "
-            f"{args.cache_dir} --sizes {args.sizes} --repeats {args.repeats} --out {args.out}`",
+            f"Command: `{command_line()}`",
             "",
-        ]
+        ],
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(text)
 
 
 if __name__ == "__main__":
