@@ -4,7 +4,7 @@ For every item of a datalist (``cxr-monai prepare``), features of the frozen Lit
 ImageNet weights, offline) under several variants: Lite0/1/2 and their concatenation, input size (one
 scale or two concatenated), the pooled output of the last three stages (``features[6..8]``), the last
 map max-pooled or average-pooled on a 2x2 grid, the horizontally flipped image, cropped borders. On the
-first feature set, classifiers:
+first feature set, these classifiers (on the others, ``lr`` only):
 
 * ``lr``: standardised features + L2 logistic regression (C fixed by ``--C``);
 * ``lr-balanced``: the same, each (source, class) cell weighted equally;
