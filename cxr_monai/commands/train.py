@@ -53,7 +53,8 @@ def train(
         "none",
         "--pretrained",
         metavar="WEIGHTS",
-        help="none (from scratch) | imagenet (internet once; efficientnet_lite* offline) | /path/weights.pth",
+        help="none (from scratch) | imagenet (internet once; efficientnet_lite* offline) | /path/weights.pth"
+        " (densenet121_xrv: a TorchXRayVision DenseNet state_dict, see the README)",
     ),
     folds: str = typer.Option(
         "all", "--folds", metavar="FOLDS", help="all, or fold numbers such as 0 or 0,1."
