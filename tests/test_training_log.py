@@ -1,4 +1,5 @@
-"""One reader of a trained bundle's training log, for cross-validation and the evaluation report."""
+"""The readers of a trained bundle's training log and run parameters, for cross-validation and the
+evaluation report."""
 
 from __future__ import annotations
 
@@ -7,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from cxr_monai.training.layout import TRAINING_LOG, read_training_log
+from cxr_monai.training.layout import (
+    TRAINING_LOG,
+    default_bundle_root,
+    prepare_output_dir,
+    read_run_parameters,
+    read_training_log,
+)
 
 
 def test_the_log_path_is_relative_to_the_bundle() -> None:
@@ -27,3 +34,22 @@ def test_absent_or_unreadable_logs_read_as_empty(tmp_path: Path, content: str | 
         (tmp_path / "logs").mkdir()
         (tmp_path / TRAINING_LOG).write_bytes(content.encode("latin-1"))
     assert read_training_log(tmp_path) == []
+
+
+def test_run_parameters_read_back_what_the_run_layout_recorded(tmp_path: Path) -> None:
+    out = prepare_output_dir(
+        default_bundle_root(),
+        str(tmp_path / "run"),
+        {"backbone": "efficientnet_lite0", "spatial_size": [64, 64], "exclude_sources": ["site:x"]},
+    )
+    parameters = read_run_parameters(out)
+    assert parameters["exclude_sources"] == ["site:x"] and parameters["backbone"] == "efficientnet_lite0"
+    assert parameters["spatial_size"] == 64
+
+
+@pytest.mark.parametrize("content", [None, '{"fold": ', "[1, 2]"])
+def test_absent_or_unreadable_run_parameters_read_as_empty(tmp_path: Path, content: str | None) -> None:
+    if content is not None:
+        (tmp_path / "configs").mkdir()
+        (tmp_path / "configs" / "train.json").write_text(content)
+    assert read_run_parameters(tmp_path) == {}

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -60,7 +59,7 @@ from cxr_monai.evaluation.sources import (
 from cxr_monai.io import CXRImage, read_cxr
 from cxr_monai.predictor import Predictor
 from cxr_monai.training.crossval import trained_bundles
-from cxr_monai.training.layout import TRAINING_LOG, read_training_log
+from cxr_monai.training.layout import TRAINING_LOG, read_run_parameters, read_training_log
 from cxr_monai.versions import package_versions
 
 logger = logging.getLogger(__name__)
@@ -150,22 +149,13 @@ def cross_validation_folds(
     _, rows, _ = trained_bundles(cv_dir)
     folds = []
     for fold, bundle in rows:
-        excluded = set(_run_parameters(bundle).get("exclude_sources") or [])
+        excluded = set(read_run_parameters(bundle).get("exclude_sources") or [])
         items = [item for item in select_split(splits, f"fold:{fold}") if item.source not in excluded]
         if items:  # a fold holding only excluded sources has nothing to score
             folds.append((bundle, items))
     if not folds:
         raise DatasetError(f"no fold of {cv_dir} has validation items outside its excluded sources")
     return folds
-
-
-def _run_parameters(bundle: Path) -> dict[str, Any]:
-    """The training parameters a trained bundle's ``configs/train.json`` records ({} when unreadable)."""
-    try:
-        config = json.loads((bundle / "configs" / "train.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return config if isinstance(config, dict) else {}
 
 
 def describe_split(split: str) -> str:

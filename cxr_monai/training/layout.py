@@ -148,6 +148,16 @@ def relocate_trained_bundle(source: str | Path, destination: str | Path) -> Path
     return dst
 
 
+def read_run_parameters(bundle_dir: str | Path) -> dict[str, Any]:
+    """The training parameters a trained bundle's ``configs/train.json`` records (:func:`prepare_output_dir`
+    writes them there as top-level values); {} when the file is absent or unreadable."""
+    try:
+        config = json.loads((Path(bundle_dir) / "configs" / "train.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
 def read_training_log(bundle_dir: str | Path) -> list[dict[str, Any]]:
     """The per-epoch entries (dicts) of a trained bundle's :data:`TRAINING_LOG`; empty when the file is
     absent, and empty with a warning when it is not a JSON list (a run killed while writing it)."""
