@@ -23,10 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 from _results import command_line, write_results
-from frozen_feature_variants import NIH, NORMAL, PNEUMONIA, figures, pair_auroc
+from frozen_feature_variants import NIH, NORMAL, PNEUMONIA, figures, load_items, pair_auroc
 from monai.data import DataLoader, Dataset
 
-from cxr_monai.data.datalist import load_datalist
 from cxr_monai.networks import CXRClassifier, build_network, load_pretrained
 from cxr_monai.transforms import inference_transforms_d
 
@@ -114,12 +113,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    datalist = load_datalist(args.datalist)
-    items = datalist["training"] + datalist["test"]
-    n_train = len(datalist["training"])
-    y = np.asarray([item["label"] for item in items])
-    sources = np.asarray([str(item.get("source")) for item in items])
-    folds = np.asarray([item["fold"] for item in datalist["training"]])
+    data = load_items(args.datalist)
+    items, n_train, y, sources, folds = data.items, data.n_train, data.y, data.sources, data.folds
     base = build_network("efficientnet_lite2")
     load_pretrained(base, "imagenet")
     base.eval()

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,33 @@ VARIANTS = (
     ),
 )
 CLASSIFIERS = ("lr", "lr-balanced", "lr-source-projection", "lr-source-centred", "paper-head")
+
+
+@dataclass(frozen=True)
+class Items:
+    """A datalist's training items then its test items, and the arrays the feature benchmarks index."""
+
+    items: list[dict[str, Any]]
+    n_train: int
+    y: np.ndarray  # (N,) labels
+    sources: np.ndarray  # (N,) source names
+    folds: np.ndarray  # (n_train,) the fold of each training item
+
+    @property
+    def is_train(self) -> np.ndarray:
+        return np.arange(len(self.items)) < self.n_train
+
+
+def load_items(path: Path) -> Items:
+    datalist = load_datalist(path)
+    items = datalist["training"] + datalist["test"]
+    return Items(
+        items,
+        len(datalist["training"]),
+        np.asarray([item["label"] for item in items]),
+        np.asarray([str(item.get("source")) for item in items]),
+        np.asarray([item["fold"] for item in datalist["training"]]),
+    )
 
 
 def extract(
@@ -259,13 +287,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    datalist = load_datalist(args.datalist)
-    items = datalist["training"] + datalist["test"]
-    n_train = len(datalist["training"])
-    y = np.asarray([item["label"] for item in items])
-    sources = np.asarray([str(item.get("source")) for item in items])
-    folds = np.asarray([item["fold"] for item in datalist["training"]])
-    is_train = np.arange(len(items)) < n_train
+    data = load_items(args.datalist)
+    items, n_train, y, sources, folds, is_train = (
+        data.items,
+        data.n_train,
+        data.y,
+        data.sources,
+        data.folds,
+        data.is_train,
+    )
     nih = sources == NIH
 
     columns = [

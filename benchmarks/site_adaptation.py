@@ -24,10 +24,18 @@ from pathlib import Path
 import numpy as np
 import torch
 from _results import command_line, write_results
-from frozen_feature_variants import LITE2, NIH, NORMAL, PNEUMONIA, pair_auroc, paper_head, variant_features
+from frozen_feature_variants import (
+    LITE2,
+    NIH,
+    NORMAL,
+    PNEUMONIA,
+    load_items,
+    pair_auroc,
+    paper_head,
+    variant_features,
+)
 
 from cxr_monai.constants import CLASS_NAMES
-from cxr_monai.data.datalist import load_datalist
 
 
 def main() -> None:
@@ -43,13 +51,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    datalist = load_datalist(args.datalist)
-    items = datalist["training"] + datalist["test"]
-    n_train = len(datalist["training"])
-    x = variant_features(items, ((*LITE2, "l8"),), False, args.cache_dir)
-    y = np.asarray([item["label"] for item in items])
-    sources = np.asarray([str(item.get("source")) for item in items])
-    is_train = np.arange(len(items)) < n_train
+    data = load_items(args.datalist)
+    y, sources, is_train = data.y, data.sources, data.is_train
+    x = variant_features(data.items, ((*LITE2, "l8"),), False, args.cache_dir)
     others = np.flatnonzero(is_train & (sources != NIH))
     site = {
         label: np.flatnonzero(is_train & (sources == NIH) & (y == label)) for label in (NORMAL, PNEUMONIA)
