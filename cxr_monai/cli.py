@@ -23,6 +23,7 @@ from cxr_monai.commands import (
     prepare,
     progression,
     serve,
+    site,
     synthesize,
     train,
 )
@@ -60,3 +61,4 @@ _COMMANDS: dict[str, tuple[ModuleType, str]] = {
 for _name, (_module, _summary) in _COMMANDS.items():
     app.command(_name, short_help=_summary, epilog=_module.EPILOG)(getattr(_module, _name))
 app.add_typer(bundle.bundle_app, short_help="List or copy the MONAI bundles shipped with cxr-monai.")
+app.add_typer(site.site_app, short_help="Calibrate the model for a hospital from its labelled films.")

@@ -349,10 +349,11 @@ def _site_age_sex(row: dict[str, str], where: str) -> tuple[float | int | None, 
     return age, _SEX_CODES.get(sex_text)
 
 
-def scan_site_csv(site: SiteCSV | Path) -> SourceScan:
+def scan_site_csv(site: SiteCSV | Path, base_dir: Path | None = None) -> SourceScan:
     """A site's own images from a CSV with columns ``image,label[,patient_id,age,sex]``.
 
-    ``image`` is a path, relative ones resolved against the CSV's folder; ``label`` a class name or index;
+    ``image`` is a path, relative ones resolved against ``base_dir`` (default: the CSV's folder);
+    ``label`` a class name or index;
     ``age`` in years, ``sex`` M/F (blank = unknown). A bare path is named after its file stem.
     Patient id ``<name>:<patient_id>``; without a patient_id (column or cell) each image is its own
     patient, with a warning. Source: ``site:<name>``.
@@ -379,7 +380,7 @@ def scan_site_csv(site: SiteCSV | Path) -> SourceScan:
             )
         age, sex = _site_age_sex(row, f"site CSV {csv_path} line {line}")
         scan.eligible += 1
-        image = os.path.abspath(csv_path.parent / image_text)
+        image = os.path.abspath((base_dir or csv_path.parent) / image_text)
         if not os.path.isfile(image):
             scan.missing_lines.append(line)
             continue

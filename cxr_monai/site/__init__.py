@@ -1,0 +1,1 @@
+"""Per-site calibration: fitting, cross-fitted evaluation, acceptance, site profiles carried by a bundle."""
