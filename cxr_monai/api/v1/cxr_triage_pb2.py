@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!cxr_monai/api/v1/cxr_triage.proto\x12\x0c\x63xr_monai.v1\" \n\x0f\x43lassifyRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\";\n\x10\x43lassProbability\x12\x12\n\nclass_name\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\"\xa9\x01\n\x10\x43lassifyResponse\x12\x35\n\rprobabilities\x18\x01 \x03(\x0b\x32\x1e.cxr_monai.v1.ClassProbability\x12\x17\n\x0fpredicted_class\x18\x02 \x01(\t\x12\x10\n\x08warnings\x18\x03 \x03(\t\x12\x14\n\x0cintended_use\x18\x04 \x01(\t\x12\x0c\n\x04rows\x18\x05 \x01(\x05\x12\x0f\n\x07\x63olumns\x18\x06 \x01(\x05\"j\n\x0e\x45xplainRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x14\n\x0ctarget_class\x18\x02 \x01(\t\x12\x19\n\x11secondary_capture\x18\x03 \x01(\x08\x12\x18\n\x10omit_overlay_png\x18\x04 \x01(\x08\"\x93\x02\n\x0f\x45xplainResponse\x12\x36\n\x0e\x63lassification\x18\x01 \x01(\x0b\x32\x1e.cxr_monai.v1.ClassifyResponse\x12\x17\n\x0f\x65xplained_class\x18\x02 \x01(\t\x12\x12\n\nheatmap_u8\x18\x03 \x01(\x0c\x12\x15\n\x08peak_row\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0bpeak_column\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x17\n\x0f\x61rea_above_half\x18\x06 \x01(\x02\x12\x13\n\x0boverlay_png\x18\x07 \x01(\x0c\x12\x1f\n\x17secondary_capture_dicom\x18\x08 \x01(\x0c\x42\x0b\n\t_peak_rowB\x0e\n\x0c_peak_column\"H\n\x15\x43lassifyStudyResponse\x12/\n\x07results\x18\x01 \x03(\x0b\x32\x1e.cxr_monai.v1.ClassifyResponse\"\x15\n\x13GetModelInfoRequest\"\x97\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08\x62\x61\x63kbone\x18\x03 \x01(\t\x12\x14\n\x0cspatial_size\x18\x04 \x01(\x05\x12\x13\n\x0b\x63lass_names\x18\x05 \x03(\t\x12\x14\n\x0cintended_use\x18\x06 \x01(\t\x12\x18\n\x10\x63lassify_backend\x18\x07 \x01(\t2\xc1\x02\n\tCXRTriage\x12I\n\x08\x43lassify\x12\x1d.cxr_monai.v1.ClassifyRequest\x1a\x1e.cxr_monai.v1.ClassifyResponse\x12U\n\rClassifyStudy\x12\x1d.cxr_monai.v1.ClassifyRequest\x1a#.cxr_monai.v1.ClassifyStudyResponse(\x01\x12\x46\n\x07\x45xplain\x12\x1c.cxr_monai.v1.ExplainRequest\x1a\x1d.cxr_monai.v1.ExplainResponse\x12J\n\x0cGetModelInfo\x12!.cxr_monai.v1.GetModelInfoRequest\x1a\x17.cxr_monai.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!cxr_monai/api/v1/cxr_triage.proto\x12\x0c\x63xr_monai.v1\".\n\x0f\x43lassifyRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x0c\n\x04site\x18\x02 \x01(\t\";\n\x10\x43lassProbability\x12\x12\n\nclass_name\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\"\xa2\x02\n\x10\x43lassifyResponse\x12\x35\n\rprobabilities\x18\x01 \x03(\x0b\x32\x1e.cxr_monai.v1.ClassProbability\x12\x17\n\x0fpredicted_class\x18\x02 \x01(\t\x12\x10\n\x08warnings\x18\x03 \x03(\t\x12\x14\n\x0cintended_use\x18\x04 \x01(\t\x12\x0c\n\x04rows\x18\x05 \x01(\x05\x12\x0f\n\x07\x63olumns\x18\x06 \x01(\x05\x12\x0c\n\x04site\x18\x07 \x01(\t\x12\x17\n\x0fsite_calibrated\x18\x08 \x01(\x08\x12\x13\n\x0bsite_status\x18\t \x01(\t\x12;\n\x13model_probabilities\x18\n \x03(\x0b\x32\x1e.cxr_monai.v1.ClassProbability\"x\n\x0e\x45xplainRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x14\n\x0ctarget_class\x18\x02 \x01(\t\x12\x19\n\x11secondary_capture\x18\x03 \x01(\x08\x12\x18\n\x10omit_overlay_png\x18\x04 \x01(\x08\x12\x0c\n\x04site\x18\x05 \x01(\t\"\x93\x02\n\x0f\x45xplainResponse\x12\x36\n\x0e\x63lassification\x18\x01 \x01(\x0b\x32\x1e.cxr_monai.v1.ClassifyResponse\x12\x17\n\x0f\x65xplained_class\x18\x02 \x01(\t\x12\x12\n\nheatmap_u8\x18\x03 \x01(\x0c\x12\x15\n\x08peak_row\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0bpeak_column\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x17\n\x0f\x61rea_above_half\x18\x06 \x01(\x02\x12\x13\n\x0boverlay_png\x18\x07 \x01(\x0c\x12\x1f\n\x17secondary_capture_dicom\x18\x08 \x01(\x0c\x42\x0b\n\t_peak_rowB\x0e\n\x0c_peak_column\"H\n\x15\x43lassifyStudyResponse\x12/\n\x07results\x18\x01 \x03(\x0b\x32\x1e.cxr_monai.v1.ClassifyResponse\"\x15\n\x13GetModelInfoRequest\"\xc7\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08\x62\x61\x63kbone\x18\x03 \x01(\t\x12\x14\n\x0cspatial_size\x18\x04 \x01(\x05\x12\x13\n\x0b\x63lass_names\x18\x05 \x03(\t\x12\x14\n\x0cintended_use\x18\x06 \x01(\t\x12\x18\n\x10\x63lassify_backend\x18\x07 \x01(\t\x12\x18\n\x10\x63\x61librated_sites\x18\x08 \x03(\t\x12\x14\n\x0cunknown_site\x18\t \x01(\t2\xc1\x02\n\tCXRTriage\x12I\n\x08\x43lassify\x12\x1d.cxr_monai.v1.ClassifyRequest\x1a\x1e.cxr_monai.v1.ClassifyResponse\x12U\n\rClassifyStudy\x12\x1d.cxr_monai.v1.ClassifyRequest\x1a#.cxr_monai.v1.ClassifyStudyResponse(\x01\x12\x46\n\x07\x45xplain\x12\x1c.cxr_monai.v1.ExplainRequest\x1a\x1d.cxr_monai.v1.ExplainResponse\x12J\n\x0cGetModelInfo\x12!.cxr_monai.v1.GetModelInfoRequest\x1a\x17.cxr_monai.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,21 +32,21 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cxr_monai.api.v1.cxr_triage
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CLASSIFYREQUEST']._serialized_start=51
-  _globals['_CLASSIFYREQUEST']._serialized_end=83
-  _globals['_CLASSPROBABILITY']._serialized_start=85
-  _globals['_CLASSPROBABILITY']._serialized_end=144
-  _globals['_CLASSIFYRESPONSE']._serialized_start=147
-  _globals['_CLASSIFYRESPONSE']._serialized_end=316
-  _globals['_EXPLAINREQUEST']._serialized_start=318
-  _globals['_EXPLAINREQUEST']._serialized_end=424
-  _globals['_EXPLAINRESPONSE']._serialized_start=427
-  _globals['_EXPLAINRESPONSE']._serialized_end=702
-  _globals['_CLASSIFYSTUDYRESPONSE']._serialized_start=704
-  _globals['_CLASSIFYSTUDYRESPONSE']._serialized_end=776
-  _globals['_GETMODELINFOREQUEST']._serialized_start=778
-  _globals['_GETMODELINFOREQUEST']._serialized_end=799
-  _globals['_MODELINFO']._serialized_start=802
-  _globals['_MODELINFO']._serialized_end=953
-  _globals['_CXRTRIAGE']._serialized_start=956
-  _globals['_CXRTRIAGE']._serialized_end=1277
+  _globals['_CLASSIFYREQUEST']._serialized_end=97
+  _globals['_CLASSPROBABILITY']._serialized_start=99
+  _globals['_CLASSPROBABILITY']._serialized_end=158
+  _globals['_CLASSIFYRESPONSE']._serialized_start=161
+  _globals['_CLASSIFYRESPONSE']._serialized_end=451
+  _globals['_EXPLAINREQUEST']._serialized_start=453
+  _globals['_EXPLAINREQUEST']._serialized_end=573
+  _globals['_EXPLAINRESPONSE']._serialized_start=576
+  _globals['_EXPLAINRESPONSE']._serialized_end=851
+  _globals['_CLASSIFYSTUDYRESPONSE']._serialized_start=853
+  _globals['_CLASSIFYSTUDYRESPONSE']._serialized_end=925
+  _globals['_GETMODELINFOREQUEST']._serialized_start=927
+  _globals['_GETMODELINFOREQUEST']._serialized_end=948
+  _globals['_MODELINFO']._serialized_start=951
+  _globals['_MODELINFO']._serialized_end=1150
+  _globals['_CXRTRIAGE']._serialized_start=1153
+  _globals['_CXRTRIAGE']._serialized_end=1474
 # @@protoc_insertion_point(module_scope)

@@ -7,10 +7,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("image",)
+    __slots__ = ("image", "site")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
+    SITE_FIELD_NUMBER: _ClassVar[int]
     image: bytes
-    def __init__(self, image: _Optional[bytes] = ...) -> None: ...
+    site: str
+    def __init__(self, image: _Optional[bytes] = ..., site: _Optional[str] = ...) -> None: ...
 
 class ClassProbability(_message.Message):
     __slots__ = ("class_name", "probability")
@@ -21,32 +23,42 @@ class ClassProbability(_message.Message):
     def __init__(self, class_name: _Optional[str] = ..., probability: _Optional[float] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
-    __slots__ = ("probabilities", "predicted_class", "warnings", "intended_use", "rows", "columns")
+    __slots__ = ("probabilities", "predicted_class", "warnings", "intended_use", "rows", "columns", "site", "site_calibrated", "site_status", "model_probabilities")
     PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_CLASS_FIELD_NUMBER: _ClassVar[int]
     WARNINGS_FIELD_NUMBER: _ClassVar[int]
     INTENDED_USE_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    SITE_CALIBRATED_FIELD_NUMBER: _ClassVar[int]
+    SITE_STATUS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
     probabilities: _containers.RepeatedCompositeFieldContainer[ClassProbability]
     predicted_class: str
     warnings: _containers.RepeatedScalarFieldContainer[str]
     intended_use: str
     rows: int
     columns: int
-    def __init__(self, probabilities: _Optional[_Iterable[_Union[ClassProbability, _Mapping]]] = ..., predicted_class: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ..., intended_use: _Optional[str] = ..., rows: _Optional[int] = ..., columns: _Optional[int] = ...) -> None: ...
+    site: str
+    site_calibrated: bool
+    site_status: str
+    model_probabilities: _containers.RepeatedCompositeFieldContainer[ClassProbability]
+    def __init__(self, probabilities: _Optional[_Iterable[_Union[ClassProbability, _Mapping]]] = ..., predicted_class: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ..., intended_use: _Optional[str] = ..., rows: _Optional[int] = ..., columns: _Optional[int] = ..., site: _Optional[str] = ..., site_calibrated: _Optional[bool] = ..., site_status: _Optional[str] = ..., model_probabilities: _Optional[_Iterable[_Union[ClassProbability, _Mapping]]] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
-    __slots__ = ("image", "target_class", "secondary_capture", "omit_overlay_png")
+    __slots__ = ("image", "target_class", "secondary_capture", "omit_overlay_png", "site")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     TARGET_CLASS_FIELD_NUMBER: _ClassVar[int]
     SECONDARY_CAPTURE_FIELD_NUMBER: _ClassVar[int]
     OMIT_OVERLAY_PNG_FIELD_NUMBER: _ClassVar[int]
+    SITE_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     target_class: str
     secondary_capture: bool
     omit_overlay_png: bool
-    def __init__(self, image: _Optional[bytes] = ..., target_class: _Optional[str] = ..., secondary_capture: _Optional[bool] = ..., omit_overlay_png: _Optional[bool] = ...) -> None: ...
+    site: str
+    def __init__(self, image: _Optional[bytes] = ..., target_class: _Optional[str] = ..., secondary_capture: _Optional[bool] = ..., omit_overlay_png: _Optional[bool] = ..., site: _Optional[str] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
     __slots__ = ("classification", "explained_class", "heatmap_u8", "peak_row", "peak_column", "area_above_half", "overlay_png", "secondary_capture_dicom")
@@ -79,7 +91,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "backbone", "spatial_size", "class_names", "intended_use", "classify_backend")
+    __slots__ = ("name", "version", "backbone", "spatial_size", "class_names", "intended_use", "classify_backend", "calibrated_sites", "unknown_site")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BACKBONE_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +99,8 @@ class ModelInfo(_message.Message):
     CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
     INTENDED_USE_FIELD_NUMBER: _ClassVar[int]
     CLASSIFY_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATED_SITES_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_SITE_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     backbone: str
@@ -94,4 +108,6 @@ class ModelInfo(_message.Message):
     class_names: _containers.RepeatedScalarFieldContainer[str]
     intended_use: str
     classify_backend: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., backbone: _Optional[str] = ..., spatial_size: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ..., intended_use: _Optional[str] = ..., classify_backend: _Optional[str] = ...) -> None: ...
+    calibrated_sites: _containers.RepeatedScalarFieldContainer[str]
+    unknown_site: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., backbone: _Optional[str] = ..., spatial_size: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ..., intended_use: _Optional[str] = ..., classify_backend: _Optional[str] = ..., calibrated_sites: _Optional[_Iterable[str]] = ..., unknown_site: _Optional[str] = ...) -> None: ...
