@@ -40,3 +40,5 @@ cxr-monai evaluate --bundle "$out/train" --datalist "$out/prep/datalist.json" --
     --out "$out/eval_cv"
 echo "Trained bundle: $out/train/final   Evaluation: $out/eval (test split) and $out/eval_cv (out of fold):"
 echo "metrics.json and PNGs. Research use only."
+echo "At a hospital not in this training data, calibrate first: a few of its labelled films (README,"
+echo "'Adapting the model to your hospital'): cxr-monai site calibrate --bundle $out/train/final --site NAME --labels films.csv"

@@ -18,6 +18,7 @@ from cxr_monai.constants import CLASS_NAMES
 from cxr_monai.predictor import Predictor
 from cxr_monai.site.profile import model_digest, read_profile
 from tests.bundle_factory import blob_image, make_trained_bundle
+from tests.dicom_factory import PATIENT_ID, gradient, make_dataset, save
 
 runner = CliRunner()
 
@@ -272,3 +273,22 @@ def test_site_list_names_a_damaged_profile(bundle, site_films, tmp_path):
     assert (
         listed.exit_code == 1 and "st-elsewhere.json" in listed.output and "cannot be read" in listed.output
     )
+
+
+def test_a_folder_of_dicom_films_with_a_labels_csv(bundle, tmp_path):
+    export = tmp_path / "pacs_export"
+    export.mkdir()
+    rows = []
+    for i in range(4):
+        pixels = (gradient(12).astype(np.float64) * (0.5 + 0.1 * i)).astype(np.uint16)
+        save(make_dataset(pixels, bits_stored=12), export / f"IM{i:04d}")
+        rows.append({"image": f"IM{i:04d}", "label": ("Normal", "COVID-19")[i % 2]})
+    labels = write_csv(tmp_path / "labels.csv", rows)
+    result = calibrate(
+        bundle, labels, "--films", str(export), "--out", str(tmp_path / "r"), profiles=tmp_path / "p"
+    )
+    assert result.exit_code == 0, result.output
+    profile = read_profile(tmp_path / "p" / "st-elsewhere.json")
+    assert profile.report["films"]["per_class"] == {"COVID-19": 2, "Normal": 2, "Pneumonia": 0}
+    assert PATIENT_ID not in (tmp_path / "p" / "st-elsewhere.json").read_text()
+    assert PATIENT_ID not in result.output
