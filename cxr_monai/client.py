@@ -79,6 +79,8 @@ def _failed(exc: grpc.RpcError) -> typer.Exit:
 def _print_classification(name: str, response: pb.ClassifyResponse) -> None:
     probs = "  ".join(f"{p.class_name} {p.probability:.3f}" for p in response.probabilities)
     console.print(f"{name}: {response.predicted_class}  ({probs})  {response.columns} x {response.rows}")
+    if response.site_status:  # empty from a server older than the site fields
+        console.print(f"  {response.site_status}")
     for warning in response.warnings:
         console.print(f"  warning: {warning}")
 
@@ -95,16 +97,22 @@ def info() -> None:
             raise _failed(exc) from None
     console.print(f"{model.name} {model.version} ({model.backbone}, {model.spatial_size} px)")
     console.print(f"classes: {', '.join(model.class_names)}")
+    console.print(
+        f"calibrated sites: {', '.join(model.calibrated_sites) or 'none'}; others: {model.unknown_site}"
+    )
     console.print(model.intended_use)
 
 
 @app.command()
-def classify(files: list[Path] = typer.Argument(..., exists=True, dir_okay=False)) -> None:
+def classify(
+    files: list[Path] = typer.Argument(..., exists=True, dir_okay=False),
+    site: str = typer.Option("", "--site", help="The films' site (its calibration is applied)."),
+) -> None:
     """Class probabilities of each file."""
     with _channel() as ch:
         stub = pb_grpc.CXRTriageStub(ch)
         for path in files:
-            request = pb.ClassifyRequest(image=path.read_bytes())
+            request = pb.ClassifyRequest(image=path.read_bytes(), site=site)
             try:
                 response = stub.Classify(request, metadata=_options.metadata, timeout=_options.timeout)
             except grpc.RpcError as exc:
@@ -121,6 +129,7 @@ def explain(
     ),
     target_class: str = typer.Option("", "--class", help="Class to explain (default: the predicted one)."),
     secondary_capture: bool = typer.Option(False, "--secondary-capture", help="Also get a DICOM SC."),
+    site: str = typer.Option("", "--site", help="The films' site (its calibration is applied)."),
 ) -> None:
     """Grad-CAM of each file: prediction, peak and area above 0.5; overlay/SC written with --output."""
     with _channel() as ch:
@@ -131,6 +140,7 @@ def explain(
                 target_class=target_class,
                 secondary_capture=secondary_capture,
                 omit_overlay_png=output is None,
+                site=site,
             )
             try:
                 response = stub.Explain(request, metadata=_options.metadata, timeout=_options.timeout)

@@ -6,6 +6,11 @@ network; ``backbone`` and ``spatial_size`` describe it), ``configs/metadata.json
 
 Pre-processing is :func:`cxr_monai.transforms.inference_transforms` - the same chain builder as the
 bundle's ``preprocessing`` - so a file gives the same tensor here as through ``monai.bundle``.
+
+Site profiles (``<bundle>/sites/*.json``, :mod:`cxr_monai.site.profile`) are loaded with the bundle and
+checked against the SHA-256 of ``models/model.pt``; :meth:`Predictor.predict` applies a film's site
+calibration after the network. :meth:`Predictor.predict_tensors` stays the model's own probabilities
+(training, evaluation and calibration fitting read those).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from cxr_monai.constants import CLASS_NAMES, DEFAULT_SPATIAL_SIZE
 from cxr_monai.errors import BundleError
 from cxr_monai.io import CXRImage, ImageSource
 from cxr_monai.networks import read_state_dict
+from cxr_monai.site.profile import SITES_DIR, SiteProfiles, SiteStatus, model_digest
 from cxr_monai.transforms import inference_transforms
 
 logger = logging.getLogger(__name__)
@@ -37,11 +43,21 @@ WEIGHTS = Path("models") / "model.pt"
 
 @dataclass(frozen=True)
 class Prediction:
-    """One image's result: ``probabilities`` float array (K,) summing to 1, in class order."""
+    """One image's result.
+
+    Attributes:
+        probabilities: float (K,) summing to 1, in class order, as the film's site reads them (the
+            model's own when the site has no profile).
+        predicted_index, predicted_class: the arg-max of ``probabilities``.
+        model_probabilities: float32 (K,), the network's softmax before any site calibration.
+        site: the film's site and the profile applied (or the flag that none was).
+    """
 
     probabilities: np.ndarray
     predicted_index: int
     predicted_class: str
+    model_probabilities: np.ndarray
+    site: SiteStatus
 
 
 def default_device() -> torch.device:
@@ -89,6 +105,8 @@ class Predictor:
         preprocessing_options: ``histogram_equalize`` / ``crop_borders`` as the bundle was trained with.
         preprocess: path/bytes/CXRImage -> tensor (3, S, S), ImageNet-normalised.
         device: where the network runs.
+        model_digest: SHA-256 (hex) of the weights file (``"unknown"`` when not loaded from a bundle).
+        sites: the site profiles of this model and the unknown-site policy (none: every film flagged).
     """
 
     def __init__(
@@ -103,6 +121,8 @@ class Predictor:
         device: str | torch.device | None = None,
         histogram_equalize: bool = False,
         crop_borders: bool = False,
+        model_digest: str = "unknown",
+        sites: SiteProfiles | None = None,
     ) -> None:
         self.device = torch.device(device) if device is not None else default_device()
         self.model = model.to(self.device).eval()
@@ -113,13 +133,26 @@ class Predictor:
         self.class_names = tuple(class_names)
         self.preprocessing_options = {"histogram_equalize": histogram_equalize, "crop_borders": crop_borders}
         self.preprocess: Compose = inference_transforms(self.spatial_size, histogram_equalize, crop_borders)
+        self.model_digest = model_digest
+        self.sites = sites if sites is not None else SiteProfiles({})
 
     @classmethod
-    def from_bundle(cls, bundle_dir: str | Path, device: str | torch.device | None = None) -> Predictor:
-        """Build ``network_def`` from the bundle and load ``models/model.pt`` into it (strictly).
+    def from_bundle(
+        cls,
+        bundle_dir: str | Path,
+        device: str | torch.device | None = None,
+        site_profiles: str | Path | None = None,
+        unknown_site: str = "flag",
+    ) -> Predictor:
+        """Build ``network_def`` from the bundle, load ``models/model.pt`` into it (strictly) and load the
+        site profiles of ``site_profiles`` (default ``<bundle>/sites``; none when it does not exist).
+
+        ``unknown_site``: ``flag`` (a film of a site without a profile keeps the model's probabilities,
+        marked uncalibrated) or ``refuse`` (:meth:`predict` raises ``SiteNotCalibratedError``).
 
         Raises:
-            BundleError: a config or the weights file is missing, unreadable, or does not fit the network.
+            BundleError: a config or the weights file is missing, unreadable, or does not fit the network;
+                a site profile is damaged or was fitted for other weights.
         """
         bundle = Path(bundle_dir)
         parser = read_bundle_config(bundle)
@@ -142,6 +175,8 @@ class Predictor:
             raise BundleError(
                 f"{weights}: does not match the bundle's network_def ({first_line} {detail[:300]})"
             ) from exc
+        digest = model_digest(weights)
+        sites = SiteProfiles.load(site_profiles or bundle / SITES_DIR, digest, unknown_site)
         meta: dict[str, Any] = parser.get("_meta_", {}) or {}
         backbone = _parsed(parser, "backbone", getattr(network, "backbone_name", "unknown"))
         predictor = cls(
@@ -153,14 +188,18 @@ class Predictor:
             device=device,
             histogram_equalize=bool(_parsed(parser, "histogram_equalize", False)),
             crop_borders=bool(_parsed(parser, "crop_borders", False)),
+            model_digest=digest,
+            sites=sites,
         )
         logger.info(
-            "loaded bundle %s (%s, backbone %s, %d px) on %s",
+            "loaded bundle %s (%s, backbone %s, %d px) on %s; site profiles: %s (unknown sites: %s)",
             bundle,
             predictor.model_version,
             predictor.backbone,
             predictor.spatial_size,
             predictor.device,
+            ", ".join(sorted(sites.profiles)) or "none",
+            unknown_site,
         )
         return predictor
 
@@ -170,17 +209,24 @@ class Predictor:
         logits = self.model(batch.to(self.device))
         return torch.softmax(logits.float(), dim=1).cpu().numpy()
 
-    def predict(self, images: Sequence[ImageSource | CXRImage], batch_size: int = 8) -> list[Prediction]:
-        """Classify images (paths, file bytes or decoded :class:`CXRImage`), ``batch_size`` at a time.
+    def predict(
+        self, images: Sequence[ImageSource | CXRImage], batch_size: int = 8, site: str | None = None
+    ) -> list[Prediction]:
+        """Classify images (paths, file bytes or decoded :class:`CXRImage`) from ``site`` (None: unknown),
+        ``batch_size`` at a time; the site's calibration, when it has a profile, is applied.
 
         Raises:
+            SiteNotCalibratedError: the site has no profile and the policy is ``refuse`` (before any image
+                is read).
             InvalidImageError: an image cannot be read (the message names it).
         """
+        status = self.sites.resolve(site)
         results: list[Prediction] = []
         for batch in self._batches(images, batch_size):
             for probs in self.predict_tensors(batch):
-                index = int(np.argmax(probs))
-                results.append(Prediction(probs, index, self.class_names[index]))
+                calibrated = status.apply(probs)
+                index = int(np.argmax(calibrated))
+                results.append(Prediction(calibrated, index, self.class_names[index], probs, status))
         return results
 
     def predict_with_features(

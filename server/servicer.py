@@ -14,6 +14,11 @@ Classify (and ClassifyStudy) hand their pre-processed images to a
 backend is the eager network (batches under the model lock) or an ONNX Runtime session exported from it
 (no lock: it shares nothing with Grad-CAM); Explain always runs eager Grad-CAM.
 
+Sites: a request's ``site`` is resolved against the predictor's site profiles before its image is read;
+the site's calibration is applied to the model's probabilities after the model (whichever backend ran it),
+and the reply carries the status. A site without a profile is flagged, or under ``--unknown-site refuse``
+answered FAILED_PRECONDITION.
+
 Load shedding: at most ``max_inflight`` Classify/Explain calls are admitted at once (running or waiting
 for the model); the next one is answered RESOURCE_EXHAUSTED at once, without reading its image. grpcio's
 synchronous server has one thread pool for all services, so the pool is sized ``max_inflight`` plus
@@ -42,7 +47,7 @@ from monai.data import MetaTensor
 from cxr_monai.api.v1 import cxr_triage_pb2 as pb
 from cxr_monai.api.v1 import cxr_triage_pb2_grpc
 from cxr_monai.constants import RESEARCH_USE_NOTICE
-from cxr_monai.errors import CXRMonaiError, InvalidImageError
+from cxr_monai.errors import CXRMonaiError, DatasetError, InvalidImageError
 from cxr_monai.explain.gradcam import (
     Explanation,
     GradCAM,
@@ -54,6 +59,7 @@ from cxr_monai.explain.record import explained_image
 from cxr_monai.export import OnnxModel, softmax
 from cxr_monai.io import DEFAULT_LIMITS, CXRImage, ImageLimits, read_cxr
 from cxr_monai.predictor import Predictor
+from cxr_monai.site.profile import SiteNotCalibratedError, SiteStatus, check_site_name
 
 logger = logging.getLogger(__name__)
 
@@ -206,15 +212,18 @@ class CXRTriageServicer(cxr_triage_pb2_grpc.CXRTriageServicer):
             class_names=list(p.class_names),
             intended_use=RESEARCH_USE_NOTICE,
             classify_backend=self.backend,
+            calibrated_sites=sorted(p.sites.profiles),
+            unknown_site=p.sites.unknown_site,
         )
 
     def Classify(self, request: pb.ClassifyRequest, context: grpc.ServicerContext) -> pb.ClassifyResponse:
         with self._call("Classify", context, request.image) as call:
+            site = self._site(request.site)
             image = call.stage("read", self._read, request.image)
             tensor, _ = call.stage("pre-process", self._preprocess, image)
             probabilities = call.batched([self.batcher.submit(tensor[0])])[0]
-            response = call.stage("encode", self._classification, image, probabilities)
-            call.predicted = response.predicted_class
+            response = call.stage("encode", self._classification, image, probabilities, site)
+            call.predicted = _described(response)
         return response
 
     def ClassifyStudy(
@@ -223,8 +232,11 @@ class CXRTriageServicer(cxr_triage_pb2_grpc.CXRTriageServicer):
         with self._call("ClassifyStudy", context) as call:
             images: list[CXRImage] = []
             futures: list[Future[np.ndarray]] = []
+            site = SiteStatus(None, None)
             try:
                 for index, request in enumerate(requests):
+                    if index == 0:  # the first message's site applies to the whole study
+                        site = self._site(request.site)
                     if index == MAX_STUDY_IMAGES:
                         raise InvalidImageError(f"a study holds at most {MAX_STUDY_IMAGES} images")
                     call.add_request(request.image)
@@ -242,15 +254,16 @@ class CXRTriageServicer(cxr_triage_pb2_grpc.CXRTriageServicer):
                 for future in futures:
                     future.cancel()
             results = [
-                call.stage("encode", self._classification, i, p)
+                call.stage("encode", self._classification, i, p, site)
                 for i, p in zip(images, probabilities, strict=True)
             ]
-            call.predicted = ", ".join(r.predicted_class for r in results)
+            call.predicted = ", ".join(_described(r) for r in results)
         return pb.ClassifyStudyResponse(results=results)
 
     def Explain(self, request: pb.ExplainRequest, context: grpc.ServicerContext) -> pb.ExplainResponse:
         with self._call("Explain", context, request.image) as call:
             target = self._target(request.target_class)
+            site = self._site(request.site)
             image = call.stage("read", self._read, request.image)
             if request.secondary_capture and image.dataset is None:
                 raise _Abandon(grpc.StatusCode.FAILED_PRECONDITION, "secondary_capture needs a DICOM input")
@@ -266,16 +279,13 @@ class CXRTriageServicer(cxr_triage_pb2_grpc.CXRTriageServicer):
                     "overlay (omit_overlay_png) or the Secondary Capture, or send a smaller image",
                 )
             tensor, cropped = call.stage("pre-process", self._preprocess, image)
-            out = call.model(lambda: self._cam(tensor.to(self._predictor.device), target))
-            result = Explanation(
-                probabilities=out.probabilities[0],
-                predicted_index=int(np.argmax(out.probabilities[0])),
-                target_index=int(out.target_indices[0]),
-                raw_map=to_original_grid(out.maps[0], image.shape, cropped),
-            )
+            calibrate = site.apply if site.calibrated else None
+            out = call.model(lambda: self._cam(tensor.to(self._predictor.device), target, calibrate))
+            raw_map = to_original_grid(out.maps[0], image.shape, cropped)
+            result = Explanation.of(out.probabilities[0], int(out.target_indices[0]), raw_map, site)
             explained = call.stage("explain", explained_image, self._predictor, "<request>", image, result)
             response = call.stage("encode", self._explain_response, explained, request)
-            call.predicted = response.classification.predicted_class
+            call.predicted = _described(response.classification)
         return response
 
     # --- stages -----------------------------------------------------------------------------------
@@ -300,26 +310,46 @@ class CXRTriageServicer(cxr_triage_pb2_grpc.CXRTriageServicer):
         except CXRMonaiError as exc:
             raise _Abandon(grpc.StatusCode.INVALID_ARGUMENT, f"target_class: {exc}") from exc
 
-    def _classification(self, image: CXRImage, probabilities: Any) -> pb.ClassifyResponse:
+    def _site(self, name: str) -> SiteStatus:
+        """The status of a request's ``site`` (empty: unknown); a malformed name is INVALID_ARGUMENT, a
+        site refused by the unknown-site policy FAILED_PRECONDITION (one line, the server stays up)."""
+        if name:
+            try:
+                check_site_name(name)
+            except DatasetError:
+                raise _Abandon(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "site: not a site name (1-64 letters, digits, '.', '_' or '-', starting with a letter "
+                    "or digit)",
+                ) from None
+        try:
+            return self._predictor.sites.resolve(name)
+        except SiteNotCalibratedError as exc:
+            raise _Abandon(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from None
+
+    def _classification(self, image: CXRImage, probabilities: Any, site: SiteStatus) -> pb.ClassifyResponse:
+        """The reply for the model's ``probabilities`` (K,) of ``image``, calibrated for ``site``."""
         names = self._predictor.class_names
-        probs = np.asarray(probabilities, dtype=np.float64)
+        model = np.asarray(probabilities, dtype=np.float64)
+        probs = site.apply(model)
         rows, cols = image.shape
         return pb.ClassifyResponse(
-            probabilities=[
-                pb.ClassProbability(class_name=n, probability=float(p))
-                for n, p in zip(names, probs, strict=True)
-            ],
+            probabilities=_class_probabilities(names, probs),
             predicted_class=names[int(np.argmax(probs))],
             warnings=list(image.warnings),
             intended_use=RESEARCH_USE_NOTICE,
             rows=rows,
             columns=cols,
+            site=site.site or "",
+            site_calibrated=site.calibrated,
+            site_status=site.message(),
+            model_probabilities=_class_probabilities(names, model),
         )
 
     def _explain_response(self, explained: Any, request: pb.ExplainRequest) -> pb.ExplainResponse:
         heat, result = explained.heatmap, explained.result
         response = pb.ExplainResponse(
-            classification=self._classification(explained.image, result.probabilities),
+            classification=self._classification(explained.image, result.model_probabilities, result.site),
             explained_class=self._predictor.class_names[result.target_index],
             heatmap_u8=np.round(heat * 255.0).astype(np.uint8).tobytes(),
             area_above_half=explained.area_above_threshold,
@@ -472,6 +502,22 @@ class _Call:
         finally:
             for future in futures:
                 future.cancel()  # no-op for a finished one
+
+
+def _class_probabilities(names: Iterable[str], probabilities: np.ndarray) -> list[pb.ClassProbability]:
+    return [
+        pb.ClassProbability(class_name=n, probability=float(p))
+        for n, p in zip(names, probabilities, strict=True)
+    ]
+
+
+def _described(response: pb.ClassifyResponse) -> str:
+    """A reply for the log line: the predicted class and the site's calibration (a site name is the
+    caller's configuration, not patient data)."""
+    site = response.site or "unknown site"
+    return (
+        f"{response.predicted_class} ({site}, {'calibrated' if response.site_calibrated else 'uncalibrated'})"
+    )
 
 
 def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:

@@ -18,6 +18,8 @@ from cxr_monai.explain.overlay import render_overlay
 from cxr_monai.explain.secondary_capture import FRONTAL_PATIENT_ORIENTATION, build_secondary_capture
 from cxr_monai.explain.structured_report import CLASS_CODES, build_structured_report
 from cxr_monai.io import read_cxr
+from cxr_monai.site.calibration import LogitCalibration
+from cxr_monai.site.profile import SiteProfile, SiteStatus
 from tests.dicom_factory import PATIENT_ID, PATIENT_NAME, gradient, jpeg_baseline, make_dataset, save
 
 ROWS, COLS = 48, 64
@@ -135,14 +137,21 @@ needs_dciodvfy = pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dc
         ({"ViewPosition": "LL", "LossyImageCompression": "01", "PatientAge": "81"}, True),
     ],
 )
-def test_dciodvfy_reports_no_errors(tmp_path, tags, body_part):
+@pytest.mark.parametrize("calibrated", [None, False, True])
+def test_dciodvfy_reports_no_errors(tmp_path, tags, body_part, calibrated):
     source = source_dataset(**tags)
     if not body_part:
         del source.BodyPartExamined
-    sc, _ = build_secondary_capture(source, overlay_for(source, tmp_path), pixel_spacing=(0.2, 0.25))
+    status = None if calibrated is None else _site_status(calibrated).message()
+    sc, _ = build_secondary_capture(
+        source, overlay_for(source, tmp_path), pixel_spacing=(0.2, 0.25), site_status=status
+    )
     path = tmp_path / "sc.dcm"
     sc.save_as(path, enforce_file_format=True)
     assert dciodvfy_errors(path, "SCImage") == []
+    comments = pydicom.dcmread(path).ImageComments
+    assert ("Site calibration: " in comments) == (status is not None)
+    assert status is None or status in comments
     if body_part:  # CHEST copied: dciodvfy knows the part is unpaired and has nothing to say on Laterality
         report = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
         assert "Laterality" not in report.stdout + report.stderr
@@ -161,7 +170,7 @@ def test_wrong_size_or_missing_study_is_refused(tmp_path):
     del source.StudyInstanceUID
     for build in (
         lambda: build_secondary_capture(source, rgb),
-        lambda: build_structured_report(source, np.array([0.2, 0.3, 0.5]), 2, "m", "1"),
+        lambda: build_structured_report(source, np.array([0.2, 0.3, 0.5]), 2, "m", "1", site_status="s"),
     ):
         with pytest.raises(InvalidImageError, match="StudyInstanceUID"):
             build()
@@ -186,10 +195,24 @@ def sr_items(ds: Dataset) -> list[Dataset]:
     return items
 
 
-def test_structured_report_holds_probabilities_prediction_model_and_source(tmp_path):
+def _site_status(calibrated: bool) -> SiteStatus:
+    if not calibrated:
+        return SiteStatus(None, None)
+    calibration = LogitCalibration("bias", np.ones(3), np.array([0.0, 2.0, 0.0]))
+    model = {"name": "m", "version": "1", "digest": "0" * 64}
+    return SiteStatus(
+        "north", SiteProfile("north", model, calibration, {"created": "2026-12-02", "films": {"total": 10}})
+    )
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_structured_report_holds_probabilities_prediction_model_and_source(tmp_path, calibrated):
     source = source_dataset(PatientAge="81")  # malformed AS: must not make the SR invalid
     probabilities = np.array([0.1, 0.25, 0.65])
-    sr = build_structured_report(source, probabilities, 2, "Tiny test classifier", "0.0.1")
+    status = _site_status(calibrated).message()
+    sr = build_structured_report(
+        source, probabilities, 2, "Tiny test classifier", "0.0.1", site_status=status
+    )
     path = tmp_path / "sr.dcm"
     sr.save_as(path, enforce_file_format=True)
     written = pydicom.dcmread(path)
@@ -212,6 +235,16 @@ def test_structured_report_holds_probabilities_prediction_model_and_source(tmp_p
         if item.ValueType == "TEXT"
     }
     assert texts["Algorithm Name"] == "Tiny test classifier" and texts["Algorithm Version"] == "0.0.1"
+    # the site's calibration status, in every measurement group (TID 4019 Algorithm Parameters)
+    parameters = [
+        item.TextValue
+        for item in items
+        if item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeValue == "111002"
+    ]
+    assert parameters == [f"Site calibration: {status}"] * 4
+    assert ("NOT calibrated" in status) != calibrated and (
+        "site north calibrated (bias, 10 films" in status
+    ) == calibrated
     assert "NOT FOR CLINICAL USE" in texts["Activity Session"]
     images = [item for item in items if item.ValueType == "IMAGE"]
     assert images and all(

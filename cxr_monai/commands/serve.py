@@ -111,6 +111,20 @@ def serve(
         min=0.0,
         help="How long a Classify image waits for others to batch with.",
     ),
+    site_profiles: Path | None = typer.Option(
+        None,
+        "--site-profiles",
+        metavar="DIR",
+        exists=True,
+        file_okay=False,
+        help="Site profiles folder (default: <bundle>/sites).",
+    ),
+    unknown_site: str = typer.Option(
+        "flag",
+        "--unknown-site",
+        metavar="POLICY",
+        help="A request whose site has no profile: flag (uncalibrated, said so) or refuse.",
+    ),
 ) -> None:
     """Serve classification and Grad-CAM over gRPC (API: protos/cxr_monai/api/v1/cxr_triage.proto).
 
@@ -122,6 +136,10 @@ def serve(
     Concurrent Classify calls (and the images of a ClassifyStudy stream) share model calls: up to
     --max-batch images, waiting at most --max-batch-wait-ms for each other. --backend onnx classifies
     with ONNX Runtime (the bundle exported at start-up to a temporary file and verified, or --onnx FILE).
+
+    A request naming its site gets that site's calibration (from --site-profiles or <bundle>/sites);
+    a site without a profile is flagged uncalibrated in the reply, or with --unknown-site refuse answered
+    FAILED_PRECONDITION. A damaged profile, or one fitted for other weights, stops the start.
     """
     bundle_dir = resolve_bundle(bundle)
     # imported here so that `cxr-monai --help` and the other commands do not load grpc and torch
@@ -154,7 +172,9 @@ def serve(
         if onnx_file is not None and backend != "onnx":
             raise CXRMonaiError("--onnx needs --backend onnx")
         batching = BatchingConfig(max_batch=max_batch, max_wait_ms=max_batch_wait_ms)
-        predictor = Predictor.from_bundle(bundle_dir, device=device)
+        predictor = Predictor.from_bundle(
+            bundle_dir, device=device, site_profiles=site_profiles, unknown_site=unknown_site
+        )
         onnx_model = _onnx_model(bundle_dir, onnx_file, onnx_threads) if backend == "onnx" else None
         servicer = CXRTriageServicer(predictor, limits, batching=batching, onnx_model=onnx_model)
         service = build_server(servicer, config)
@@ -165,7 +185,8 @@ def serve(
         f"serving {predictor.model_name} {predictor.model_version} ({predictor.backbone}) "
         f"on {host}:{service.port} "
         f"[{scheme}, {auth}, {max_inflight} calls at once, classify {backend} in batches of up to "
-        f"{max_batch}]. Research use only - NOT FOR CLINICAL USE.",
+        f"{max_batch}; site profiles: {', '.join(sorted(predictor.sites.profiles)) or 'none'}, unknown sites "
+        f"{unknown_site}]. Research use only - NOT FOR CLINICAL USE.",
         highlight=False,
     )
     serve_until_signalled(service, grace_s=grace)

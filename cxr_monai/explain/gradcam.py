@@ -7,6 +7,9 @@ One call does one forward pass and a backward pass from the target logit to the 
 
 :func:`to_original_grid` is the one place that inverts the inference chain's geometry (a stretch resize
 of (rows, cols) to (S, S), see :func:`cxr_monai.transforms.inference_transforms`).
+
+With a site calibration (:class:`~cxr_monai.site.profile.SiteStatus`) the predicted class - the one
+explained when no class is named - is the arg-max of the calibrated probabilities, not of the logits.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from torch.nn.modules import module as torch_module
 from cxr_monai.constants import CLASS_NAMES
 from cxr_monai.errors import CXRMonaiError
 from cxr_monai.io import CXRImage
+from cxr_monai.site.profile import SiteStatus
 
 #: Threshold of the normalised map that defines the "heat-map area" (fraction of the image above it).
 AREA_THRESHOLD: float = 0.5
@@ -63,7 +67,8 @@ class GradCAMBatch:
 
     Attributes:
         maps: float32 (B, S, S), >= 0, not normalised (units of logit x activation).
-        probabilities: float32 (B, C), softmax of the logits of the same forward pass.
+        probabilities: float32 (B, C), softmax of the logits of the same forward pass (the model's own,
+            before any site calibration).
         target_indices: int64 (B,), the class each map explains.
     """
 
@@ -91,12 +96,19 @@ class GradCAM:
         self.model = model
         self.layer: nn.Module = layer if layer is not None else cast(nn.Module, model.gradcam_layer)
 
-    def __call__(self, inputs: torch.Tensor, target: int | None = None) -> GradCAMBatch:
+    def __call__(
+        self,
+        inputs: torch.Tensor,
+        target: int | None = None,
+        calibrate: Callable[[np.ndarray], np.ndarray] | None = None,
+    ) -> GradCAMBatch:
         """Explain a batch.
 
         Args:
             inputs: float32 (B, 3, S, S) network input (already pre-processed).
             target: class index to explain for every image; None explains each image's predicted class.
+            calibrate: the model's probabilities (B, C) -> the probabilities the predicted class is read
+                from (B, C), e.g. each film's site calibration; None: the arg-max of the logits.
 
         Raises:
             RuntimeError: Captum left a hook on the model (it removes its own; this guards the contract).
@@ -114,10 +126,14 @@ class GradCAM:
             finally:
                 enable.remove()
             kept["logits"] = logits.detach()
-            if target is None:
-                index = logits.detach().argmax(dim=1)
-            else:
+            if target is not None:
                 index = torch.full((logits.shape[0],), int(target), dtype=torch.long, device=logits.device)
+            elif calibrate is not None:
+                probabilities = torch.softmax(logits.detach().float(), dim=1).cpu().numpy()
+                chosen = np.argmax(calibrate(probabilities), axis=1)
+                index = torch.as_tensor(chosen, dtype=torch.long, device=logits.device)
+            else:
+                index = logits.detach().argmax(dim=1)
             kept["index"] = index
             return logits.gather(1, index[:, None]).squeeze(1)  # (B,): one scalar per image
 
@@ -205,16 +221,35 @@ class Explanation:
     """Prediction and Grad-CAM of one image.
 
     Attributes:
-        probabilities: float32 (C,).
+        probabilities: float (C,) as the film's site reads them (the model's own when uncalibrated).
         predicted_index: argmax of ``probabilities``.
         target_index: the class the map explains.
         raw_map: float32 (rows, cols) on the original pixel grid, >= 0, not normalised.
+        model_probabilities: float32 (C,), the model's own, before any site calibration.
+        site: the film's site and the profile applied (or the flag that none was).
     """
 
     probabilities: np.ndarray
     predicted_index: int
     target_index: int
     raw_map: np.ndarray
+    model_probabilities: np.ndarray
+    site: SiteStatus
+
+    @classmethod
+    def of(
+        cls, model_probabilities: np.ndarray, target_index: int, raw_map: np.ndarray, site: SiteStatus
+    ) -> Explanation:
+        """The explanation of one film from the model's probabilities (C,), calibrated for ``site``."""
+        probabilities = site.apply(model_probabilities)
+        return cls(
+            probabilities=probabilities,
+            predicted_index=int(np.argmax(probabilities)),
+            target_index=int(target_index),
+            raw_map=raw_map,
+            model_probabilities=model_probabilities,
+            site=site,
+        )
 
 
 class Explainer:
@@ -238,26 +273,38 @@ class Explainer:
         self.batch_size = max(1, int(batch_size))
         self.device = next(model.parameters()).device
 
-    def explain(self, images: Sequence[CXRImage], target: int | None = None) -> list[Explanation]:
-        """One :class:`Explanation` per image, in order; ``target`` None explains the predicted class."""
+    def explain(
+        self, images: Sequence[CXRImage], target: int | None = None, sites: Sequence[SiteStatus] | None = None
+    ) -> list[Explanation]:
+        """One :class:`Explanation` per image, in order; ``target`` None explains the predicted class.
+
+        ``sites``: each image's site status (its calibration picks the predicted class); None: every
+        image uncalibrated, site unknown.
+        """
+        statuses = list(sites) if sites is not None else [SiteStatus(None, None)] * len(images)
+        if len(statuses) != len(images):
+            raise ValueError(f"{len(statuses)} site statuses for {len(images)} images")
         results: list[Explanation] = []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start : start + self.batch_size]
+            chunk_sites = statuses[start : start + self.batch_size]
             with torch.no_grad():  # pre-processing only; Grad-CAM below enables gradients itself
                 inputs = [self.preprocess(img) for img in chunk]
                 batch = torch.stack([_plain_tensor(x) for x in inputs])
-            out = self.cam(batch.float().to(self.device), target)
+            out = self.cam(batch.float().to(self.device), target, _calibrator(chunk_sites))
             for i, image in enumerate(chunk):
-                probabilities = out.probabilities[i]
+                raw_map = to_original_grid(out.maps[i], image.shape, crop_of(inputs[i]))
                 results.append(
-                    Explanation(
-                        probabilities=probabilities,
-                        predicted_index=int(np.argmax(probabilities)),
-                        target_index=int(out.target_indices[i]),
-                        raw_map=to_original_grid(out.maps[i], image.shape, crop_of(inputs[i])),
-                    )
+                    Explanation.of(out.probabilities[i], int(out.target_indices[i]), raw_map, chunk_sites[i])
                 )
         return results
+
+
+def _calibrator(sites: Sequence[SiteStatus]) -> Callable[[np.ndarray], np.ndarray] | None:
+    """Probabilities (B, C) -> each row calibrated for its film's site; None when no site has a profile."""
+    if not any(site.calibrated for site in sites):
+        return None
+    return lambda p: np.stack([site.apply(row) for site, row in zip(sites, p, strict=True)])
 
 
 def _plain_tensor(x: Any) -> torch.Tensor:

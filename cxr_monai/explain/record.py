@@ -1,6 +1,10 @@
 """What a person or a PACS receives for one explained image: the JSON record, the overlay, the DICOM.
 
-Shared by ``cxr-monai explain`` and the gRPC server, so both give the same text, numbers and pictures.
+Shared by ``cxr-monai explain``, the gRPC server and the gateway, so all give the same text, numbers and
+pictures. Probabilities and the predicted class are the film's site-calibrated ones; every output states
+the site's calibration status (:class:`~cxr_monai.site.profile.SiteStatus`): the overlay in one line
+(:func:`site_line`), the JSON record in a ``site`` block with the model's own probabilities, the
+Secondary Capture in its overlay and ImageComments, the Structured Report in each measurement group.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from cxr_monai.explain.secondary_capture import build_secondary_capture
 from cxr_monai.explain.structured_report import build_structured_report
 from cxr_monai.io import CXRImage
 from cxr_monai.predictor import Predictor
+from cxr_monai.site.profile import SiteStatus
 
 #: Record key of the fraction of the image above the map threshold.
 AREA_KEY = f"fraction_above_{AREA_THRESHOLD:g}"
@@ -71,7 +76,9 @@ class ExplainedImage:
         if self.image.dataset is None:
             raise CXRMonaiError("not a DICOM input: no source study for a Secondary Capture")
         spacing = self.image.extra.get("pixel_spacing_mm")
-        return build_secondary_capture(self.image.dataset, self.overlay, spacing)
+        return build_secondary_capture(
+            self.image.dataset, self.overlay, spacing, site_status=self.result.site.message()
+        )
 
     def secondary_capture_bytes(self) -> bytes:
         """The Secondary Capture as DICOM Part 10 bytes."""
@@ -93,6 +100,7 @@ class ExplainedImage:
             model["name"],
             model["version"],
             class_names=tuple(self.record["probabilities"]),
+            site_status=self.result.site.message(),
         )
 
 
@@ -110,11 +118,21 @@ def heatmap_summary(heat: np.ndarray) -> dict[str, Any]:
     return {"peak_row_col": [row, col] if float(heat.max()) > 0 else None, AREA_KEY: area_above(heat)}
 
 
+def site_line(status: SiteStatus) -> str:
+    """The overlay's line on the site: ``Site: site X calibrated (bias, 10 films, 2026-12-02)`` or
+    ``Site X: uncalibrated - probabilities NOT calibrated for this hospital`` (``Site unknown`` without
+    a site)."""
+    if status.profile is not None:
+        return f"Site: {status.profile.summary()}"
+    return f"Site {status.site or 'unknown'}: uncalibrated - probabilities NOT calibrated for this hospital"
+
+
 def overlay_lines(predictor: Predictor, image: CXRImage, result: Explanation) -> list[str]:
-    """Text burned into the overlay: prediction, probabilities, explained class, model, warnings, notice."""
+    """Text burned into the overlay: prediction, probabilities, site status, explained class, model,
+    warnings, notice."""
     names = predictor.class_names
     probs = "  ".join(f"{n} {p:.2f}" for n, p in zip(names, result.probabilities, strict=True))
-    lines = [f"Predicted: {names[result.predicted_index]}   ({probs})"]
+    lines = [f"Predicted: {names[result.predicted_index]}   ({probs})", site_line(result.site)]
     lines.append(
         f"Grad-CAM for: {names[result.target_index]}   model {predictor.model_name} "
         f"{predictor.model_version} ({predictor.backbone})"
@@ -127,8 +145,10 @@ def overlay_lines(predictor: Predictor, image: CXRImage, result: Explanation) ->
 def explanation_record(
     predictor: Predictor, source_name: str, image: CXRImage, result: Explanation, heat: np.ndarray
 ) -> dict[str, Any]:
-    """The JSON record of one input (no patient data, no UIDs)."""
+    """The JSON record of one input (no patient data, no UIDs). ``probabilities`` are the site-calibrated
+    ones; ``site`` holds the site's status and the model's own probabilities."""
     names = predictor.class_names
+    model_probabilities = {n: float(p) for n, p in zip(names, result.model_probabilities, strict=True)}
     return {
         "input": source_name,
         "source_format": image.source_format,
@@ -136,6 +156,7 @@ def explanation_record(
         "probabilities": {n: float(p) for n, p in zip(names, result.probabilities, strict=True)},
         "predicted_class": names[result.predicted_index],
         "explained_class": names[result.target_index],
+        "site": {**result.site.to_record(), "model_probabilities": model_probabilities},
         "model": {
             "name": predictor.model_name,
             "version": predictor.model_version,

@@ -12,7 +12,9 @@ Content tree (one TID 1501 measurement group each):
 * per class: finding type = the class's SNOMED CT code (:data:`CLASS_CODES`), measurement
   ``Probability`` (DCM 122157) in UCUM ``1`` (a fraction in [0, 1]);
 * summary: qualitative evaluation ``Finding`` (DCM 121071) = the predicted class's code;
-* every group: algorithm name and version (the bundle's model name and version), a tracking
+* every group: algorithm name and version (the bundle's model name and version), the site's calibration
+  status as an ``Algorithm Parameters`` text (DCM 111002, TID 4019: the site profile applied to the
+  probabilities - method, films, date - or that they are NOT calibrated for this site), a tracking
   identifier, and ``Source`` = the source image (SOP Class + Instance UID);
 * the evidence sequence (CurrentRequestedProcedureEvidenceSequence) names the source too. The TID 1500
   Image Library is left out: highdicom fills its projection-radiography descriptors (TID 1603) from
@@ -67,6 +69,8 @@ _TYPE2_FROM_EVIDENCE = (
     "StudyTime",
 )
 SESSION = f"cxr-monai triage. {RESEARCH_USE_NOTICE}"
+#: How the Algorithm Parameters text on the site's calibration begins.
+SITE_PARAMETER_PREFIX = "Site calibration: "
 
 
 def build_structured_report(
@@ -76,15 +80,18 @@ def build_structured_report(
     model_name: str,
     model_version: str,
     class_names: Sequence[str] = CLASS_NAMES,
+    *,
+    site_status: str,
 ) -> hd.sr.ComprehensiveSR:
     """Comprehensive SR (TID 1500) of one classification in ``source``'s study.
 
     Args:
         source: the classified image's header (pixel data not needed).
-        probabilities: float (K,) in class order, summing to 1.
+        probabilities: float (K,) in class order, summing to 1 (the site-calibrated ones, if any).
         predicted_index: index of the predicted class.
         model_name, model_version: the bundle's metadata (algorithm identification).
         class_names: K names, each a key of :data:`CLASS_CODES`.
+        site_status: one line on the site's calibration (``SiteStatus.message()``).
 
     Raises:
         InvalidImageError: the source lacks StudyInstanceUID, SOPClassUID or SOPInstanceUID.
@@ -97,7 +104,10 @@ def build_structured_report(
     if missing:
         raise ValueError(f"no SNOMED CT code for class(es) {missing}; known: {list(CLASS_CODES)}")
     algorithm = hd.sr.AlgorithmIdentification(
-        name=model_name, version=model_version, manufacturer=MANUFACTURER
+        name=model_name,
+        version=model_version,
+        parameters=[f"{SITE_PARAMETER_PREFIX}{site_status}"],
+        manufacturer=MANUFACTURER,
     )
     source_image = hd.sr.SourceImageForMeasurementGroup(
         referenced_sop_class_uid=str(source.SOPClassUID),
