@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -70,6 +70,18 @@ def _user_error_cause(exc: BaseException) -> CXRMonaiError | None:
         seen.add(id(current))
         current = current.__cause__
     return None
+
+
+def warn_sites_without_profile(named: Iterable[str], profiles: Collection[str], unknown_site: str) -> None:
+    """One warning line per site the user named that has no calibration profile for the loaded model."""
+    fate = "refused" if unknown_site == "refuse" else "flagged uncalibrated"
+    for name in sorted(set(named) - set(profiles)):
+        console.print(
+            f"[yellow]warning:[/] site {name} has no calibration profile for this model; its films are "
+            f"{fate}",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def examples(*commands: str) -> str:

@@ -8,14 +8,23 @@ from pathlib import Path
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from cxr_monai.commands import bundle_option, console, examples, fail, resolve_bundle, user_errors
+from cxr_monai.commands import (
+    bundle_option,
+    console,
+    examples,
+    fail,
+    resolve_bundle,
+    user_errors,
+    warn_sites_without_profile,
+)
 from cxr_monai.errors import DatasetError
 
 #: Outputs ``--format`` chooses from.
 FORMATS = ("png", "json", "dcm")
 EPILOG = examples(
     "cxr-monai explain study.dcm scans/ --bundle out/train/final \\\n"
-    "    --out out/explain --format png,json,dcm"
+    "    --out out/explain --format png,json,dcm",
+    "cxr-monai explain scans/ --bundle out/train/final --site ourhospital \\\n    --unknown-site refuse",
 )
 #: Files a directory walk skips: hidden files and these (documentation/metadata next to images).
 _NOT_IMAGES = {".json", ".txt", ".md", ".csv", ".xml", ".html", ".pdf", ".py"}
@@ -78,24 +87,61 @@ def explain(
         "png,json,dcm", "--format", metavar="FORMATS", help="Outputs to write: png, json, dcm."
     ),
     batch_size: int = typer.Option(4, "--batch-size", metavar="N", min=1, help="Images per Grad-CAM batch."),
+    site: str | None = typer.Option(
+        None, "--site", metavar="NAME", help="The films' site: its calibration profile is applied."
+    ),
+    site_profiles: Path | None = typer.Option(
+        None,
+        "--site-profiles",
+        metavar="DIR",
+        exists=True,
+        file_okay=False,
+        help="Site profiles folder (default: <bundle>/sites).",
+    ),
+    unknown_site: str = typer.Option(
+        "flag",
+        "--unknown-site",
+        metavar="POLICY",
+        help="A film of a site without a profile: flag (outputs say uncalibrated) or refuse (fails).",
+    ),
+    site_from_institution: Path | None = typer.Option(
+        None,
+        "--site-from-institution",
+        metavar="SITE_MAP",
+        exists=True,
+        dir_okay=False,
+        help="Site of each DICOM film from its InstitutionName via this site map (else --site).",
+    ),
 ) -> None:
     """Grad-CAM heat maps on the original films: <name>_gradcam.png, <name>.json, <name>_gradcam.dcm.
 
     The DICOM output is a Secondary Capture in the source study (new series, "NOT FOR CLINICAL USE").
+    Probabilities and the predicted (and explained) class are calibrated for the films' site when the
+    bundle has its profile; every output says which profile was applied, or that none was.
     Exit code 0 when every input succeeded, 1 when any failed, 2 on a usage error.
     """
+    from cxr_monai.site.profile import UNKNOWN_SITE_POLICIES, check_site_name
+    from cxr_monai.site.sitemap import SiteMap
+
     chosen = parse_formats(formats)
+    if unknown_site not in UNKNOWN_SITE_POLICIES:
+        raise fail(f"--unknown-site: expected flag or refuse, got {unknown_site!r}", code=2)
     bundle_dir = resolve_bundle(bundle)
     with user_errors():
         files = collect_inputs(inputs)  # before the bundle: a mistyped path fails in a second, not in 30
+        institutions = SiteMap.read(site_from_institution) if site_from_institution else None
+        if site is not None:
+            check_site_name(site)
     # imported here so that `cxr-monai --help` and the other commands do not load torch
     from cxr_monai.explain.files import explain_files
     from cxr_monai.explain.gradcam import class_index
     from cxr_monai.predictor import Predictor
 
     with user_errors():
-        predictor = Predictor.from_bundle(bundle_dir)
+        predictor = Predictor.from_bundle(bundle_dir, site_profiles=site_profiles, unknown_site=unknown_site)
         target = None if class_name is None else class_index(class_name, predictor.class_names)
+        named = ({site} if site else set()) | (institutions.sites if institutions else set())
+        warn_sites_without_profile(named, predictor.sites.profiles, unknown_site)
         columns = (TextColumn("explain"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=console, transient=True, disable=len(files) < 2) as progress:
             task = progress.add_task("explain", total=len(files))
@@ -111,6 +157,8 @@ def explain(
                 on_warnings=lambda path, found: console.print(
                     f"[yellow]warning:[/] {path}: {'; '.join(found)}", highlight=False, soft_wrap=True
                 ),
+                site=site,
+                institutions=institutions,
             )
     for path, reason in failures.items():
         console.print(f"[bold red]failed:[/] {path}: {reason}", highlight=False, soft_wrap=True)

@@ -1,7 +1,7 @@
 """Explain image files in batches and write what each gets: overlay PNG, JSON record, DICOM Secondary Capture.
 
-The work behind ``cxr-monai explain``; one input's failure (unreadable file, failed write) is recorded
-and the others still go through.
+The work behind ``cxr-monai explain``; one input's failure (unreadable file, a site refused under
+``--unknown-site refuse``, failed write) is recorded and the others still go through.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from cxr_monai.explain.overlay import png_bytes, render_captioned
 from cxr_monai.explain.record import dicom_bytes, explained_image, overlay_lines
 from cxr_monai.io import CXRImage, read_cxr
 from cxr_monai.predictor import Predictor
+from cxr_monai.site.profile import SiteStatus
+from cxr_monai.site.sitemap import SiteMap
 
 
 @dataclass
@@ -25,6 +27,17 @@ class _Job:
     source: Path
     name: str
     image: CXRImage
+    site: SiteStatus
+
+
+def film_site(image: CXRImage, site: str | None, institutions: SiteMap | None) -> str | None:
+    """The site of a film: its DICOM InstitutionName's in ``institutions`` (when given and it names it),
+    else ``site`` (None: unknown). The InstitutionName itself is never returned or quoted."""
+    if institutions is not None and image.dataset is not None:
+        mapped = institutions.site_for(None, str(image.dataset.get("InstitutionName", "") or ""))
+        if mapped:
+            return mapped
+    return site
 
 
 def unique_names(paths: Sequence[Path]) -> list[str]:
@@ -101,10 +114,14 @@ def explain_files(
     on_done: Callable[[], None] = lambda: None,
     on_note: Callable[[str], None] = lambda _: None,
     on_warnings: Callable[[Path, tuple[str, ...]], None] = lambda _path, _found: None,
+    site: str | None = None,
+    institutions: SiteMap | None = None,
 ) -> dict[Path, str]:
     """Explain ``files`` in batches, writing ``formats`` (a subset of "png", "json", "dcm") into ``out``.
 
-    ``target`` is the class index to explain (None: the predicted class). ``on_done`` is called once per
+    ``target`` is the class index to explain (None: the predicted class; the site-calibrated arg-max).
+    Each film's site is :func:`film_site` of ``site`` and ``institutions``; its status comes from
+    ``predictor.sites`` (a film refused there fails, nothing written for it). ``on_done`` is called once per
     input, ``on_note`` with remarks for the user (e.g. why no DICOM was written), ``on_warnings`` with
     each explained file that has :attr:`CXRImage.warnings` (lateral view, not CR/DX, not CHEST ...: the
     result may not mean much). Returns {file: one-line reason, without the file's name} for the inputs
@@ -119,7 +136,10 @@ def explain_files(
             files[start : start + batch_size], names[start : start + batch_size], strict=True
         ):
             try:
-                jobs.append(_Job(path, name, read_cxr(path)))
+                image = read_cxr(path)
+                jobs.append(
+                    _Job(path, name, image, predictor.sites.resolve(film_site(image, site, institutions)))
+                )
             except (CXRMonaiError, OSError) as exc:
                 if isinstance(exc, CXRMonaiError):
                     # read_cxr names the file by its base name; the caller prints the path as given instead
@@ -130,7 +150,7 @@ def explain_files(
         if not jobs:
             continue
         try:
-            results = explainer.explain([job.image for job in jobs], target)
+            results = explainer.explain([job.image for job in jobs], target, [job.site for job in jobs])
         except (CXRMonaiError, RuntimeError, ValueError) as exc:
             for job in jobs:
                 failures[job.source] = f"Grad-CAM failed ({exc})"
