@@ -20,6 +20,8 @@ from torch import nn
 
 from cxr_monai.constants import CLASS_NAMES, NUM_CLASSES, RESEARCH_USE_NOTICE
 from cxr_monai.data.datalist import datalist_document
+from cxr_monai.site.calibration import LogitCalibration
+from cxr_monai.site.profile import SiteProfile, model_digest, write_profile
 
 #: (rows, columns, Pillow mode) per class for data where the class can be told from image size alone.
 SIZE_BY_CLASS: tuple[tuple[int, int, str], ...] = ((96, 96, "RGB"), (128, 112, "L"), (80, 128, "L"))
@@ -166,3 +168,18 @@ def write_datalist(path: Path, training: Sequence[dict[str, Any]], test: Sequenc
     )
     path.write_text(json.dumps(document, indent=2))
     return path
+
+
+def write_site_profile(
+    folder: Path, bundle: Path, site: str, class_index: int, digest: str | None = None
+) -> Path:
+    """A site profile of ``site`` for ``bundle``'s weights (or for ``digest``) with a bias of 40 nats on
+    ``class_index``: more than any gap between log-probabilities, so calibrated outputs call that class."""
+    bias = np.zeros(NUM_CLASSES)
+    bias[class_index] = 40.0
+    weights = digest or model_digest(bundle / "models" / "model.pt")
+    model = {"name": "Tiny test classifier", "version": "0.0.1", "digest": weights}
+    report = {"created": "2026-12-02T10:00:00", "films": {"total": 10}}
+    return write_profile(
+        folder, SiteProfile(site, model, LogitCalibration("bias", np.ones(NUM_CLASSES), bias), report)
+    )

@@ -1,8 +1,9 @@
 """Site profiles at run time: the predictor, ``cxr-monai explain`` and the gRPC service apply a site's
 calibration, flag every output of a film whose site has none, or refuse it under ``refuse``.
 
-The profile used puts a bias of 40 nats on one class (the one the model does *not* call for the test
-film): larger than any log-probability gap, so calibrated outputs must call that class.
+The profile used (:func:`bundle_factory.write_site_profile`) puts a bias of 40 nats on one class, the one
+the model does *not* call for the test film: larger than any log-probability gap, so calibrated outputs
+must call that class.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import grpc
 import numpy as np
 import pydicom
 import pytest
-from bundle_factory import make_trained_bundle
+from bundle_factory import make_trained_bundle, write_site_profile
 from cxr_monai.server.app import ServerConfig, Service, build_server
 from cxr_monai.server.servicer import CXRTriageServicer, ServiceLimits
 from dicom_factory import gradient, make_dataset, save
@@ -36,32 +37,10 @@ from cxr_monai.errors import BundleError
 from cxr_monai.explain import files as files_module
 from cxr_monai.explain import record as record_module
 from cxr_monai.predictor import Predictor
-from cxr_monai.site.calibration import LogitCalibration
-from cxr_monai.site.profile import SiteNotCalibratedError, SiteProfile, model_digest, write_profile
+from cxr_monai.site.profile import SiteNotCalibratedError, model_digest
 
 runner = CliRunner()
-BIAS = 40.0
 INSTITUTION = "St Elsewhere Secret Hospital"
-
-
-def write_site_profile(
-    folder: Path, bundle: Path, site: str, class_index: int, digest: str | None = None
-) -> Path:
-    """A ``bias`` profile of ``site`` for ``bundle``'s weights (or ``digest``) favouring ``class_index``."""
-    bias = np.zeros(len(CLASS_NAMES))
-    bias[class_index] = BIAS
-    model = {
-        "name": "Tiny test classifier",
-        "version": "0.0.1",
-        "digest": digest or model_digest(bundle / "models/model.pt"),
-    }
-    profile = SiteProfile(
-        site,
-        model,
-        LogitCalibration("bias", np.ones(3), bias),
-        {"created": "2026-12-02T10:00:00", "films": {"total": 10}},
-    )
-    return write_profile(folder, profile)
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,20 @@ from pathlib import Path
 
 import typer
 
-from cxr_monai.commands import bundle_option, console, examples, resolve_bundle, user_errors
+from cxr_monai.commands import (
+    bundle_option,
+    console,
+    examples,
+    resolve_bundle,
+    user_errors,
+    warn_sites_without_profile,
+)
 
 EPILOG = examples(
     "cxr-monai gateway --bundle out/train/final --host 0.0.0.0 --port 11112 \\\n"
     "    --allow MODALITY1 --dest-ae PACS --dest-host pacs.local \\\n"
-    "    --dest-port 104 --queue /var/lib/cxr-monai/queue"
+    "    --dest-port 104 --queue /var/lib/cxr-monai/queue \\\n"
+    "    --site-map sites.json --unknown-site flag"
 )
 
 
@@ -46,6 +54,26 @@ def gateway(
     device: str | None = typer.Option(
         None, "--device", metavar="DEVICE", help="cpu, cuda, cuda:1 ... (default: cuda if present)."
     ),
+    site_map: Path | None = typer.Option(
+        None,
+        "--site-map",
+        metavar="FILE",
+        help='JSON {"CALLING_AE": "site", "institution_names": {"Name": "site"}}: each film\'s site.',
+    ),
+    site_profiles: Path | None = typer.Option(
+        None,
+        "--site-profiles",
+        metavar="DIR",
+        exists=True,
+        file_okay=False,
+        help="Site profiles folder (default: <bundle>/sites).",
+    ),
+    unknown_site: str = typer.Option(
+        "flag",
+        "--unknown-site",
+        metavar="POLICY",
+        help="A film whose site has no profile: flag (results say uncalibrated) or refuse (to failed/).",
+    ),
 ) -> None:
     """Receive CR/DX/SC chest films over C-STORE; send a Grad-CAM Secondary Capture and a Structured
     Report of each to the destination.
@@ -53,15 +81,24 @@ def gateway(
     Instances are written to the queue before success is answered; results are retried with back-off
     until the destination accepts them, and a restarted gateway resumes its queue. Unsuitable instances
     are refused: 0xA900 (not a decodable single-frame image), 0xC000 (not a frontal chest radiograph).
+
+    A film's site is its InstitutionName's in the --site-map, else its calling AE title's; that site's
+    calibration is applied and the SC and SR state it, or that the probabilities are not calibrated
+    for this hospital (--unknown-site refuse: such a film goes to the queue's failed/ folder).
     Stop with Ctrl-C. Research use only - NOT FOR CLINICAL USE.
     """
     bundle_dir = resolve_bundle(bundle)
     # imported here so that `cxr-monai --help` and the other commands do not load torch and pynetdicom
     from cxr_monai.gateway.service import Destination, Gateway, GatewayConfig
     from cxr_monai.predictor import Predictor
+    from cxr_monai.site.sitemap import SiteMap
 
     with user_errors():
-        predictor = Predictor.from_bundle(bundle_dir, device=device)
+        sites = SiteMap.read(site_map) if site_map is not None else SiteMap()
+        predictor = Predictor.from_bundle(
+            bundle_dir, device=device, site_profiles=site_profiles, unknown_site=unknown_site
+        )
+    warn_sites_without_profile(sites.sites, predictor.sites.profiles, unknown_site)
     config = GatewayConfig(
         destination=Destination(dest_ae, dest_host, dest_port),
         queue_dir=queue_dir,
@@ -71,6 +108,7 @@ def gateway(
         allowed_calling=tuple(allow),
         batch_size=batch_size,
         retry_max_s=retry_max_s,
+        site_map=sites,
     )
     service = Gateway(predictor, config)
     stop = threading.Event()
@@ -79,7 +117,8 @@ def gateway(
     bound = service.start()
     console.print(
         f"gateway {ae_title} on {host}:{bound} -> {dest_ae}@{dest_host}:{dest_port}, model "
-        f"{predictor.model_name} {predictor.model_version}, queue {queue_dir}. "
+        f"{predictor.model_name} {predictor.model_version}, queue {queue_dir}, site profiles: "
+        f"{', '.join(sorted(predictor.sites.profiles)) or 'none'} (unknown sites: {unknown_site}). "
         "Research use only - NOT FOR CLINICAL USE.",
         highlight=False,
     )

@@ -6,7 +6,8 @@ uncompressed, JPEG (baseline, extended, lossless), JPEG-LS, JPEG 2000 and RLE tr
 can expand to gigabytes before anything can refuse it.
 
 Each instance is checked from its header only, then written to the on-disk queue *before* the answer,
-so a success status means the instance is safe on disk:
+with the calling AE title of the association it came on (the gateway's site map may name its site), so
+a success status means the instance is safe on disk:
 
 * ``0x0000`` success: queued.
 * ``0xA900`` (Data Set does not match SOP Class): the data set is no single-frame image this reader
@@ -125,9 +126,10 @@ def _decoded(event: evt.Event) -> Dataset:
 
 
 def store_handler(
-    put: Callable[[bytes], str], on_queued: Callable[[], None]
+    put: Callable[[bytes, str], str], on_queued: Callable[[], None]
 ) -> Callable[[evt.Event], Dataset]:
-    """The EVT_C_STORE handler: check, write to the queue with ``put``, answer; then ``on_queued``."""
+    """The EVT_C_STORE handler: check, write to the queue with ``put(data, calling AE title)``, answer;
+    then ``on_queued``."""
 
     def handle(event: evt.Event) -> Dataset:
         status = Dataset()
@@ -135,7 +137,8 @@ def store_handler(
             with values_unvalidated():  # the header's values must not be quoted by pydicom's validation
                 ds = _decoded(event)
                 check_instance(ds)
-            name = put(event.encoded_dataset(include_meta=True))
+            calling = str(event.assoc.requestor.ae_title).strip()
+            name = put(event.encoded_dataset(include_meta=True), calling)
         except Refused as exc:
             logger.warning("refused an instance (0x%04X): %s", exc.status, exc)
             status.Status = exc.status
@@ -146,7 +149,7 @@ def store_handler(
             status.Status = OUT_OF_RESOURCES
             status.ErrorComment = "gateway queue cannot be written"
             return status
-        logger.info("queued instance %s (%s)", name, ds.get("Modality", "?"))
+        logger.info("queued instance %s (%s) from %s", name, ds.get("Modality", "?"), calling)
         status.Status = SUCCESS
         on_queued()
         return status

@@ -7,7 +7,10 @@ Three activities share the on-disk queue (:mod:`cxr_monai.gateway.queue`):
 * the processing thread takes inbox files in arrival order, up to ``batch_size`` per Grad-CAM batch,
   runs the same code as ``cxr-monai explain`` (:class:`~cxr_monai.explain.gradcam.Explainer`,
   :func:`~cxr_monai.explain.record.explained_image`) and queues the Secondary Capture and the
-  Structured Report in the outbox; a file that cannot be decoded after all goes to ``failed/``;
+  Structured Report in the outbox; a file that cannot be decoded after all goes to ``failed/``. Each
+  film's site comes from the site map (:class:`~cxr_monai.site.sitemap.SiteMap`: its InstitutionName, else
+  the calling AE title kept with the queued instance); its calibration is applied and both results state
+  it, or that there is none; under ``--unknown-site refuse`` a film without a profile goes to ``failed/``;
 * the delivery thread C-STOREs each outbox entry (SC, then SR) to the destination and removes it once
   both are accepted. When the destination is unreachable or refuses, it waits and retries with
   exponential back-off (``retry_initial_s`` doubling up to ``retry_max_s``); results keep their UIDs
@@ -22,7 +25,7 @@ from __future__ import annotations
 import io
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom.uid import (
@@ -39,8 +42,10 @@ from cxr_monai.explain.gradcam import Explainer
 from cxr_monai.explain.record import explained_image
 from cxr_monai.gateway.queue import SC_FILE, SR_FILE, DiskQueue
 from cxr_monai.gateway.scp import STORAGE_CLASSES, TRANSFER_SYNTAXES, store_handler
-from cxr_monai.io import read_cxr
+from cxr_monai.io import CXRImage, read_cxr
 from cxr_monai.predictor import Predictor
+from cxr_monai.site.profile import SiteStatus
+from cxr_monai.site.sitemap import SiteMap
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +79,7 @@ class GatewayConfig:
     retry_max_s: float = 60.0
     network_timeout_s: float = 30.0
     idle_poll_s: float = 5.0
+    site_map: SiteMap = field(default_factory=SiteMap)
 
 
 class DeliveryError(Exception):
@@ -162,14 +168,15 @@ class Gateway:
         images = []
         for path in files:
             try:
-                images.append((path, read_cxr(path.read_bytes())))
+                image = read_cxr(path.read_bytes())
+                images.append((path, image, self.site_of(path, image)))
             except CXRMonaiError as exc:
                 logger.warning("queue entry %s cannot be processed: %s", path.stem, exc)
                 self.queue.to_failed(path, str(exc))
         if not images:
             return
-        results = self._explainer.explain([image for _, image in images], None)
-        for (path, image), result in zip(images, results, strict=True):
+        results = self._explainer.explain([image for _, image, _ in images], None, [s for _, _, s in images])
+        for (path, image, _), result in zip(images, results, strict=True):
             explained = explained_image(self.predictor, path.name, image, result)
             try:
                 sc = explained.secondary_capture_bytes()
@@ -180,8 +187,27 @@ class Gateway:
                 self.queue.to_failed(path, str(exc))
                 continue
             self.queue.to_outbox(path, sc, sr_buffer.getvalue())
-            logger.info("queue entry %s: %s, results queued", path.stem, explained.record["predicted_class"])
+            site = result.site
+            logger.info(
+                "queue entry %s: %s (site %s, %s), results queued",
+                path.stem,
+                explained.record["predicted_class"],
+                site.site or "unknown",
+                "calibrated" if site.calibrated else "uncalibrated",
+            )
         self._processed.set()
+
+    def site_of(self, queued: Path, image: CXRImage) -> SiteStatus:
+        """The site status of a queued film: the site map's site for its InstitutionName, else for the
+        calling AE title it arrived with (the header value itself is never logged or quoted).
+
+        Raises:
+            SiteNotCalibratedError: the site has no profile and the policy is ``refuse``.
+        """
+        institution = str(image.dataset.get("InstitutionName", "") or "") if image.dataset is not None else ""
+        calling = self.queue.arrival(queued).get("calling_ae_title")
+        site = self.config.site_map.site_for(calling if isinstance(calling, str) else None, institution)
+        return self.predictor.sites.resolve(site)
 
     # delivery
 
