@@ -3,11 +3,14 @@ network computes what TorchXRayVision's own DenseNet computes on the same film."
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from cxr_monai.constants import IMAGENET_MEAN, IMAGENET_STD
 from cxr_monai.errors import WeightsError
 from cxr_monai.networks import XRV_EXPORT_COMMAND, build_network, load_pretrained, unfreeze_top
 from cxr_monai.transforms import inference_transforms
@@ -52,13 +55,18 @@ def test_xrv_weights_from_a_file_give_torchxrayvision_s_features(xrv_reference, 
     net.eval()
     path, pixels = _film(tmp_path)
     network_input = torch.as_tensor(inference_transforms(spatial_size=64)(path))[None]
-    values = pixels.astype(np.float32) * 255.0 / pixels.max()  # the chain's min-max scaling
-    xrv_input = torch.from_numpy((2.0 * values / 255.0 - 1.0) * 1024.0)[None, None]
+    # the chain's min-max scaling to [0, 1], ImageNet-normalised: undone, it is the film
+    unit = network_input[0, 0].double() * IMAGENET_STD[0] + IMAGENET_MEAN[0]
+    np.testing.assert_allclose(unit.numpy(), pixels / pixels.max(), atol=1e-6)
+    xrv_input = ((2.0 * unit - 1.0) * 1024.0)[None, None]
+    # both networks in float64 on the same input: in float32, sums over 1,024 channels in another order
+    # differed by up to 3e-4 between machines. In float64 the largest difference measured here is 4e-5
+    # absolute, 1.1e-6 relative (features up to ~40); the tolerance leaves a tenfold margin over that
     with torch.no_grad():
-        expected = reference.features2(xrv_input)
-        got = net.head[:2](net.trunk(network_input))
+        expected = copy.deepcopy(reference).double().features2(xrv_input)
+        got = copy.deepcopy(net).double().head[:2](net.double().trunk(network_input.double()))
     assert expected.abs().max() > 0.1  # a real comparison, not two zero vectors
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert all(torch.equal(b, p) for b, p in zip(head_before, net.head.parameters(), strict=True))
 
 

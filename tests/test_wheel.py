@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from bundle_factory import make_items, write_datalist
+from venv_tools import make_venv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,8 +35,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     _run([*pip_wheel, "-w", str(work / "dist"), str(ROOT)], work, env)
     wheel = next((work / "dist").glob("cxr_monai-*.whl"))
     # The venv sees this interpreter's packages (torch, MONAI ...) but gets cxr-monai from the wheel alone.
-    _run([sys.executable, "-m", "venv", "--system-site-packages", str(work / "venv")], work, env)
-    bin_dir = work / "venv" / "bin"
+    bin_dir = make_venv(work / "venv")
     _run(
         [str(bin_dir / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
         work,
@@ -89,3 +89,20 @@ def test_train_evaluate_and_explain_through_the_installed_bundle(
     _run([cli, "explain", test[0]["image"], "--bundle", str(run_dir / "final"), "--out", str(explain_dir)],
          tmp_path, env)  # fmt: skip
     assert sorted(p.suffix for p in explain_dir.iterdir()) == [".json", ".png"]
+
+
+def test_a_venv_made_from_inside_a_venv_sees_that_venv_s_packages(tmp_path: Path) -> None:
+    """What the wheel check's venv needs when the suite runs in a user's venv: a package installed only in
+    the outer venv (not in the base interpreter) is importable in a venv made from it."""
+    outer = make_venv(tmp_path / "outer")
+    outer_site = _run(
+        [str(outer / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        tmp_path,
+        dict(os.environ),
+    ).stdout.strip()
+    (Path(outer_site) / "only_in_the_outer_venv.py").write_text("MARK = 1\n")
+    tools = str(Path(__file__).with_name("venv_tools.py"))
+    _run([str(outer / "python"), tools, str(tmp_path / "inner")], tmp_path, dict(os.environ))
+    code = "import only_in_the_outer_venv, grpc, typer, torch; print(only_in_the_outer_venv.MARK)"
+    out = _run([str(tmp_path / "inner" / "bin" / "python"), "-c", code], tmp_path, dict(os.environ))
+    assert out.stdout.strip() == "1"
