@@ -257,7 +257,7 @@ def export_bundle(
     if fmt not in FORMATS:
         raise CXRMonaiError(f"format {fmt!r}: expected one of {', '.join(FORMATS)}")
     out = Path(out)
-    predictor = Predictor.from_bundle(bundle, device="cpu")
+    predictor = Predictor.from_bundle(bundle, device="cpu", with_sites=False)
     batch = verification_batch(predictor, images)
     reference = eager_logits(predictor, batch)
     report_int8: dict[str, Any] = {}

@@ -143,9 +143,12 @@ class Predictor:
         device: str | torch.device | None = None,
         site_profiles: str | Path | None = None,
         unknown_site: str = "flag",
+        with_sites: bool = True,
     ) -> Predictor:
         """Build ``network_def`` from the bundle, load ``models/model.pt`` into it (strictly) and load the
         site profiles of ``site_profiles`` (default ``<bundle>/sites``; none when it does not exist).
+        ``with_sites=False`` loads none (commands that score the model's own probabilities: evaluate,
+        compare, export, site calibrate), so a stale profile cannot block them.
 
         ``unknown_site``: ``flag`` (a film of a site without a profile keeps the model's probabilities,
         marked uncalibrated) or ``refuse`` (:meth:`predict` raises ``SiteNotCalibratedError``).
@@ -176,7 +179,11 @@ class Predictor:
                 f"{weights}: does not match the bundle's network_def ({first_line} {detail[:300]})"
             ) from exc
         digest = model_digest(weights)
-        sites = SiteProfiles.load(site_profiles or bundle / SITES_DIR, digest, unknown_site)
+        sites = (
+            SiteProfiles.load(site_profiles or bundle / SITES_DIR, digest, unknown_site)
+            if with_sites
+            else SiteProfiles({}, unknown_site)
+        )
         meta: dict[str, Any] = parser.get("_meta_", {}) or {}
         backbone = _parsed(parser, "backbone", getattr(network, "backbone_name", "unknown"))
         predictor = cls(

@@ -292,3 +292,12 @@ def test_a_folder_of_dicom_films_with_a_labels_csv(bundle, tmp_path):
     assert profile.report["films"]["per_class"] == {"COVID-19": 2, "Normal": 2, "Pneumonia": 0}
     assert PATIENT_ID not in (tmp_path / "p" / "st-elsewhere.json").read_text()
     assert PATIENT_ID not in result.output
+
+
+def test_a_damaged_profile_is_replaced_by_recalibrating(bundle, site_films, tmp_path):
+    profiles = tmp_path / "p"
+    assert calibrate(bundle, site_films, "--out", str(tmp_path / "r"), profiles=profiles).exit_code == 0
+    (profiles / "st-elsewhere.json").write_text("{not json")
+    again = calibrate(bundle, site_films, "--replace", "--out", str(tmp_path / "r"), profiles=profiles)
+    assert again.exit_code == 0, again.output
+    assert read_profile(profiles / "st-elsewhere.json").calibration.method == "bias"

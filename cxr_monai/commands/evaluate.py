@@ -86,11 +86,13 @@ def evaluate(
         splits = evaluation.load_splits(datalist)
         if split == evaluation.CV_SPLIT:
             folds = evaluation.cross_validation_folds(bundle_dir, splits)
-            predictors = [(Predictor.from_bundle(b, device=device), items) for b, items in folds]
+            predictors = [
+                (Predictor.from_bundle(b, device=device, with_sites=False), items) for b, items in folds
+            ]
             curves_bundles = [b for b, _ in folds]
         else:
             items = evaluation.select_split(splits, split)
-            predictor = Predictor.from_bundle(bundle_dir, device=device)
+            predictor = Predictor.from_bundle(bundle_dir, device=device, with_sites=False)
             curves_bundles = [bundle_dir]
         stages = {"evaluate": "model + features", "baseline": "baseline training features"}
         with Progress(

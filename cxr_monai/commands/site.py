@@ -153,7 +153,7 @@ def _fit_profile(
     from cxr_monai.site.profile import model_digest
 
     with user_errors():
-        predictor = Predictor.from_bundle(bundle_dir)
+        predictor = Predictor.from_bundle(bundle_dir, with_sites=False)
         if method == "em-prior" and shares is None:
             shares = training_priors(bundle_dir)
         digest = model_digest(bundle_dir / WEIGHTS)

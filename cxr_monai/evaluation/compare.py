@@ -130,14 +130,14 @@ def score_run(
         if progress is not None:
             progress(f"{name}: {stage}", done, total)
 
-    predictor = Predictor.from_bundle(final_dir, device=device)
+    predictor = Predictor.from_bundle(final_dir, device=device, with_sites=False)
     final = evaluate(
         predictor, items, training_items, shortcut=shortcut, batch_size=batch_size, n_boot=n_boot, seed=seed,
         by_patient=by_patient, progress=report,
     )  # fmt: skip
     folds = {}
     for k, fold_dir in fold_dirs:
-        fold_predictor = Predictor.from_bundle(fold_dir, device=device)
+        fold_predictor = Predictor.from_bundle(fold_dir, device=device, with_sites=False)
         folds[k] = evaluate(
             fold_predictor, items, shortcut=False, batch_size=batch_size, n_boot=n_boot, seed=seed,
             by_patient=by_patient, progress=_renamed(report, f"fold {k}"),
@@ -380,7 +380,7 @@ def gradcam_figure(
     )
     axes = np.atleast_2d(fig.subplots(len(runs), len(examples), squeeze=False))
     for r, run in enumerate(runs):
-        predictor = Predictor.from_bundle(trained_bundles(run.path)[0], device=device)
+        predictor = Predictor.from_bundle(trained_bundles(run.path)[0], device=device, with_sites=False)
         explanations = Explainer(predictor.model, predictor.preprocess).explain(images)
         for c, (item, image, expl) in enumerate(zip(examples, images, explanations, strict=True)):
             ax = axes[r, c]

@@ -90,7 +90,7 @@ def covid_call_rate(bundle: str | Path, images: Sequence[str], batch_size: int =
     """Share of ``images`` that the trained classifier bundle at ``bundle`` calls COVID-19."""
     from cxr_monai.predictor import Predictor
 
-    predictor = Predictor.from_bundle(bundle)
+    predictor = Predictor.from_bundle(bundle, with_sites=False)
     predictions = predictor.predict(list(images), batch_size)
     return float(np.mean([p.predicted_index == COVID for p in predictions]))
 
