@@ -38,7 +38,6 @@ from typing import Any
 
 import highdicom as hd
 import numpy as np
-from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     JPEG2000,
@@ -48,10 +47,10 @@ from pydicom.uid import (
     JPEGExtended12Bit,
     JPEGLSNearLossless,
 )
-from pydicom.valuerep import validate_value
 
 from cxr_monai.constants import RESEARCH_USE_NOTICE
 from cxr_monai.errors import InvalidImageError
+from cxr_monai.explain.source_header import blank_invalid_values, repaired_source
 from cxr_monai.versions import cxr_monai_version
 
 logger = logging.getLogger(__name__)
@@ -141,30 +140,6 @@ def check_source(source: Dataset) -> None:
             raise InvalidImageError(f"source DICOM has no {keyword}; {why}")
 
 
-def blank_invalid_values(ds: Dataset) -> list[str]:
-    """Empty every top-level element whose value is invalid for its VR; returns their keywords.
-
-    highdicom copies patient and study attributes from the source as they are; a malformed one (a
-    PatientAge "81" instead of "081Y") would make the output invalid. Empty is allowed for the Type 2
-    and Type 3 attributes copied. The values are never quoted (they may be patient data).
-    """
-    blanked = []
-    for element in ds:
-        if element.VR in ("SQ", "OB", "OW", "UN") or element.value in (None, ""):
-            continue
-        values = element.value if element.VM > 1 else [element.value]
-        try:
-            for value in values:
-                if isinstance(value, str):  # numbers and names pydicom already converted are valid
-                    validate_value(element.VR, value, pydicom_config.RAISE)
-        except ValueError:
-            element.value = None
-            blanked.append(element.keyword or str(element.tag))
-    if blanked:
-        logger.warning("emptied source attribute(s) with values invalid for their VR: %s", blanked)
-    return blanked
-
-
 def link_to_source(derived: Dataset, source: Dataset) -> None:
     """Set the source references, derivation, lossy history and Modality on ``derived`` (an image)."""
     derived.SourceImageSequence = [source_reference(source)]
@@ -202,6 +177,7 @@ def build_secondary_capture(
         InvalidImageError: see :func:`check_source`; no Rows/Columns, or ``rgb`` has another size.
     """
     check_source(source)
+    source, _ = repaired_source(source)  # values highdicom refuses, repaired where the standard allows
     if "Rows" not in source or "Columns" not in source:
         raise InvalidImageError("source DICOM has no Rows/Columns")
     expected = (int(source.Rows), int(source.Columns), 3)

@@ -40,9 +40,9 @@ from cxr_monai.constants import CLASS_NAMES, RESEARCH_USE_NOTICE
 from cxr_monai.explain.secondary_capture import (
     MANUFACTURER,
     SERIES_NUMBER_OFFSET,
-    blank_invalid_values,
     check_source,
 )
+from cxr_monai.explain.source_header import blank_invalid_values, repaired_source
 from cxr_monai.versions import cxr_monai_version
 
 #: SNOMED CT concept of each class (CLASS_NAMES order).
@@ -98,6 +98,7 @@ def build_structured_report(
         ValueError: a class has no code, or probabilities and classes differ in length.
     """
     check_source(source)
+    source, _ = repaired_source(source)  # values highdicom refuses, repaired where the standard allows
     if len(probabilities) != len(class_names):
         raise ValueError(f"{len(probabilities)} probabilities for {len(class_names)} classes")
     missing = [name for name in class_names if name not in CLASS_CODES]

@@ -160,31 +160,43 @@ class Gateway:
             try:
                 self.process(pending)
             except OSError as exc:  # the outbox cannot be written: keep the inbox, try again later
-                logger.error("processing failed (%s); retrying", exc.strerror or exc)
+                logger.error("processing failed (%s); retrying", exc.strerror or type(exc).__name__)
                 self._stop.wait(self.config.retry_initial_s)
 
     def process(self, files: list[Path]) -> None:
-        """Classify + explain ``files`` (inbox paths) as one batch and queue their results."""
+        """Classify + explain ``files`` (inbox paths) as one batch and queue their results.
+
+        A film whose reading, explanation or outputs fail, for whatever reason, goes to ``failed/`` with a
+        one-line reason and the others go on: one film never stops the worker. Only an OSError of the
+        queue itself (a full disk) propagates, leaving the inbox as it was.
+        """
         images = []
         for path in files:
             try:
                 image = read_cxr(path.read_bytes())
                 images.append((path, image, self.site_of(path, image)))
-            except CXRMonaiError as exc:
-                logger.warning("queue entry %s cannot be processed: %s", path.stem, exc)
-                self.queue.to_failed(path, str(exc))
+            except Exception as exc:
+                self._fail(path, "cannot be processed", exc)
         if not images:
             return
-        results = self._explainer.explain([image for _, image, _ in images], None, [s for _, _, s in images])
+        try:
+            results = self._explainer.explain([i for _, i, _ in images], None, [s for _, _, s in images])
+        except Exception:  # one film spoils the batch: explain each on its own, failing only that one
+            results = []
+            for path, image, site in list(images):
+                try:
+                    results.extend(self._explainer.explain([image], None, [site]))
+                except Exception as exc:
+                    images.remove((path, image, site))
+                    self._fail(path, "Grad-CAM failed", exc)
         for (path, image, _), result in zip(images, results, strict=True):
-            explained = explained_image(self.predictor, path.name, image, result)
             try:
+                explained = explained_image(self.predictor, path.name, image, result)
                 sc = explained.secondary_capture_bytes()
                 sr_buffer = io.BytesIO()
                 explained.structured_report().save_as(sr_buffer, enforce_file_format=True)
-            except CXRMonaiError as exc:
-                logger.warning("queue entry %s: no results (%s)", path.stem, exc)
-                self.queue.to_failed(path, str(exc))
+            except Exception as exc:
+                self._fail(path, "no results", exc)
                 continue
             self.queue.to_outbox(path, sc, sr_buffer.getvalue())
             site = result.site
@@ -196,6 +208,15 @@ class Gateway:
                 "calibrated" if site.calibrated else "uncalibrated",
             )
         self._processed.set()
+
+    def _fail(self, path: Path, what: str, exc: Exception) -> None:
+        """Move a film to ``failed/`` with a one-line reason: our own errors' messages (they name what is
+        wrong without quoting header values), for anything else its type only (library messages quote
+        the offending value, which may be patient data)."""
+        detail = str(exc) if isinstance(exc, CXRMonaiError) else f"{type(exc).__name__} while building it"
+        reason = f"{what}: {detail}"
+        logger.warning("queue entry %s %s", path.stem, reason)
+        self.queue.to_failed(path, reason)
 
     def site_of(self, queued: Path, image: CXRImage) -> SiteStatus:
         """The site status of a queued film: the site map's site for its InstitutionName, else for the
