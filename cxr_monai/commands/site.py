@@ -61,11 +61,11 @@ def calibrate(
         help="Folder the CSV's image paths are relative to (default: the CSV's).",
     ),
     method: str = typer.Option(
-        "bias",
+        "vector",
         "--method",
         metavar="METHOD",
-        help="bias (per-class logit bias) | vector (bias + per-class scale) | em-prior (no labels used: "
-        "the site's class shares re-estimated by EM; labels only score it).",
+        help="vector (per-class scale and bias: vector scaling) | bias (per-class logit bias only) | "
+        "em-prior (no labels used: the site's class shares re-estimated by EM; labels only score it).",
     ),
     accept: str | None = typer.Option(
         None,
@@ -121,7 +121,7 @@ def calibrate(
         criteria = parse_criteria(accept) if accept else []
         operating_point = _operating_point(target) if target else None
         if operating_point is not None and method == "em-prior":
-            raise fail("--operating-point needs labels; em-prior uses none (choose --method bias or vector)")
+            raise fail("--operating-point needs labels; em-prior uses none (choose --method vector or bias)")
         shares = _parse_priors(priors) if priors else None
         destination = profile_path(_profiles_dir(bundle_dir, site_profiles), site)
         if destination.exists() and not replace:

@@ -35,8 +35,11 @@ from scipy.optimize import minimize
 
 #: Prior sd of each class's bias (nats of log-odds): shifts of a few nats are plausible, tens are not.
 BIAS_PRIOR_SD = 2.0
-#: Prior sd of each class's log-scale (vector scaling): scales between about 0.6 and 1.6 are plausible.
-LOG_SCALE_PRIOR_SD = 0.25
+#: Prior sd of each class's log-scale (vector scaling): weak, so a site whose films the model ranks at
+#: chance can shrink its confidence towards uniform. Against 0.25 and 1.0 it gave the lowest calibration
+#: error on unseen films of every left-out source and of simulated sites (benchmarks/results/
+#: site_calibration.md).
+LOG_SCALE_PRIOR_SD = 2.0
 #: Probabilities are clipped to this before the log (a probability of 0 has no log).
 _FLOOR = 1e-12
 #: The margin by which an operating point clears a film's decision boundary (nats).
