@@ -81,8 +81,6 @@ def repaired_source(source: Dataset) -> tuple[Dataset, list[str]]:
     """A copy of ``source`` (its header: PixelData is left out) whose values highdicom accepts, and the
     keywords of the attributes repaired or emptied."""
     ds = copy.deepcopy(Dataset({e.tag: e for e in source if e.tag != _PIXEL_DATA}))
-    ds.is_little_endian = getattr(source, "is_little_endian", True)
-    ds.is_implicit_VR = getattr(source, "is_implicit_VR", False)
     if hasattr(source, "file_meta"):
         ds.file_meta = copy.deepcopy(source.file_meta)
     repaired = [
