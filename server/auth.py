@@ -37,7 +37,8 @@ def read_token_file(path: Path) -> str:
 
 
 class BearerTokenInterceptor(grpc.ServerInterceptor):
-    """Reject calls whose ``authorization`` metadata is not ``Bearer <token>`` with UNAUTHENTICATED."""
+    """Reject calls whose ``authorization`` metadata is not exactly one ``Bearer <token>`` with
+    UNAUTHENTICATED (two headers are refused even when one holds the token)."""
 
     def __init__(self, token: str) -> None:
         if not token:
@@ -57,8 +58,13 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         method = handler_call_details.method or ""
         if method.startswith(OPEN_METHODS):
             return continuation(handler_call_details)
-        metadata = dict(handler_call_details.invocation_metadata or ())
-        scheme, _, given = str(metadata.get("authorization", "")).strip().partition(" ")
+        # more than one authorization header is refused, whatever their order: which one a proxy or a
+        # library would read is not defined, so neither may decide
+        metadata = handler_call_details.invocation_metadata or ()
+        values = [value for key, value in metadata if key.lower() == "authorization"]
+        if len(values) != 1:
+            return self._deny
+        scheme, _, given = str(values[0]).strip().partition(" ")
         # constant-time comparison: the token must not leak through response timing
         if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self._expected):
             return continuation(handler_call_details)
