@@ -36,6 +36,9 @@ DEFAULT_MAX_MESSAGE_MB = 64
 SPARE_THREADS = 4
 #: After the grace period, how long calls still running get to reach a stage boundary.
 ABANDON_MARGIN_S = 1.0
+#: How often the main thread wakes while serving, so that a signal the kernel gave to another thread
+#: gets its Python handler run (handlers run only in the main thread, between its bytecodes).
+SIGNAL_POLL_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -166,7 +169,10 @@ def serve_until_signalled(service: Service, grace_s: float = 5.0, notice_s: floa
         signal.signal(sig, lambda *_: stop.set())
     service.start()
     service.warm_up()
-    stop.wait()
+    # never a wait without a timeout: a process-directed signal may land on any thread, and the C
+    # handler there only flags it; the main thread must wake to run the Python handler
+    while not stop.wait(SIGNAL_POLL_S):
+        pass
     logger.info("stopping (notice %.1f s, grace %.1f s)", notice_s, grace_s)
     running = service.stop(grace_s, notice_s)
     if running:
