@@ -4,8 +4,9 @@
    torchrun run are merged into it, and its run record (``<out>.run.json``: the model, backend and site
    settings the rows were made with) is checked, so a rerun never mixes two models' rows. The films
    without a row are the plan; every rank gets it.
-2. **Score**: each rank reads its share of the batches (:meth:`Shard.take`) with DataLoader workers, runs the batched
-   forward and appends each batch's rows, fsynced, to the output (one process) or its part file.
+2. **Score**: each rank reads its share of the batches (:meth:`Shard.take`) with DataLoader workers,
+   runs the batched forward and appends each batch's rows, fsynced, to the output (one process) or its
+   part file.
 3. **Merge** (rank 0, after a barrier): parts and output become one output in archive order, written
    atomically; so the result of N ranks equals the result of one.
 """
