@@ -16,7 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -83,32 +83,38 @@ class ResultFile:
         self._handle: io.TextIOWrapper | None = None
 
     def read(self) -> list[Row]:
-        """The file's whole rows (none when it does not exist); a partial last line is left out.
+        """Every whole row, as a list (see :meth:`rows`)."""
+        return list(self.rows())
+
+    def rows(self) -> Iterator[Row]:
+        """The file's whole rows, streamed (none when it does not exist); a partial last line is left out.
 
         Raises:
             DatasetError: the header differs from this run's (another model's classes, another
                 program's file) or a whole line is damaged: nothing is guessed.
         """
         try:
-            data = self.path.read_bytes()
+            handle = open(self.path, "rb")  # noqa: SIM115 (closed below; a generator holds it)
         except FileNotFoundError:
-            return []
-        lines = data[: data.rfind(b"\n") + 1].decode("utf-8", errors="replace").split("\n")[:-1]
-        if not lines:
-            return []
-        if _parse(lines[0]) != self.header:
-            raise DatasetError(
-                f"{self.path}: exists with other columns than this run writes (another model or not a "
-                "cxr-monai predict output); pass another --out or remove it"
-            )
-        rows = [_parse(line) for line in lines[1:]]
-        for number, row in enumerate(rows, start=2):
-            if len(row) != len(self.header):
-                raise DatasetError(
-                    f"{self.path}: line {number} is damaged ({len(row)} fields, expected "
-                    f"{len(self.header)}); repair or remove the file"
-                )
-        return rows
+            return
+        with handle:
+            for number, raw in enumerate(handle, start=1):
+                if not raw.endswith(b"\n"):
+                    return  # killed mid-write: not a row
+                row = _parse(raw[:-1].decode("utf-8", errors="replace"))
+                if number == 1:
+                    if row != self.header:
+                        raise DatasetError(
+                            f"{self.path}: exists with other columns than this run writes (another model "
+                            "or not a cxr-monai predict output); pass another --out or remove it"
+                        )
+                    continue
+                if len(row) != len(self.header):
+                    raise DatasetError(
+                        f"{self.path}: line {number} is damaged ({len(row)} fields, expected "
+                        f"{len(self.header)}); repair or remove the file"
+                    )
+                yield row
 
     def repair(self) -> int:
         """Cut a partial last line (a run killed mid-write) off the file; returns the bytes removed."""

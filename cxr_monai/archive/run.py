@@ -14,8 +14,9 @@
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,6 +36,8 @@ from cxr_monai.site.sitemap import SiteMap
 from cxr_monai.versions import package_versions
 
 RECORD_FORMAT = "cxr-monai predict run"
+#: How many failed films a summary names (all of them are in the output's error column).
+LISTED_FAILURES = 20
 
 
 @dataclass(frozen=True)
@@ -58,12 +61,14 @@ class Settings:
 
 @dataclass
 class Summary:
-    """The merged output's account (rank 0 only)."""
+    """The merged output's account (rank 0 only): films in the archive, rows scored (of them, without a
+    site calibration) and failed (the first :data:`LISTED_FAILURES` named), films this run handled."""
 
     output: Path
     films: int
     scored: int
     uncalibrated: int
+    failed_count: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
     this_run: int = 0
 
@@ -105,24 +110,61 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def consolidate(out: Path, header: Sequence[str], order: Sequence[str]) -> list[Row]:
-    """The output's rows with any part files merged in, each key once, in ``order`` (keys no longer in
-    the archive last, in their order); the output is rewritten (atomically) only when that changes it,
-    then the parts are removed."""
+def consolidate(out: Path, header: Sequence[str], order: Sequence[str]) -> None:
+    """Make the output hold every row of itself and of any part files, each key once, in ``order`` (keys
+    no longer in the archive last); rewrite it (atomically) only when that changes it, then remove the
+    parts.
+
+    Files in order (the output and the parts as runs append them) are merged streaming, in bounded
+    memory; an output out of order (films scored again with ``--retry-failed``, films added to the
+    archive) is sorted in memory.
+    """
     main = ResultFile(out, header)
     main.repair()
-    rows = main.read()
     parts = part_files(out)
-    merged: dict[str, Row] = {}
-    for row in rows + [row for part in parts for row in ResultFile(part, header).read()]:
-        merged.setdefault(row[0], row)
+    files = [main] + [ResultFile(part, header) for part in parts]
     position = {key: index for index, key in enumerate(order)}
-    ordered = sorted(merged.values(), key=lambda row: position.get(row[0], len(position)))
-    if ordered != rows:
-        main.replace(ordered)
+    last = len(position)
+
+    def rank(row: Row) -> int:
+        return position.get(row[0], last)
+
+    in_order = all(_in_order(file.rows(), rank) for file in files)
+    if not parts and in_order:
+        return
+    if in_order:
+        merged: Iterable[Row] = heapq.merge(*(file.rows() for file in files), key=rank)
+    else:
+        merged = sorted((row for file in files for row in file.rows()), key=rank)
+    main.replace(_unique(merged, rank, last))
     for part in parts:
         part.unlink(missing_ok=True)
-    return ordered
+
+
+def _in_order(rows: Iterable[Row], rank: Callable[[Row], int]) -> bool:
+    previous = -1
+    for row in rows:
+        current = rank(row)
+        if current < previous:
+            return False
+        previous = current
+    return True
+
+
+def _unique(rows: Iterable[Row], rank: Callable[[Row], int], last: int) -> Iterator[Row]:
+    """``rows`` (in order) without repeated keys, the first row of each kept (the output's own before a
+    part's, as merged). A key of the archive repeats only next to itself; the few keys not in it are
+    remembered."""
+    previous: str | None = None
+    strays: set[str] = set()
+    for row in rows:
+        key, stray = row[0], rank(row) == last
+        if key == previous or (stray and key in strays):
+            continue
+        if stray:
+            strays.add(key)
+        previous = key
+        yield row
 
 
 def plan(
@@ -136,7 +178,7 @@ def plan(
             a predict output.
     """
     earlier = _read_record(record_path(out))
-    has_rows = bool(ResultFile(out, header).read()) or bool(part_files(out))
+    has_rows = next(ResultFile(out, header).rows(), None) is not None or bool(part_files(out))
     if has_rows and earlier.get("identity") != run_identity:
         changed = sorted(
             key for key in run_identity if earlier.get("identity", {}).get(key) != run_identity[key]
@@ -145,13 +187,13 @@ def plan(
             f"{out} holds rows made with other settings ({', '.join(changed) or 'no run record'} differ); "
             "pass another --out, or remove it and its .run.json to start again"
         )
-    rows = consolidate(out, header, [film.key for film in films])
-    if retry_failed and any(is_failed(row) for row in rows):
-        rows = [row for row in rows if not is_failed(row)]
-        ResultFile(out, header).replace(rows)
-    done = {row[0] for row in rows}
-    _write_record(out, run_identity, status="running", films=len(films), rows=len(rows))
-    return [film for film in films if film.key not in done], len(rows)
+    consolidate(out, header, [film.key for film in films])
+    main = ResultFile(out, header)
+    if retry_failed and any(is_failed(row) for row in main.rows()):
+        main.replace(row for row in main.rows() if not is_failed(row))
+    done = {row[0] for row in main.rows()}
+    _write_record(out, run_identity, status="running", films=len(films), rows=len(done))
+    return [film for film in films if film.key not in done], len(done)
 
 
 def score(
@@ -243,18 +285,22 @@ def predict_archive(
     group.barrier()
     if shard.rank != 0:
         return None
-    rows = consolidate(out, header, [film.key for film in films])
-    failed = [(row[0], row[-1]) for row in rows if is_failed(row)]
+    consolidate(out, header, [film.key for film in films])
     calibrated_column = header.index("site_calibrated")
-    summary = Summary(
-        output=out,
-        films=len(films),
-        scored=len(rows) - len(failed),
-        uncalibrated=sum(1 for row in rows if row[calibrated_column] == "false"),
-        failed=failed,
-        this_run=len(pending),
+    summary = Summary(output=out, films=len(films), scored=0, uncalibrated=0, this_run=len(pending))
+    rows = 0
+    for row in ResultFile(out, header).rows():
+        rows += 1
+        if is_failed(row):
+            summary.failed_count += 1
+            if len(summary.failed) < LISTED_FAILURES:
+                summary.failed.append((row[0], row[-1]))
+        else:
+            summary.scored += 1
+            summary.uncalibrated += row[calibrated_column] == "false"
+    _write_record(
+        out, run_identity, status="complete", films=len(films), rows=rows, failed=summary.failed_count
     )
-    _write_record(out, run_identity, status="complete", films=len(films), rows=len(rows), failed=len(failed))
     return summary
 
 

@@ -4,7 +4,7 @@ CSV row per film; resumable, and sharded over the ranks when started under torch
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import typer
 from rich.progress import (
@@ -18,6 +18,9 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.text import Text
+
+if TYPE_CHECKING:
+    from cxr_monai.archive.run import Summary
 
 from cxr_monai.commands import (
     bundle_option,
@@ -36,8 +39,6 @@ EPILOG = examples(
     "torchrun --nproc_per_node 4 --no-python cxr-monai predict /pacs/export \\\n"
     "    --bundle out/train/final --out scores.csv",
 )
-#: How many failed films the summary names (all of them are in the output's error column).
-_LISTED_FAILURES = 10
 
 
 class FilmsPerSecond(ProgressColumn):
@@ -215,15 +216,15 @@ def _say_plan(films: int, todo: int, done: int, ranks: int, out: Path) -> None:
     console.print(f"scoring {todo} of {films} films{where}{resumed}", highlight=False, soft_wrap=True)
 
 
-def _say_summary(summary: Any, root: Path) -> None:
-    for path, reason in summary.failed[:_LISTED_FAILURES]:
+def _say_summary(summary: Summary, root: Path) -> None:
+    for path, reason in summary.failed:
         console.print(f"[bold red]failed:[/] {path}: {reason}", highlight=False, soft_wrap=True)
-    more = len(summary.failed) - _LISTED_FAILURES
+    more = summary.failed_count - len(summary.failed)
     if more > 0:
         console.print(f"... and {more} more (the error column of {summary.output})", highlight=False)
     flagged = f"; {summary.uncalibrated} not calibrated for their site" if summary.uncalibrated else ""
     console.print(
-        f"{summary.scored} of {summary.films} films of {root} scored, {len(summary.failed)} failed"
+        f"{summary.scored} of {summary.films} films of {root} scored, {summary.failed_count} failed"
         f"{flagged}; rows in {summary.output}",
         highlight=False,
         soft_wrap=True,
