@@ -48,9 +48,12 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread", "no_network")
 
 @pytest.fixture(scope="module")
 def datalist(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """12 images (each class its own size and colour mode): folds 0 and 1 of 4 items, 4 test items."""
+    """12 images (each class its own size and colour mode): folds 0 and 1 of 4 items, 4 test items; the
+    folds' images differ in content (the feature cache is keyed by content)."""
     root = tmp_path_factory.mktemp("trunk_features")
-    training = make_items(root / "f0", 4, prefix="a", fold=0) + make_items(root / "f1", 4, prefix="b", fold=1)
+    training = make_items(root / "f0", 4, prefix="a", fold=0) + make_items(
+        root / "f1", 4, prefix="b", fold=1, seed=1
+    )
     return write_datalist(root / "datalist.json", training, make_items(root / "test", 4, prefix="t"))
 
 
@@ -89,8 +92,8 @@ def test_the_disk_cache_is_reused_only_for_the_same_trunk_and_pre_processing(
     load_pretrained(net, "imagenet")
     items = json.loads(datalist.read_text())["training"][:3]
     first = [d["image"] for d in Dataset(items, trunk_feature_chain(net, SIZE, cache_dir=tmp_path))]
-    assert len(list(tmp_path.glob("*.pt"))) == 3
-    assert not list(tmp_path.glob(".*"))  # no temporary file left behind
+    assert len(list(tmp_path.rglob("*.npy"))) == 3
+    assert not list(tmp_path.rglob(".*"))  # no temporary file left behind
 
     def no_trunk(*args: Any) -> None:
         raise AssertionError("the trunk ran although every image was cached")
@@ -106,7 +109,7 @@ def test_the_disk_cache_is_reused_only_for_the_same_trunk_and_pre_processing(
     with torch.no_grad():
         net.trunk.features[0].conv.weight.mul_(2.0)
     changed = Dataset(items, trunk_feature_chain(net, SIZE, cache_dir=tmp_path))[0]["image"]
-    assert len(list(tmp_path.glob("*.pt"))) == 5  # new entries for new options and new weights
+    assert len(list(tmp_path.rglob("*.npy"))) == 5  # new entries for new options and new weights
     assert not torch.equal(changed, first[0])
 
 
@@ -177,7 +180,7 @@ def test_cxr_monai_train_shares_one_feature_file_per_image_across_folds(
     result = CliRunner().invoke(app, ["train", *common, *options, *epochs, "--final", "retrain"])
     assert result.exit_code == 0, result.output
     training = json.loads(datalist.read_text())["training"]
-    assert len(list((out / "trunk_features").glob("*.pt"))) == len(training)  # 2 folds + final: once each
+    assert len(list((out / "trunk_features").rglob("*.npy"))) == len(training)  # 2 folds + final: once each
     summary = json.loads((out / "cv_summary.json").read_text())
     assert [f["fold"] for f in summary["folds"]] == [0, 1] and summary["final"]["mode"] == "retrain"
     build_network("efficientnet_lite0").load_state_dict(
@@ -196,7 +199,7 @@ def test_cxr_monai_train_shares_one_feature_file_per_image_across_folds(
     ]
     result = CliRunner().invoke(app, ["train", *other, *options, *epochs, *shared, "--seed", "1"])
     assert result.exit_code == 0, result.output
-    assert len(list((out / "trunk_features").glob("*.pt"))) == len(training)
+    assert len(list((out / "trunk_features").rglob("*.npy"))) == len(training)
     assert not (tmp_path / "other" / "trunk_features").exists()
 
 

@@ -7,12 +7,14 @@ the validator then run the paper's head alone. The head is a sub-module of the n
 (saved from the whole network) holds the trained head and the untouched trunk: inference, Grad-CAM and
 export are unchanged.
 
-With ``trunk_feature_cache_dir`` the features are also kept on disk, one file per image, so the folds of
-a cross-validation (and its final retraining) compute each image's features once. MONAI's
+With ``trunk_feature_cache_dir`` the features are also kept on disk (:class:`~cxr_monai.feature_store.
+FeatureStore`), one file per film content, so the folds of a cross-validation, its final retraining and
+``cxr-monai evaluate`` (test split, out of fold, source probe) compute each film's features once. MONAI's
 ``PersistentDataset`` is not used for this: it fills its cache lazily inside DataLoader worker processes,
 where a CUDA trunk cannot run, and keys entries by the data item only, so another backbone, weights file
-or pre-processing would silently reuse stale features. Here an entry's key holds the image file (path,
-size, modification time), the pre-processing options, the trunk's weights and cxr-monai's version.
+or pre-processing would silently reuse stale features. Here an entry is keyed by the film's bytes, under a
+spec digest of the pre-processing options, the trunk's weights and cxr-monai's version
+(:func:`trunk_spec`).
 
 The cost: no augmentation reaches the head (an augmented image would need a fresh trunk pass, the very
 cost the cache removes), and the trunk runs in eval mode (no drop-connect), as it does at inference.
@@ -28,13 +30,14 @@ from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import Compose, MapTransform
 from monai.utils import convert_to_tensor
 
-from cxr_monai.atomic import atomic_path
 from cxr_monai.errors import BundleError
+from cxr_monai.feature_store import FeatureStore
 from cxr_monai.networks import PRETRAINED_NONE, CXRClassifier
 from cxr_monai.transforms import inference_transforms_d
 from cxr_monai.versions import cxr_monai_version
@@ -47,8 +50,8 @@ class TrunkFeaturesd(MapTransform):
     the identity). F = 1280 for EfficientNet-B0/Lite, 2048 for ResNet50, 512 for VGG16.
 
     Other keys of the item pass through unchanged. With ``cache_dir`` each image's features are read
-    from, or written (atomically) to, ``cache_dir/<key>.pt``. Runs on the network's device; safe to call
-    from ``CacheDataset``'s worker threads.
+    from, or written to, a :class:`~cxr_monai.feature_store.FeatureStore` there (spec :func:`trunk_spec`).
+    Runs on the network's device; safe to call from ``CacheDataset``'s worker threads.
     """
 
     def __init__(
@@ -76,20 +79,21 @@ class TrunkFeaturesd(MapTransform):
         self.preprocessing = inference_transforms_d(keys, int(spatial_size), histogram_equalize, crop_borders)
         self.cache_dir = Path(cache_dir) if str(cache_dir) else None
         self._lock = threading.Lock()
-        self._spec: str | None = None
+        self._store: FeatureStore | None = None
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            entry = self._entry(d[key])
-            if entry is not None and entry.is_file():
-                d[key] = torch.load(entry, weights_only=True)
+            image = d[key]
+            store = self._file_store(image)
+            cached = store.get(image) if store is not None else None
+            if cached is not None:
+                d[key] = torch.from_numpy(np.array(cached, dtype=np.float32)).reshape(-1, 1, 1)
                 continue
-            image = convert_to_tensor(self.preprocessing({key: d[key]})[key], track_meta=False)
-            d[key] = self._features(image)
-            if entry is not None:
-                with atomic_path(entry) as tmp:
-                    torch.save(d[key], tmp)
+            tensor = convert_to_tensor(self.preprocessing({key: image})[key], track_meta=False)
+            d[key] = self._features(tensor)
+            if store is not None:
+                store.put(image, d[key].reshape(-1).numpy())
         return d
 
     def _features(self, image: torch.Tensor) -> torch.Tensor:
@@ -101,32 +105,27 @@ class TrunkFeaturesd(MapTransform):
                 pooled = trunk(image.unsqueeze(0).to(device)).mean(dim=(2, 3), keepdim=True)
         return pooled[0].to("cpu", torch.float32).clone()
 
-    def _entry(self, image: Any) -> Path | None:
-        """The cache file of an image path; None without a cache, or for an input that is not the path of
-        an existing file."""
+    def _file_store(self, image: Any) -> FeatureStore | None:
+        """The store for this trunk; None without a cache, or for an input that is not a file path. Made
+        on first use, after the bundle's ``initialize`` has loaded the weights (datasets are built when
+        the trainer is)."""
         if self.cache_dir is None or not isinstance(image, (str, os.PathLike)):
             return None
-        path = Path(image).resolve()
-        try:
-            stat = path.stat()
-        except OSError:  # the reader names the problem when it tries the file
-            return None
-        item = json.dumps([self._weights_spec(), str(path), stat.st_size, stat.st_mtime_ns])
-        return self.cache_dir / f"{hashlib.sha256(item.encode()).hexdigest()}.pt"
-
-    def _weights_spec(self) -> str:
-        """Digest of what the features depend on besides the image, computed once (after the bundle's
-        ``initialize`` has loaded the weights: datasets are built when the trainer is)."""
         with self._lock:
-            if self._spec is None:
-                digest = hashlib.sha256(
-                    json.dumps([cxr_monai_version(), self.network.backbone_name, self.options]).encode()
-                )
-                for name, tensor in sorted(self.network.trunk.state_dict().items()):
-                    digest.update(name.encode())
-                    digest.update(tensor.detach().to("cpu").contiguous().numpy().tobytes())
-                self._spec = digest.hexdigest()
-            return self._spec
+            if self._store is None:
+                self._store = FeatureStore(self.cache_dir, trunk_spec(self.network, self.options))
+            return self._store
+
+
+def trunk_spec(network: CXRClassifier, options: Mapping[str, Any]) -> str:
+    """Digest of what a film's trunk features depend on besides the film: cxr-monai's version, the
+    backbone, the pre-processing ``options`` (spatial_size, histogram_equalize, crop_borders) and the
+    trunk's weights."""
+    digest = hashlib.sha256(json.dumps([cxr_monai_version(), network.backbone_name, dict(options)]).encode())
+    for name, tensor in sorted(network.trunk.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu").contiguous().numpy().tobytes())
+    return "trunk-" + digest.hexdigest()[:32]
 
 
 def trunk_feature_chain(
