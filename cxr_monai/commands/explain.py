@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from cxr_monai.archive.films import NOT_IMAGES
 from cxr_monai.commands import (
     bundle_option,
     console,
@@ -26,8 +27,9 @@ EPILOG = examples(
     "    --out out/explain --format png,json,dcm",
     "cxr-monai explain scans/ --bundle out/train/final --site ourhospital \\\n    --unknown-site refuse",
 )
-#: Files a directory walk skips: hidden files and these (documentation/metadata next to images).
-_NOT_IMAGES = {".json", ".txt", ".md", ".csv", ".xml", ".html", ".pdf", ".py"}
+#: Files a directory walk skips: hidden files and these (documentation/metadata next to images), as
+#: ``cxr-monai predict`` skips them.
+_NOT_IMAGES = NOT_IMAGES
 
 
 def collect_inputs(paths: Sequence[Path]) -> list[Path]:
