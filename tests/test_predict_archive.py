@@ -307,6 +307,23 @@ def test_an_output_of_another_model_is_not_resumed(bundle, tmp_path):
     (tmp_path / "foreign.csv").write_text("a,b\n1,2\n")
     result = predict(root, "--bundle", bundle, "--out", tmp_path / "foreign.csv")
     assert result.exit_code == 1 and "exists with other columns" in result.output
+    out.with_name("scores.csv.run.json").unlink()
+    result = predict(root, "--bundle", bundle, "--out", out, "--workers", "0")
+    assert result.exit_code == 1 and "no run record (scores.csv.run.json)" in result.output
+
+
+def test_a_resume_needs_the_same_profile_of_the_films_site_only(bundle, tmp_path):
+    root = make_archive(tmp_path / "archive", n=3)
+    profiles, out = tmp_path / "sites", tmp_path / "scores.csv"
+    write_site_profile(profiles, bundle, "north", 1)
+    options = ["--bundle", str(bundle), "--site-profiles", str(profiles), "--site", "north"]
+    options += ["--out", str(out), "--workers", "0"]
+    assert predict(root, *options).exit_code == 0
+    write_site_profile(profiles, bundle, "south", 2)  # another site's new profile
+    assert predict(root, *options).exit_code == 0
+    write_site_profile(profiles, bundle, "north", 2)  # recalibrated: rows would mix two calibrations
+    result = predict(root, *options)
+    assert result.exit_code == 1 and "(site_profiles_sha256 differ)" in result.output
 
 
 def test_retry_failed_scores_a_repaired_film_in_its_place(bundle, tmp_path):

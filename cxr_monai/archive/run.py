@@ -80,10 +80,13 @@ def record_path(out: Path) -> Path:
 
 def identity(predictor: Predictor, backend: str, settings: Settings) -> dict[str, Any]:
     """What every row of one output must share: model, backend, pre-processing and site settings."""
-    profiles = {
-        name: _digest(profile.to_dict()) for name, profile in sorted(predictor.sites.profiles.items())
-    }
     institutions = settings.institutions
+    usable = ({settings.site} if settings.site else set()) | (institutions.sites if institutions else set())
+    profiles = {  # only the profiles a film can get: another site's new profile does not stop a resume
+        name: _digest(profile.to_dict())
+        for name, profile in sorted(predictor.sites.profiles.items())
+        if name in usable
+    }
     site_map = (
         _digest({"ae": dict(institutions.ae_titles), "institutions": dict(institutions.institution_names)})
         if institutions
@@ -179,13 +182,16 @@ def plan(
     """
     earlier = _read_record(record_path(out))
     has_rows = next(ResultFile(out, header).rows(), None) is not None or bool(part_files(out))
-    if has_rows and earlier.get("identity") != run_identity:
-        changed = sorted(
-            key for key in run_identity if earlier.get("identity", {}).get(key) != run_identity[key]
-        )
+    if has_rows and not isinstance(earlier.get("identity"), dict):
         raise DatasetError(
-            f"{out} holds rows made with other settings ({', '.join(changed) or 'no run record'} differ); "
-            "pass another --out, or remove it and its .run.json to start again"
+            f"{out} holds rows but no run record ({record_path(out).name}) says how they were made; pass "
+            "another --out, or remove it to start again"
+        )
+    if has_rows and earlier["identity"] != run_identity:
+        changed = sorted(key for key in run_identity if earlier["identity"].get(key) != run_identity[key])
+        raise DatasetError(
+            f"{out} holds rows made with other settings ({', '.join(changed)} differ); pass another "
+            "--out, or remove it and its .run.json to start again"
         )
     consolidate(out, header, [film.key for film in films])
     main = ResultFile(out, header)
