@@ -32,8 +32,16 @@ SERVICE_NAME = cxr_triage_pb2.DESCRIPTOR.services_by_name["CXRTriage"].full_name
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 #: gRPC's default receive limit is 4 MiB; a 16-bit 3000 x 3000 film is about 18 MB.
 DEFAULT_MAX_MESSAGE_MB = 64
-#: Threads beyond the work slots: health, reflection, GetModelInfo and refusals always find one.
+#: Threads beyond the work slots and queue places: health, reflection, GetModelInfo and refusals always
+#: find one.
 SPARE_THREADS = 4
+#: grpc's channel argument: the bitset of compression algorithms accepted (bit 0 identity, 1 deflate, 2
+#: gzip). gRPC bounds a compressed message only by the decompressed-size limit (64 MiB here), so ~64 kB of
+#: gzip on the wire become a 63 MiB request that costs the reader seconds of CPU: by default requests
+#: must come uncompressed (films are mostly compressed already), and a compressed one is answered
+#: UNIMPLEMENTED before it is inflated.
+COMPRESSION_ALGORITHMS_ARG = "grpc.compression_enabled_algorithms_bitset"
+IDENTITY_ONLY, IDENTITY_DEFLATE_GZIP = 0b001, 0b111
 #: After the grace period, how long calls still running get to reach a stage boundary.
 ABANDON_MARGIN_S = 1.0
 #: How often the main thread wakes while serving, so that a signal the kernel gave to another thread
@@ -52,6 +60,8 @@ class ServerConfig:
         tls_client_ca: PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS).
         token: when set, every call but health and reflection needs ``authorization: Bearer <token>``.
         max_metadata_kb: largest request metadata (headers) the server accepts, KiB.
+        accept_compressed: accept gzip/deflate-compressed requests (bounded only by ``max_message_mb``
+            once inflated); off by default: they are answered UNIMPLEMENTED.
     """
 
     address: str = "127.0.0.1:50051"
@@ -61,6 +71,7 @@ class ServerConfig:
     tls_client_ca: Path | None = None
     token: str | None = None
     max_metadata_kb: int = 16
+    accept_compressed: bool = False
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -118,7 +129,8 @@ def build_server(servicer: CXRTriageServicer, config: ServerConfig) -> Service:
     limit = config.max_message_mb * 1024 * 1024
     servicer.max_reply_bytes = limit
     interceptors = [BearerTokenInterceptor(config.token)] if config.token else []
-    threads = servicer.limits.max_inflight + SPARE_THREADS
+    # every call in a handler holds a work slot or a queue place (admission), so the pool never runs dry
+    threads = servicer.limits.max_inflight + servicer.limits.max_queue + SPARE_THREADS
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cxr-grpc"),
         interceptors=interceptors,
@@ -126,6 +138,10 @@ def build_server(servicer: CXRTriageServicer, config: ServerConfig) -> Service:
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
             ("grpc.max_metadata_size", config.max_metadata_kb * 1024),
+            (
+                COMPRESSION_ALGORITHMS_ARG,
+                IDENTITY_DEFLATE_GZIP if config.accept_compressed else IDENTITY_ONLY,
+            ),
         ],
         # bounds what waits for a thread (each call may hold a request of up to `limit` bytes)
         maximum_concurrent_rpcs=2 * threads,

@@ -19,10 +19,14 @@ the site's calibration is applied to the model's probabilities after the model (
 and the reply carries the status. A site without a profile is flagged, or under ``--unknown-site refuse``
 answered FAILED_PRECONDITION.
 
-Load shedding: at most ``max_inflight`` Classify/Explain calls are admitted at once (running or waiting
-for the model); the next one is answered RESOURCE_EXHAUSTED at once, without reading its image. grpcio's
-synchronous server has one thread pool for all services, so the pool is sized ``max_inflight`` plus
-spare threads: work can never occupy the threads that answer health, reflection and refusals.
+Admission (:mod:`cxr_monai.server.admission`) counts work, not open calls: ``max_inflight`` work slots,
+held while an image is read, pre-processed, modelled and encoded (a ClassifyStudy stream holds none while
+it waits for its next message, and is cancelled after ``stream_idle_timeout_s`` without one); a call that
+finds every slot taken waits in a bounded queue (``max_queue`` places, ``queue_timeout_s``) before it is
+answered RESOURCE_EXHAUSTED; and a memory budget (``max_memory_mb``) that every call reserves from its
+image's header (pixels times a per-method factor) before the pixels are decoded. grpcio's synchronous
+server has one thread pool for all services, so the pool is sized slots + queue places + spares: work and
+waiting calls can never occupy the threads that answer health, reflection and refusals.
 """
 
 from __future__ import annotations
@@ -35,12 +39,13 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import CancelledError, Future
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, NoReturn, TypeVar
 
 import grpc
 import numpy as np
 import torch
+from cxr_monai.server.admission import Admission, IdleWatch, Refused
 from cxr_monai.server.batching import BatchingConfig, MicroBatcher
 from monai.data import MetaTensor
 
@@ -82,6 +87,13 @@ _REPLY_OVERHEAD_BYTES = 64 * 1024
 _POLL_S = 0.05
 #: Most images one ClassifyStudy call may stream.
 MAX_STUDY_IMAGES = 64
+#: Peak memory of one call per decoded pixel (bytes), measured on a 7,071 x 7,071 PNG (50 megapixels)
+#: with the EfficientNet-Lite2 bundle: Classify 771 MB (the float32 image and pre-processing copies),
+#: Explain 3.47 GB (the map on the original grid, its normalised copy and the overlay rendered at full
+#: size); a Secondary Capture adds an RGB copy and its encoding.
+CLASSIFY_BYTES_PER_PIXEL = 16
+EXPLAIN_BYTES_PER_PIXEL = 72
+SECONDARY_CAPTURE_BYTES_PER_PIXEL = 8
 
 
 def request_tag(data: bytes) -> str:
@@ -94,20 +106,52 @@ class ServiceLimits:
     """What one server admits.
 
     Attributes:
-        max_inflight: Classify/Explain calls admitted at once; more get RESOURCE_EXHAUSTED.
+        max_inflight: work slots: images read, pre-processed, modelled or encoded at once.
         request_timeout_s: server-side time limit per call (seconds), or None for the client's deadline only.
         image: pixel budgets checked from the header before decoding.
+        max_queue: calls waiting for a slot (or for memory) plus open ClassifyStudy streams; beyond it
+            a call gets RESOURCE_EXHAUSTED at once.
+        queue_timeout_s: longest wait for a slot or for memory before RESOURCE_EXHAUSTED.
+        stream_idle_timeout_s: a ClassifyStudy stream that sends no message for this long is cancelled
+            (None: never).
+        max_memory_mb: memory budget (MiB) for the images and requests of the calls admitted together;
+            an image whose estimate exceeds it is refused from its header.
     """
 
     max_inflight: int = 4
     request_timeout_s: float | None = 60.0
     image: ImageLimits = field(default_factory=lambda: DEFAULT_LIMITS)
+    max_queue: int = 64
+    queue_timeout_s: float = 10.0
+    stream_idle_timeout_s: float | None = 10.0
+    max_memory_mb: int = 4096
 
     def __post_init__(self) -> None:
         if self.max_inflight < 1:
             raise CXRMonaiError(f"max in-flight calls must be at least 1, got {self.max_inflight}")
         if self.request_timeout_s is not None and self.request_timeout_s <= 0:
             raise CXRMonaiError(f"request timeout must be positive, got {self.request_timeout_s}")
+        if self.max_queue < 0:
+            raise CXRMonaiError(f"max queue must be 0 or more, got {self.max_queue}")
+        if self.queue_timeout_s < 0:
+            raise CXRMonaiError(f"queue timeout must be 0 or more, got {self.queue_timeout_s}")
+        if self.stream_idle_timeout_s is not None and self.stream_idle_timeout_s <= 0:
+            raise CXRMonaiError(f"stream idle timeout must be positive, got {self.stream_idle_timeout_s}")
+        if self.max_memory_mb < 1:
+            raise CXRMonaiError(f"memory budget must be at least 1 MiB, got {self.max_memory_mb}")
+
+
+@dataclass(frozen=True, eq=False)
+class MeteredLimits(ImageLimits):
+    """The server's :class:`ImageLimits` for one image: every reader calls :meth:`check` with the header's
+    rows and columns before decoding, and ``on_check`` then reserves the image's memory (or refuses)."""
+
+    on_check: Callable[[int, int], None] | None = None
+
+    def check(self, rows: int, cols: int, name: str, what: str = "image") -> None:
+        super().check(rows, cols, name, what)
+        if self.on_check is not None:
+            self.on_check(rows, cols)
 
 
 class State(enum.Enum):
@@ -164,7 +208,12 @@ class CXRTriageServicer(cxr_triage_pb2_grpc.CXRTriageServicer):
         else:
             self.backend = "eager"
             self.batcher = MicroBatcher(predictor.predict_tensors, batching, lock=self._model_lock)
-        self._slots = threading.BoundedSemaphore(self.limits.max_inflight)
+        limits = self.limits
+        self.admission = Admission(
+            limits.max_inflight, limits.max_queue, limits.queue_timeout_s, limits.max_memory_mb * 2**20
+        )
+        timeout = limits.stream_idle_timeout_s
+        self._idle_watch = IdleWatch(timeout) if timeout is not None else None
         self._inflight = 0
         self._idle = threading.Condition()
         self._abandon = threading.Event()
@@ -193,6 +242,8 @@ class CXRTriageServicer(cxr_triage_pb2_grpc.CXRTriageServicer):
     def close(self) -> None:
         """Refuse new work to the batcher and cancel images still waiting for the model."""
         self.batcher.close()
+        if self._idle_watch is not None:
+            self._idle_watch.close()
 
     def wait_idle(self, timeout_s: float) -> int:
         """Wait up to ``timeout_s`` for calls in flight to end; the number still running."""
@@ -219,43 +270,51 @@ class CXRTriageServicer(cxr_triage_pb2_grpc.CXRTriageServicer):
     def Classify(self, request: pb.ClassifyRequest, context: grpc.ServicerContext) -> pb.ClassifyResponse:
         with self._call("Classify", context, request.image) as call:
             site = self._site(request.site)
-            image = call.stage("read", self._read, request.image)
+            image = call.stage("read", self._read, request.image, call.limits(CLASSIFY_BYTES_PER_PIXEL))
             tensor, _ = call.stage("pre-process", self._preprocess, image)
             probabilities = call.batched([self.batcher.submit(tensor[0])])[0]
-            response = call.stage("encode", self._classification, image, probabilities, site)
+            response = call.stage(
+                "encode", self._classification, image.shape, image.warnings, probabilities, site
+            )
             call.predicted = _described(response)
         return response
 
     def ClassifyStudy(
         self, requests: Iterable[pb.ClassifyRequest], context: grpc.ServicerContext
     ) -> pb.ClassifyStudyResponse:
-        with self._call("ClassifyStudy", context) as call:
-            images: list[CXRImage] = []
+        with self._call("ClassifyStudy", context, stream=True) as call:
+            # what the replies need of each image (its shape and warnings); its pixels are dropped once
+            # pre-processed, and with them its memory reservation
+            images: list[tuple[tuple[int, int], tuple[str, ...]]] = []
             futures: list[Future[np.ndarray]] = []
             site = SiteStatus(None, None)
             try:
-                for index, request in enumerate(requests):
+                for index, request in enumerate(call.messages(requests)):
                     if index == 0:  # the first message's site applies to the whole study
                         site = self._site(request.site)
                     if index == MAX_STUDY_IMAGES:
                         raise InvalidImageError(f"a study holds at most {MAX_STUDY_IMAGES} images")
                     call.add_request(request.image)
-                    try:
-                        image = call.stage("read", self._read, request.image)
-                        tensor, _ = call.stage("pre-process", self._preprocess, image)
-                    except CXRMonaiError as exc:
-                        raise InvalidImageError(f"image {index}: {exc}") from exc
-                    images.append(image)
-                    futures.append(self.batcher.submit(tensor[0]))  # the model starts while more arrive
+                    with call.working(len(request.image)):
+                        try:
+                            limits = call.limits(CLASSIFY_BYTES_PER_PIXEL)
+                            image = call.stage("read", self._read, request.image, limits)
+                            tensor, _ = call.stage("pre-process", self._preprocess, image)
+                        except CXRMonaiError as exc:
+                            raise InvalidImageError(f"image {index}: {exc}") from exc
+                        images.append((image.shape, image.warnings))
+                        del image
+                        futures.append(self.batcher.submit(tensor[0]))  # the model starts while more arrive
                 if not images:
                     raise InvalidImageError("no image: stream one ClassifyRequest per image")
-                probabilities = call.batched(futures)
+                with call.working(0):
+                    probabilities = call.batched(futures)
             finally:
                 for future in futures:
                     future.cancel()
             results = [
-                call.stage("encode", self._classification, i, p, site)
-                for i, p in zip(images, probabilities, strict=True)
+                call.stage("encode", self._classification, shape, warnings, p, site)
+                for (shape, warnings), p in zip(images, probabilities, strict=True)
             ]
             call.predicted = ", ".join(_described(r) for r in results)
         return pb.ClassifyStudyResponse(results=results)
@@ -264,7 +323,10 @@ class CXRTriageServicer(cxr_triage_pb2_grpc.CXRTriageServicer):
         with self._call("Explain", context, request.image) as call:
             target = self._target(request.target_class)
             site = self._site(request.site)
-            image = call.stage("read", self._read, request.image)
+            per_pixel = (
+                EXPLAIN_BYTES_PER_PIXEL + SECONDARY_CAPTURE_BYTES_PER_PIXEL * request.secondary_capture
+            )
+            image = call.stage("read", self._read, request.image, call.limits(per_pixel))
             if request.secondary_capture and image.dataset is None:
                 raise _Abandon(grpc.StatusCode.FAILED_PRECONDITION, "secondary_capture needs a DICOM input")
             rows, cols = image.shape
@@ -290,10 +352,10 @@ class CXRTriageServicer(cxr_triage_pb2_grpc.CXRTriageServicer):
 
     # --- stages -----------------------------------------------------------------------------------
 
-    def _read(self, data: bytes) -> CXRImage:
+    def _read(self, data: bytes, limits: ImageLimits) -> CXRImage:
         if not data:
             raise InvalidImageError("image: empty; send the file's bytes")
-        return read_cxr(data, limits=self.limits.image)
+        return read_cxr(data, limits=limits)
 
     def _preprocess(self, image: CXRImage) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
         """((1, 3, S, S) float32, the dark frame cropped as (top, bottom, left, right)), outside the lock."""
@@ -327,16 +389,19 @@ class CXRTriageServicer(cxr_triage_pb2_grpc.CXRTriageServicer):
         except SiteNotCalibratedError as exc:
             raise _Abandon(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from None
 
-    def _classification(self, image: CXRImage, probabilities: Any, site: SiteStatus) -> pb.ClassifyResponse:
-        """The reply for the model's ``probabilities`` (K,) of ``image``, calibrated for ``site``."""
+    def _classification(
+        self, shape: tuple[int, int], warnings: Iterable[str], probabilities: Any, site: SiteStatus
+    ) -> pb.ClassifyResponse:
+        """The reply for the model's ``probabilities`` (K,) of an image of ``shape`` (rows, columns) read
+        with ``warnings``, calibrated for ``site``."""
         names = self._predictor.class_names
         model = np.asarray(probabilities, dtype=np.float64)
         probs = site.apply(model)
-        rows, cols = image.shape
+        rows, cols = shape
         return pb.ClassifyResponse(
             probabilities=_class_probabilities(names, probs),
             predicted_class=names[int(np.argmax(probs))],
-            warnings=list(image.warnings),
+            warnings=list(warnings),
             intended_use=RESEARCH_USE_NOTICE,
             rows=rows,
             columns=cols,
@@ -349,7 +414,9 @@ class CXRTriageServicer(cxr_triage_pb2_grpc.CXRTriageServicer):
     def _explain_response(self, explained: Any, request: pb.ExplainRequest) -> pb.ExplainResponse:
         heat, result = explained.heatmap, explained.result
         response = pb.ExplainResponse(
-            classification=self._classification(explained.image, result.model_probabilities, result.site),
+            classification=self._classification(
+                explained.image.shape, explained.image.warnings, result.model_probabilities, result.site
+            ),
             explained_class=self._predictor.class_names[result.target_index],
             heatmap_u8=np.round(heat * 255.0).astype(np.uint8).tobytes(),
             area_above_half=explained.area_above_threshold,
@@ -375,24 +442,23 @@ class CXRTriageServicer(cxr_triage_pb2_grpc.CXRTriageServicer):
     # --- admission, deadlines, errors -------------------------------------------------------------
 
     @contextmanager
-    def _call(self, method: str, context: grpc.ServicerContext, data: bytes = b"") -> Iterator[_Call]:
+    def _call(
+        self, method: str, context: grpc.ServicerContext, data: bytes = b"", *, stream: bool = False
+    ) -> Iterator[_Call]:
         """Admit one call (or refuse it), run its stages, map every error to a documented status.
-        ``data``: the request's image bytes (a stream adds its images with :meth:`_Call.add_request`)."""
+
+        ``data``: a unary call's image bytes, reserved from the memory budget at once; the call then takes
+        a work slot, waiting in the queue when none is free. A ``stream`` holds a queue place instead and
+        takes a slot per image (:meth:`_Call.working`)."""
         start = time.monotonic()
         if self.state is not State.SERVING:
             _abort(context, grpc.StatusCode.UNAVAILABLE, f"server is {self.state.value}; retry later")
-        if not self._slots.acquire(blocking=False):
-            logger.warning("%s shed: %d calls in flight", method, self.limits.max_inflight)
-            _abort(
-                context,
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"server busy: {self.limits.max_inflight} calls in flight; retry later",
-            )
         with self._idle:
             self._inflight += 1
         call = _Call(self, context, start)
         call.add_request(data)
         try:
+            call.admit(method, stream, len(data))
             call.checkpoint("read")
             yield call
         except _Abandon as exc:
@@ -413,7 +479,7 @@ class CXRTriageServicer(cxr_triage_pb2_grpc.CXRTriageServicer):
             elapsed_ms = (time.monotonic() - start) * 1000.0
             logger.info("%s %s: %s in %.0f ms", method, call.described(), call.predicted, elapsed_ms)
         finally:
-            self._slots.release()
+            call.release()
             with self._idle:
                 self._inflight -= 1
                 self._idle.notify_all()
@@ -424,8 +490,12 @@ class _Call:
 
     def __init__(self, servicer: CXRTriageServicer, context: grpc.ServicerContext, start: float) -> None:
         self._servicer = servicer
+        self._admission = servicer.admission
         self._context = context
         self.predicted = ""
+        self._slot = False
+        self._place = False
+        self._memory = 0
         self._tags: list[str] = []
         self._bytes = 0
         remaining = context.time_remaining()
@@ -444,6 +514,108 @@ class _Call:
         """``<tag> (<bytes> bytes)``; a study lists its first tags and the image count."""
         tags = ",".join(self._tags[:3]) + (f",... ({len(self._tags)} images)" if len(self._tags) > 3 else "")
         return f"{tags or '-'} ({self._bytes} bytes)"
+
+    # --- admission: slots, queue place, memory --------------------------------------------------------
+
+    def admit(self, method: str, stream: bool, request_bytes: int) -> None:
+        """A unary call: reserve its request's bytes, then take a slot (waiting in the queue). A stream:
+        hold a queue place for its life."""
+        try:
+            if stream:
+                self._admission.take_place(method)
+                self._place = True
+            else:
+                self._reserve_now(request_bytes)
+                self._admission.slot(self._queued, self._deadline)
+                self._slot = True
+        except Refused as exc:
+            raise _Abandon(exc.code, str(exc)) from None
+
+    def _reserve_now(self, n: int) -> None:
+        self._admission.reserve_now(n, "the request")
+        self._memory += n
+
+    def _queued(self) -> None:
+        """The checkpoint of a call waiting in the queue: a draining server starts nothing new."""
+        if self._servicer.state is State.DRAINING:
+            raise _Abandon(grpc.StatusCode.UNAVAILABLE, "server shutting down; the call had not started")
+        self.checkpoint("a work slot")
+
+    @contextmanager
+    def working(self, request_bytes: int) -> Iterator[None]:
+        """A stream's unit of work: its bytes reserved, a slot held (waiting in the queue if need be);
+        both, and the memory its image reserved, given back at the end."""
+        held = self._memory
+        try:
+            self._reserve_now(request_bytes)
+            self._admission.slot(self._queued, self._deadline)
+        except Refused as exc:
+            self._release_memory_above(held)
+            raise _Abandon(exc.code, str(exc)) from None
+        self._slot = True
+        try:
+            yield
+        finally:
+            self._slot = False
+            self._admission.release_slot()
+            self._release_memory_above(held)
+
+    def _release_memory_above(self, held: int) -> None:
+        self._admission.release_memory(self._memory - held)
+        self._memory = held
+
+    def limits(self, bytes_per_pixel: int) -> MeteredLimits:
+        """The server's image limits for one image of this call, reserving ``bytes_per_pixel`` times its
+        pixels from the memory budget once the reader has its header (before any decoding)."""
+
+        def reserve(rows: int, cols: int) -> None:
+            n = rows * cols * bytes_per_pixel
+            what = f"a {cols} x {rows} image"
+            try:
+                self._admission.reserve(n, what, lambda: self.checkpoint("read"), self._deadline)
+            except Refused as exc:
+                raise _Abandon(exc.code, str(exc)) from None
+            self._memory += n
+
+        image = self._servicer.limits.image
+        values = {f.name: getattr(image, f.name) for f in fields(ImageLimits)}
+        return MeteredLimits(**values, on_check=reserve)
+
+    def release(self) -> None:
+        """Give back whatever the call still holds (at its end)."""
+        if self._slot:
+            self._slot = False
+            self._admission.release_slot()
+        if self._place:
+            self._place = False
+            self._admission.release_place()
+        self._release_memory_above(0)
+
+    def messages(self, requests: Iterable[T]) -> Iterator[T]:
+        """A stream's messages; waiting for each is bounded by the stream idle timeout, after which the
+        call is cancelled (CANCELLED)."""
+        watch = self._servicer._idle_watch
+        iterator = iter(requests)
+        while True:
+            ticket = watch.watch(self._context.cancel) if watch is not None else None
+            cancelled = False
+            request: T | None = None
+            try:
+                request = next(iterator)
+            except StopIteration:
+                pass
+            except grpc.RpcError:  # the call was cancelled under the wait (by the client or by us)
+                cancelled = True
+            if ticket is not None and watch is not None and watch.unwatch(ticket):
+                raise _Abandon(
+                    grpc.StatusCode.CANCELLED,
+                    f"no message for {watch.timeout_s:g} s (the stream idle timeout); stream cancelled",
+                )
+            if cancelled:
+                raise _Abandon(grpc.StatusCode.CANCELLED, "call cancelled while streaming")
+            if request is None:
+                return
+            yield request
 
     def _left(self) -> float | None:
         return None if self._deadline is None else self._deadline - time.monotonic()

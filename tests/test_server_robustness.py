@@ -227,7 +227,7 @@ def test_health_is_not_serving_until_warm_and_from_the_start_of_draining(make_se
 def test_a_saturated_server_sheds_work_and_still_answers_health_and_reflection(
     make_service: Any, gate: Gate
 ) -> None:
-    service = make_service(ServiceLimits(max_inflight=2))
+    service = make_service(ServiceLimits(max_inflight=2, max_queue=0))  # no wait queue: refused at once
     with channel(service) as ch:
         stub = pb_grpc.CXRTriageStub(ch)
         gate.close()

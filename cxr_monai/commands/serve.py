@@ -40,7 +40,40 @@ def serve(
         "--workers",
         metavar="N",
         min=1,
-        help="Classify/Explain calls admitted at once; more shed.",
+        help="Work slots: images read, pre-processed or modelled at once.",
+    ),
+    max_queue: int = typer.Option(
+        64,
+        "--max-queue",
+        metavar="N",
+        min=0,
+        help="Calls waiting for a slot, plus open ClassifyStudy streams; more refused.",
+    ),
+    queue_timeout_ms: float = typer.Option(
+        10000.0,
+        "--queue-timeout-ms",
+        metavar="MS",
+        min=0.0,
+        help="Longest wait for a slot or memory before RESOURCE_EXHAUSTED.",
+    ),
+    stream_idle_timeout: float = typer.Option(
+        10.0,
+        "--stream-idle-timeout",
+        metavar="SECONDS",
+        min=0.0,
+        help="Cancel a ClassifyStudy stream silent this long (0: never).",
+    ),
+    max_memory_mb: int = typer.Option(
+        4096,
+        "--max-memory-mb",
+        metavar="MIB",
+        min=1,
+        help="Memory budget of the images of the calls admitted together.",
+    ),
+    accept_compressed: bool = typer.Option(
+        False,
+        "--accept-compressed",
+        help="Accept gzip/deflate-compressed requests (refused by default).",
     ),
     request_timeout: float = typer.Option(
         60.0,
@@ -133,6 +166,12 @@ def serve(
     every call need `authorization: Bearer <token>` (health and reflection stay open). Stop with
     Ctrl-C or SIGTERM: the process exits within --grace seconds plus about 2.
 
+    Admission counts work: --max-inflight slots are held while an image is read, pre-processed and
+    modelled; a burst waits in a queue (--max-queue, --queue-timeout-ms) before RESOURCE_EXHAUSTED; a
+    ClassifyStudy stream holds no slot between its messages and is cancelled after --stream-idle-timeout
+    without one; each call reserves its image's memory from --max-memory-mb, from the header, before
+    decoding. Compressed requests are answered UNIMPLEMENTED unless --accept-compressed.
+
     Concurrent Classify calls (and the images of a ClassifyStudy stream) share model calls: up to
     --max-batch images, waiting at most --max-batch-wait-ms for each other. --backend onnx classifies
     with ONNX Runtime (the bundle exported at start-up to a temporary file and verified, or --onnx FILE).
@@ -157,6 +196,10 @@ def serve(
             max_inflight=max_inflight,
             request_timeout_s=request_timeout or None,
             image=ImageLimits(max_pixels=max_pixels),
+            max_queue=max_queue,
+            queue_timeout_s=queue_timeout_ms / 1000.0,
+            stream_idle_timeout_s=stream_idle_timeout or None,
+            max_memory_mb=max_memory_mb,
         )
         config = ServerConfig(
             address=address,
@@ -166,6 +209,7 @@ def serve(
             tls_client_ca=tls_client_ca,
             token=token,
             max_metadata_kb=max_metadata_kb,
+            accept_compressed=accept_compressed,
         )
         if backend not in ("eager", "onnx"):
             raise CXRMonaiError(f"--backend {backend!r}: expected eager or onnx")
@@ -184,8 +228,9 @@ def serve(
     console.print(
         f"serving {predictor.model_name} {predictor.model_version} ({predictor.backbone}) "
         f"on {host}:{service.port} "
-        f"[{scheme}, {auth}, {max_inflight} calls at once, classify {backend} in batches of up to "
-        f"{max_batch}; site profiles: {', '.join(sorted(predictor.sites.profiles)) or 'none'}, unknown sites "
+        f"[{scheme}, {auth}, {max_inflight} work slots, {max_queue} queue places, "
+        f"classify {backend} in batches of up to {max_batch}; "
+        f"site profiles: {', '.join(sorted(predictor.sites.profiles)) or 'none'}, unknown sites "
         f"{unknown_site}]. Research use only - NOT FOR CLINICAL USE.",
         highlight=False,
     )
