@@ -18,6 +18,7 @@ from bundle_factory import make_trained_bundle, write_image, write_site_profile
 from dicom_factory import PATIENT_ID, PATIENT_NAME, gradient, make_dataset, save
 from typer.testing import CliRunner
 
+from cxr_monai.archive import loader as loader_module
 from cxr_monai.archive.films import list_archive, list_folder, printable
 from cxr_monai.archive.results import ResultFile, columns
 from cxr_monai.archive.shards import Shard, part_path, shard_from_env
@@ -442,3 +443,34 @@ def test_the_onnx_backend_agrees_with_eager(bundle, tmp_path):
     assert result.exit_code == 1 and "(backend differ)" in result.output
     result = predict(root, "--bundle", bundle, "--out", eager, "--onnx", eager)
     assert result.exit_code == 2 and "--onnx needs --backend onnx" in result.output
+
+
+@pytest.mark.slow  # a dead reader is noticed when its batch is 5 s late
+def test_a_film_that_kills_its_reader_process_is_listed_and_the_others_scored(bundle, tmp_path, monkeypatch):
+    """A decoder that crashes (segfaults) kills the DataLoader worker, not just raises: the films it may
+    have held are read again one by one, each in its own process, and the one that kills it is failed."""
+    root = make_archive(tmp_path / "archive", n=12)
+    shutil.copy(root / "south" / "film_00.png", root / "north" / "film_05b.png")
+    real_read = loader_module.read_cxr
+
+    def crashing_read(path, *args, **kwargs):
+        if str(path).endswith("film_05b.png"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_read(path, *args, **kwargs)
+
+    monkeypatch.setattr(loader_module, "read_cxr", crashing_read)
+    out = tmp_path / "scores.csv"
+    options = ["--bundle", str(bundle), "--batch-size", "2", "--workers", "2"]
+    result = predict(root, *options, "--out", out)
+    assert result.exit_code == 0, result.output
+    rows = read_rows(out)
+    monkeypatch.setattr(loader_module, "read_cxr", real_read)
+    assert predict(root, *options, "--out", tmp_path / "reference.csv").exit_code == 0
+    reference = read_rows(tmp_path / "reference.csv")
+    assert [row["path"] for row in rows] == [row["path"] for row in reference]
+    for row, expected in zip(rows, reference, strict=True):
+        if row["path"] == "north/film_05b.png":
+            assert row["error"] == "the image reader crashed on this film (its process died)"
+            continue
+        assert row["error"] == "" and row["predicted_class"] == expected["predicted_class"]
+        assert probabilities(row) == pytest.approx(probabilities(expected), rel=1e-5)

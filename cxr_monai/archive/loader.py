@@ -7,18 +7,23 @@ carry no header values (the site name comes from the site map, never from the he
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import logging
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from cxr_monai.archive.films import Film
 from cxr_monai.errors import CXRMonaiError
 from cxr_monai.explain.files import film_site
 from cxr_monai.io import read_cxr
 from cxr_monai.site.sitemap import SiteMap
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -101,7 +106,11 @@ def collate(items: list[tuple[FilmRecord, torch.Tensor | None]]) -> FilmBatch:
     return FilmBatch(records, torch.stack(tensors) if tensors else None, readable)
 
 
-def film_loader(dataset: FilmDataset, batch_size: int, workers: int) -> DataLoader:
+#: Batches each reader process holds in flight (DataLoader ``prefetch_factor``).
+PREFETCH = 2
+
+
+def film_loader(dataset: Dataset, batch_size: int, workers: int) -> DataLoader:
     """Batches of ``dataset`` in order, read by ``workers`` processes (0: in this process)."""
     return DataLoader(
         dataset,
@@ -109,6 +118,77 @@ def film_loader(dataset: FilmDataset, batch_size: int, workers: int) -> DataLoad
         shuffle=False,
         num_workers=workers,
         collate_fn=collate,
-        prefetch_factor=2 if workers else None,
+        prefetch_factor=PREFETCH if workers else None,
         persistent_workers=False,
     )
+
+
+def film_batches(dataset: FilmDataset, batch_size: int, workers: int) -> Iterator[FilmBatch]:
+    """The batches of :func:`film_loader`, surviving a reader process that dies (a decoder crashing on a
+    damaged film kills its process, not just raises).
+
+    When a worker dies, the films of every batch that may have been in flight (``PREFETCH`` per worker)
+    are read again one at a time, each in a process of its own: a film that kills that one too gets a
+    failed record; then the loader starts again after them. With ``workers=0`` there is no process to
+    lose: such a crash ends the run (a rerun resumes before the film and crashes on it again).
+    """
+    start, total = 0, len(dataset)
+    restore: Callable[[], None] | None = None
+    try:
+        while start < total:
+            batches = iter(film_loader(Subset(dataset, range(start, total)), batch_size, workers))
+            try:
+                restore = restore or _synchronous_worker_deaths(workers)
+                for batch in batches:
+                    start += len(batch.records)
+                    yield batch
+                return
+            except RuntimeError as exc:
+                if workers == 0 or "DataLoader worker" not in str(exc):
+                    raise
+                logger.warning(
+                    "a film reader process died (%s); reading the films it may have held one at a time",
+                    one_line(str(exc)),
+                )
+            del batches  # its remaining reader processes stop
+            suspects = range(start, min(total, start + PREFETCH * workers * batch_size))
+            for index in suspects:
+                yield _read_alone(dataset, index)
+            start = suspects.stop
+    finally:
+        if restore is not None:
+            restore()
+
+
+def _synchronous_worker_deaths(workers: int) -> Callable[[], None]:
+    """Make a dead reader process surface in ``next()`` on the loader only; returns the undo.
+
+    torch's DataLoader reports a dead worker from a SIGCHLD handler, i.e. wherever the main thread is at
+    that moment (the forward, or half-way through writing a row). Without the handler the loader's
+    ``next()`` finds the dead worker itself (it checks its workers whenever a batch is 5 s late) and
+    raises there, where :func:`film_batches` handles it.
+    """
+    if (
+        not workers
+        or not hasattr(signal, "SIGCHLD")
+        or threading.current_thread() is not threading.main_thread()
+    ):
+        return lambda: None
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+    def undo() -> None:
+        signal.signal(signal.SIGCHLD, previous)
+
+    return undo
+
+
+def _read_alone(dataset: FilmDataset, index: int) -> FilmBatch:
+    """Film ``index`` read in a process of its own: its batch, or a failed record when it kills it."""
+    try:
+        return next(iter(film_loader(Subset(dataset, [index]), 1, 1)))
+    except RuntimeError as exc:
+        if "DataLoader worker" not in str(exc):
+            raise
+    film = dataset.films[index]
+    crashed = "the image reader crashed on this film (its process died)"
+    return FilmBatch([FilmRecord(film, dataset.site, error=crashed)], None, [])

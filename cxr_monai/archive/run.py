@@ -24,7 +24,7 @@ from typing import Any
 
 from cxr_monai.archive.backends import Forward
 from cxr_monai.archive.films import Film
-from cxr_monai.archive.loader import FilmDataset, film_loader
+from cxr_monai.archive.loader import FilmDataset, film_batches
 from cxr_monai.archive.results import ResultFile, Row, columns, failed_row, is_failed, scored_row
 from cxr_monai.archive.shards import Group, Shard, part_files, part_path
 from cxr_monai.atomic import write_json_atomic
@@ -218,7 +218,7 @@ def score(
     statuses: dict[str | None, SiteStatus | str] = {}
     written = 0
     try:
-        for batch in film_loader(dataset, settings.batch_size, settings.workers):
+        for batch in film_batches(dataset, settings.batch_size, settings.workers):
             probabilities = forward(batch.inputs) if batch.inputs is not None else None
             slot = {index: position for position, index in enumerate(batch.readable)}
             rows: list[Row] = []
