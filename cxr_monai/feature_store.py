@@ -91,7 +91,8 @@ class FeatureStore:
         if key is None:
             return
         with atomic_path(self._file(key)) as tmp, open(tmp, "wb") as handle:
-            np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
+            # not np.ascontiguousarray: it turns a 0-d (structured) array into a 1-d one
+            np.save(handle, np.asarray(array).copy(order="C"), allow_pickle=False)
 
     def __len__(self) -> int:
         """Films stored (files in the store)."""

@@ -68,6 +68,17 @@ def evaluate(
         None, "--device", metavar="DEVICE", help="cpu, cuda, cuda:1 ... (default: cuda if available)."
     ),
     seed: int = typer.Option(0, "--seed", metavar="SEED", help="Seed of the bootstrap and the baseline."),
+    feature_cache: Path | None = typer.Option(
+        None,
+        "--feature-cache",
+        metavar="DIR",
+        help="Feature store read and filled instead of decoding every image (trunk features, baseline "
+        "thumbnails; keyed by file content). Default: the folder the bundle's training cached its trunk "
+        "features in (train --cache-trunk-features), if any.",
+    ),
+    no_feature_cache: bool = typer.Option(
+        False, "--no-feature-cache", help="Decode every image and run the whole network, storing nothing."
+    ),
 ) -> None:
     """Evaluate a trained bundle: accuracy, per-class precision/recall/specificity/F1/AUROC with 95%
     bootstrap CIs, confusion matrix, calibration, and a disease-blind shortcut baseline beside the model;
@@ -80,6 +91,7 @@ def evaluate(
     bundle_dir = resolve_bundle(bundle)
     # imported here so that `cxr-monai --help` and the other commands do not load torch
     from cxr_monai.evaluation import report as evaluation
+    from cxr_monai.evaluation.stored_features import training_feature_cache
     from cxr_monai.predictor import Predictor
 
     with user_errors():
@@ -90,10 +102,13 @@ def evaluate(
                 (Predictor.from_bundle(b, device=device, with_sites=False), items) for b, items in folds
             ]
             curves_bundles = [b for b, _ in folds]
+            trained_bundle = folds[0][0]
         else:
             items = evaluation.select_split(splits, split)
             predictor = Predictor.from_bundle(bundle_dir, device=device, with_sites=False)
             curves_bundles = [bundle_dir]
+            trained_bundle = bundle_dir
+        store = None if no_feature_cache else feature_cache or training_feature_cache(trained_bundle)
         stages = {"evaluate": "model + features", "baseline": "baseline training features"}
         with Progress(
             TextColumn("{task.description}"),
@@ -115,6 +130,7 @@ def evaluate(
                 "seed": seed,
                 "by_patient": by_patient,
                 "progress": on_progress,
+                "feature_cache": store,
             }
             if split == evaluation.CV_SPLIT:
                 report = evaluation.evaluate_cross_validated(predictors, splits["training"], **options)

@@ -4,8 +4,10 @@ figures per source and within each source, and the source probe (:mod:`cxr_monai
 Each evaluated image is decoded once: the decoded image gives the model's input tensor (hence its
 probabilities and pooled features, in one forward pass) and the disease-blind baseline's features
 (kept; the pixels are dropped). Training items for the baseline are
-decoded once for their features only. Nothing is written until everything is computed, and every file
-is written atomically, so a failed run leaves no partial report.
+decoded once for their features only. With a feature cache (:mod:`cxr_monai.evaluation.stored_features`)
+an image whose trunk and baseline features are stored is not decoded at all: the head scores its stored
+features, and what is computed is stored for the next evaluation. Nothing is written until everything
+is computed, and every file is written atomically, so a failed run leaves no partial report.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from cxr_monai.evaluation.sources import (
     source_probe,
     source_verdict,
 )
+from cxr_monai.evaluation.stored_features import StoredFeatures, head_probabilities
 from cxr_monai.io import CXRImage, read_cxr
 from cxr_monai.predictor import Predictor
 from cxr_monai.training.crossval import trained_bundles
@@ -239,35 +242,60 @@ def _predict(
     batch_size: int,
     skipped: list[dict[str, str]],
     progress: ProgressHook,
+    stored: StoredFeatures,
 ) -> _Predictions:
-    """Decode every item once: the model's probabilities and pooled features, and (``shortcut``) the
-    baseline's features."""
-    kept: list[DataItem] = []
-    probs: list[np.ndarray] = []
-    pooled: list[np.ndarray] = []
+    """The model's probabilities and pooled features, and (``shortcut``) the baseline's features, of
+    every readable item: from ``stored`` where it has them, else from one decode of the image (and then
+    stored)."""
+    probs: dict[int, np.ndarray] = {}
+    pooled: dict[int, np.ndarray] = {}
     features: dict[str, ShortcutFeatures] = {}
-    pending: list[tuple[DataItem, CXRImage]] = []
+    to_decode: list[int] = []
+    for index, item in enumerate(items):
+        known = stored.pooled(item.image)
+        if known is not None:
+            pooled[index] = known
+        found = stored.shortcut(item.image) if shortcut else None
+        if found is not None:
+            features[item.image] = found
+        if known is None or (shortcut and found is None):
+            to_decode.append(index)
+    pending: list[tuple[int, CXRImage]] = []
 
     def flush() -> None:
         if pending:
             batch_probs, batch_pooled = predictor.predict_with_features(
                 [img for _, img in pending], batch_size
             )
-            kept.extend(item for item, _ in pending)
-            probs.append(batch_probs)
-            pooled.append(batch_pooled)
+            for (index, _), p, f in zip(pending, batch_probs, batch_pooled, strict=True):
+                probs[index], pooled[index] = p, f
+                stored.keep_pooled(items[index].image, f)
         pending.clear()
 
-    for item, image in _decode(items, skipped, "evaluate", progress):
-        if shortcut:
+    by_path = {id(items[i]): i for i in to_decode}
+    for item, image in _decode([items[i] for i in to_decode], skipped, "evaluate", progress):
+        index = by_path[id(item)]
+        if shortcut and item.image not in features:
             features[item.image] = shortcut_features(image)
-        pending.append((item, image))
-        if len(pending) == batch_size:
-            flush()
+            stored.keep_shortcut(item.image, features[item.image])
+        if index not in pooled:
+            pending.append((index, image))
+            if len(pending) == batch_size:
+                flush()
     flush()
+    from_store = [i for i in pooled if i not in probs]
+    if from_store:
+        scored = head_probabilities(predictor, np.stack([pooled[i] for i in from_store]))
+        probs.update(zip(from_store, scored, strict=True))
+    kept = sorted(probs)
     if not kept:
         raise DatasetError(f"none of the {len(items)} evaluated images could be read")
-    return _Predictions(kept, np.concatenate(probs).astype(np.float64), np.concatenate(pooled), features)
+    return _Predictions(
+        [items[i] for i in kept],
+        np.stack([probs[i] for i in kept]).astype(np.float64),
+        np.stack([pooled[i] for i in kept]),
+        features,
+    )
 
 
 def evaluate(
@@ -281,23 +309,28 @@ def evaluate(
     seed: int = 0,
     by_patient: bool = True,
     progress: ProgressHook | None = None,
+    feature_cache: Path | None = None,
 ) -> EvaluationReport:
     """Predict every item, measure the model, and (``shortcut``) fit and score the baseline; figures per
     source and within each source, and the source probe on the model's pooled features (and on the
     baseline's features), for both side by side.
 
-    Unreadable images are skipped and listed in the report. The bootstrap resamples patients when
-    ``by_patient`` and every evaluated item has a ``patient_id``, else images; the probe's folds keep
-    patients whole under the same condition.
+    Unreadable images are skipped and listed in the report. ``feature_cache``: a feature store folder
+    (:mod:`cxr_monai.evaluation.stored_features`) read and filled instead of decoding every image.
+
+    The bootstrap resamples patients when ``by_patient`` and every evaluated item has a ``patient_id``,
+    else images; the probe's folds keep patients whole under the same condition.
 
     Raises:
         DatasetError: no evaluated image could be read, or no usable training items for the baseline.
     """
     report_progress = progress or (lambda stage, done, total: None)
     skipped: list[dict[str, str]] = []
-    predicted = _predict(predictor, items, shortcut, batch_size, skipped, report_progress)
+    stored = StoredFeatures.open(feature_cache, predictor, shortcut)
+    predicted = _predict(predictor, items, shortcut, batch_size, skipped, report_progress, stored)
     if shortcut:
-        _fit_baseline(predicted, training_items, dict(predicted.features), skipped, seed, report_progress)
+        known = dict(predicted.features)
+        _fit_baseline(predicted, training_items, known, skipped, seed, report_progress, stored)
     return _score([predicted], _model_info(predictor), shortcut, n_boot, seed, by_patient, skipped)
 
 
@@ -311,6 +344,7 @@ def evaluate_cross_validated(
     seed: int = 0,
     by_patient: bool = True,
     progress: ProgressHook | None = None,
+    feature_cache: Path | None = None,
 ) -> EvaluationReport:
     """Out-of-fold evaluation of a cross-validation: each ``(predictor, items)`` pair is one fold's model
     and that fold's validation items, which it never trained on; the disease-blind baseline of each fold
@@ -329,13 +363,14 @@ def evaluate_cross_validated(
         def fold_progress(stage: str, done: int, total: int, n: int = n) -> None:
             report_progress(stage, done + n * total, total * len(folds))
 
-        parts.append(_predict(predictor, items, shortcut, batch_size, skipped, fold_progress))
+        stored = StoredFeatures.open(feature_cache, predictor, shortcut)
+        parts.append(_predict(predictor, items, shortcut, batch_size, skipped, fold_progress, stored))
     if shortcut:  # each image decoded once: the folds' evaluated images are the others' fitting images
         known = {path: f for part in parts for path, f in part.features.items()}
         for part in parts:
             evaluated = {item.image for item in part.items}
             fit = [item for item in training_items if item.image not in evaluated]
-            _fit_baseline(part, fit, known, skipped, seed, report_progress)
+            _fit_baseline(part, fit, known, skipped, seed, report_progress, stored)
     return _score(parts, _model_info(folds[0][0]), shortcut, n_boot, seed, by_patient, skipped)
 
 
@@ -408,12 +443,14 @@ def _fit_baseline(
     skipped: list[dict[str, str]],
     seed: int,
     progress: ProgressHook,
+    stored: StoredFeatures,
 ) -> None:
     """Fit the baseline on training items not evaluated (all training items if that leaves fewer than
     two classes, flagged) and put its probabilities on the evaluated items into ``predicted``.
 
     ``known``: baseline features already computed, by image path (the evaluated images' among them);
-    training images not in it are decoded once and added to it, except those ``skipped`` already lists.
+    training images not in it are read from ``stored`` or decoded once (and stored), and added to it,
+    except those ``skipped`` already lists.
     """
     evaluated = {item.image for item in predicted.items}
     fit_items = [item for item in training_items if item.image not in evaluated]
@@ -422,8 +459,14 @@ def _fit_baseline(
         fit_items = list(training_items)
     unreadable = {entry["image"] for entry in skipped}  # tried once already: listed once
     todo = [item for item in fit_items if item.image not in known and item.image not in unreadable]
+    for item in todo:
+        found = stored.shortcut(item.image)
+        if found is not None:
+            known[item.image] = found
+    todo = [item for item in todo if item.image not in known]
     for item, image in _decode(todo, skipped, "baseline", progress):
         known[item.image] = shortcut_features(image)
+        stored.keep_shortcut(item.image, known[item.image])
     usable = [item for item in fit_items if item.image in known]
     if len({item.label for item in usable}) < 2:
         raise DatasetError(

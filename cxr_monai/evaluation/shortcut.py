@@ -74,6 +74,41 @@ def shortcut_features(image: CXRImage) -> ShortcutFeatures:
     return ShortcutFeatures(thumbnail=thumb, width=cols, height=rows, color_mode=image.color_mode)
 
 
+#: Spec of the baseline's features in a :class:`~cxr_monai.feature_store.FeatureStore` (change it when
+#: :func:`shortcut_features` changes, so stored features are not reused).
+SHORTCUT_SPEC = f"shortcut-{THUMBNAIL_SIDE}px-v1"
+_RECORD = np.dtype(
+    [
+        ("color_mode", "U32"),
+        ("width", "i8"),
+        ("height", "i8"),
+        ("thumbnail", "f4", (THUMBNAIL_SIDE, THUMBNAIL_SIDE)),
+    ]
+)
+
+
+def to_record(features: ShortcutFeatures) -> np.ndarray:
+    """The features as one structured array (shape ()), for a feature store."""
+    record = np.zeros((), dtype=_RECORD)
+    record["color_mode"], record["width"], record["height"] = (
+        features.color_mode,
+        features.width,
+        features.height,
+    )
+    record["thumbnail"] = features.thumbnail
+    return record
+
+
+def from_record(record: np.ndarray) -> ShortcutFeatures:
+    """Inverse of :func:`to_record`."""
+    return ShortcutFeatures(
+        thumbnail=np.array(record["thumbnail"], dtype=np.float32),
+        width=int(record["width"]),
+        height=int(record["height"]),
+        color_mode=str(record["color_mode"]),
+    )
+
+
 def _design_matrix(features: Sequence[ShortcutFeatures]) -> np.ndarray:
     """(N, 3 + 256) object array: colour mode, width, height, thumbnail pixels."""
     rows = [[f.color_mode, f.width, f.height, *f.thumbnail.ravel().tolist()] for f in features]

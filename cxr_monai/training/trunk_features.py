@@ -121,7 +121,8 @@ def trunk_spec(network: CXRClassifier, options: Mapping[str, Any]) -> str:
     """Digest of what a film's trunk features depend on besides the film: cxr-monai's version, the
     backbone, the pre-processing ``options`` (spatial_size, histogram_equalize, crop_borders) and the
     trunk's weights."""
-    digest = hashlib.sha256(json.dumps([cxr_monai_version(), network.backbone_name, dict(options)]).encode())
+    described = json.dumps([cxr_monai_version(), network.backbone_name, dict(options)], sort_keys=True)
+    digest = hashlib.sha256(described.encode())
     for name, tensor in sorted(network.trunk.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu").contiguous().numpy().tobytes())
