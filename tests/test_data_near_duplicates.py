@@ -10,7 +10,7 @@ import pytest
 from data_layouts import covid_row, distinct_image, make_covid, synthetic_public_data
 from PIL import Image
 
-from cxr_monai.data import CACHE_FILENAME, DataItem, PrepareOptions, assemble_dataset
+from cxr_monai.data import CACHE_DIRNAME, DataItem, PrepareOptions, assemble_dataset
 from cxr_monai.data.near_duplicates import (
     NCC_THRESHOLD,
     Fingerprint,
@@ -72,7 +72,7 @@ def test_cache_is_used_and_keyed_by_content(tmp_path: Path) -> None:
     cache: dict[str, Fingerprint] = {}
     fingerprint_images(paths, cache)
     save_cache(tmp_path / "cache", cache)
-    assert (tmp_path / "cache" / CACHE_FILENAME).is_file()
+    assert len(list((tmp_path / "cache" / CACHE_DIRNAME).iterdir())) == 1, "one compacted segment"
     again, cached = fingerprint_images(paths, load_cache(tmp_path / "cache"))
     assert cached == 2
     for a, b in zip(first, again, strict=True):

@@ -150,7 +150,7 @@ def test_cli_writes_datalist_and_summary(tmp_path: Path, public: tuple[Path, Pat
     assert sorted(p.name for p in out.iterdir()) == [
         "datalist.json",
         "dataset_summary.png",
-        "near_duplicate_cache.npz",
+        "near_duplicate_cache",
         "prepare_summary.json",
     ]
     assert "Images per source and class" in result.output and "Near-duplicates" in result.output
@@ -187,7 +187,8 @@ def test_cli_impossible_split_is_exit_1(tmp_path: Path, public: tuple[Path, Path
     args = ["prepare", "--covid-dir", str(covid), "--kaggle-dir", str(kaggle), "--out", str(tmp_path / "o")]
     result = runner.invoke(app, [*args, "--folds", "20"])
     assert result.exit_code == 1 and "--folds" in result.output
-    assert not (tmp_path / "o").exists(), "nothing written on error"
+    # no outputs on error; the fingerprint cache stays, so that the corrected run fingerprints nothing again
+    assert [p.name for p in (tmp_path / "o").iterdir()] == ["near_duplicate_cache"]
 
 
 def test_cli_bad_count_is_a_usage_error(tmp_path: Path) -> None:

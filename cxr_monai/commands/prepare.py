@@ -7,8 +7,18 @@ from typing import Any
 
 import typer
 from rich import box
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
+from rich.text import Text
 
 from cxr_monai.commands import console, examples, user_errors
 from cxr_monai.constants import CLASS_NAMES, DEFAULT_COVID_VIEWS
@@ -19,6 +29,14 @@ EPILOG = examples(
     "    --site-csv nih-chestxray8=../shared/data/nih-chestxray8/labels.csv \\\n"
     "    --out out/prep"
 )
+
+
+class _FilmsPerSecond(ProgressColumn):
+    """Films per second over rich's recent window (``task.speed``); blank until there is one."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("" if speed is None else f"{speed:,.1f} films/s", style="progress.data.speed")
 
 
 def _count(text: str, option: str) -> int | None:
@@ -163,16 +181,24 @@ def prepare(
             seed=seed,
         )
         with Progress(
-            TextColumn("fingerprinting images"),
+            TextColumn("{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
+            _FilmsPerSecond(),
             TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
             console=console,
             transient=True,
         ) as progress:
-            task = progress.add_task("fingerprints", total=None)
+            fingerprints = progress.add_task("fingerprinting images", total=None)
+            search = progress.add_task("near-duplicate search", total=None, visible=False)
             prepared = assemble_dataset(
-                options, on_progress=lambda done, total: progress.update(task, completed=done, total=total)
+                options,
+                on_progress=lambda done, total: progress.update(fingerprints, completed=done, total=total),
+                on_search_progress=lambda done, total: progress.update(
+                    search, completed=done, total=total, visible=True
+                ),
             )
         datalist_path, summary_path = write_prepared(prepared, out)
     counts = prepared.summary["counts"]

@@ -28,7 +28,7 @@ from cxr_monai.data.datalist import (
 )
 from cxr_monai.data.figure import FIGURE_FILENAME
 from cxr_monai.data.findings import DEFAULT_FINDING_MAP, classify_finding, load_finding_map
-from cxr_monai.data.near_duplicates import CACHE_FILENAME
+from cxr_monai.data.near_duplicates import CACHE_DIRNAME
 from cxr_monai.data.sources import (
     COVID_SOURCE,
     DEFAULT_COVID_VIEWS,
@@ -43,7 +43,7 @@ from cxr_monai.data.sources import (
 )
 
 __all__ = [
-    "CACHE_FILENAME",
+    "CACHE_DIRNAME",
     "COVID_SOURCE",
     "DATALIST_FILENAME",
     "DEFAULT_COVID_VIEWS",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,6 +28,7 @@ from cxr_monai.data.near_duplicates import (
     PHASH_CANDIDATE_BITS,
     THUMBNAIL_SIZE,
     Fingerprint,
+    FingerprintCache,
     NearDuplicatePair,
     fingerprint_images,
     load_cache,
@@ -83,8 +84,8 @@ class PreparedDataset:
     datalist: dict[str, Any]
     summary: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
-    #: Image fingerprints by content key and where :func:`write_prepared` saves them (None: not saved).
-    fingerprints: dict[str, Fingerprint] = field(default_factory=dict)
+    #: Image fingerprints by content key and where :func:`write_prepared` compacts them (None: not saved).
+    fingerprints: MutableMapping[str, Fingerprint] = field(default_factory=dict)
     cache_dir: Path | None = None
 
 
@@ -153,11 +154,17 @@ def _source_confounding(items: list[DataItem]) -> str | None:
 
 def _readable(
     items: list[DataItem],
-    cache: dict[str, Fingerprint],
+    cache: MutableMapping[str, Fingerprint],
     on_progress: Callable[[int, int], None] | None,
     warnings: list[str],
+    on_search_progress: Callable[[int, int], None] | None = None,
 ) -> tuple[list[DataItem], list[NearDuplicatePair], dict[str, Any]]:
     """Items whose image decodes, their near-duplicate pairs and the report of the fingerprinting."""
+    if isinstance(cache, FingerprintCache) and cache.damaged:
+        warnings.append(
+            f"fingerprint cache {cache.directory}: damaged parts not trusted, those images fingerprinted "
+            f"again ({'; '.join(cache.damaged)})"
+        )
     fingerprints, cached = fingerprint_images([item.image for item in items], cache, on_progress)
     unreadable = Counter(item.source for item, fp in zip(items, fingerprints, strict=True) if fp is None)
     if unreadable:
@@ -166,7 +173,7 @@ def _readable(
         warnings.append(f"{count} image file(s) cannot be decoded and are skipped ({listing})")
     kept = [(item, fp) for item, fp in zip(items, fingerprints, strict=True) if fp is not None]
     items = [item for item, _ in kept]
-    pairs = near_duplicate_pairs([fp for _, fp in kept])
+    pairs = near_duplicate_pairs([fp for _, fp in kept], on_search_progress)
     report = {
         "method": {
             "crop_levels": list(CROP_LEVELS),
@@ -209,13 +216,17 @@ def counts_by_source(datalist: dict[str, Any]) -> dict[str, dict[str, int]]:
 
 
 def assemble_dataset(
-    options: PrepareOptions, on_progress: Callable[[int, int], None] | None = None
+    options: PrepareOptions,
+    on_progress: Callable[[int, int], None] | None = None,
+    on_search_progress: Callable[[int, int], None] | None = None,
 ) -> PreparedDataset:
     """Scan the sources, cap each class, fingerprint the images, split by patient merged with its
-    near-duplicates: the datalist and its summary (nothing written; the cache is read from
-    ``options.cache_dir``).
+    near-duplicates: the datalist and its summary (nothing written but the fingerprint cache in
+    ``options.cache_dir``, to which each new fingerprint is appended as soon as it is computed, so that an
+    interrupted run resumes).
 
-    ``on_progress(done, total)`` after each image fingerprinted. Images that cannot be decoded are skipped
+    ``on_progress(done, total)`` after each image fingerprinted; ``on_search_progress(done, total)`` as
+    the near-duplicate search goes through the images. Images that cannot be decoded are skipped
     with a warning. DatasetError for a missing source layout, a bad site CSV or finding map, impossible
     split options or no images.
     """
@@ -229,7 +240,7 @@ def assemble_dataset(
     items, sampled, sample_warnings = subsample_per_class(items, caps, options.seed)
     warnings.extend(sample_warnings)
     cache = load_cache(options.cache_dir) if options.cache_dir is not None else {}
-    items, pairs, near_duplicates = _readable(items, cache, on_progress, warnings)
+    items, pairs, near_duplicates = _readable(items, cache, on_progress, warnings, on_search_progress)
     groups = split_groups(items, pairs, same_patients)
     near_duplicates["same_file_patients"] = [list(pair) for pair in same_patients]
     for name, sample in sampled.items():
@@ -282,8 +293,8 @@ def assemble_dataset(
 
 def write_prepared(prepared: PreparedDataset, out_dir: Path) -> tuple[Path, Path]:
     """Write ``datalist.json``, ``prepare_summary.json`` and ``dataset_summary.png`` into ``out_dir``
-    (created), each atomically, and the fingerprint cache into ``prepared.cache_dir``; returns the first
-    two paths."""
+    (created), each atomically, and compact the fingerprint cache in ``prepared.cache_dir``; returns the
+    first two paths."""
     out_dir = Path(out_dir)
     if prepared.cache_dir is not None:
         save_cache(prepared.cache_dir, prepared.fingerprints)

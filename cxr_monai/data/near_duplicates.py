@@ -6,24 +6,45 @@ re-cropped, a caption added). Split by patient alone, such a pair can land in te
 Each image gets a fingerprint from a grayscale copy at several centre crops (:data:`CROP_LEVELS`, share of
 width/height removed per side), so a re-cropped copy matches the original at some crop level:
 
-* a 64-bit perceptual hash (``imagehash.phash``) per crop level: the cheap first filter, pairs within
-  :data:`PHASH_CANDIDATE_BITS` bits (minimum over crop levels) are candidates;
+* a 64-bit perceptual hash (``imagehash.phash``) per crop level: pairs within
+  :data:`PHASH_CANDIDATE_BITS` bits (minimum over crop level pairings) are candidates;
 * a :data:`THUMBNAIL_SIZE` px thumbnail per crop level: a candidate pair is a near-duplicate when the best
-  normalised cross-correlation (Pearson r of the pixels) over crop levels reaches :data:`NCC_THRESHOLD`.
+  normalised cross-correlation (Pearson r of the pixels) over crop level pairings reaches
+  :data:`NCC_THRESHOLD`.
 
-Why two stages: on the real data (``benchmarks/results/near_duplicates.md``) 64-bit phash puts different
+Why both: on the real data (``benchmarks/results/near_duplicates.md``) 64-bit phash puts different
 patients' films within 2 bits (chest films look alike at 8x8 frequencies), as close as a real re-cropped
 duplicate (2-4 bits), so the hash alone cannot separate them; the thumbnail correlation does (duplicates
->= 0.974, closest different films <= 0.963). Fingerprints are cached by the SHA-256 of the file bytes.
+>= 0.974, closest different films <= 0.963).
+
+Search (:func:`near_duplicate_pairs`): the pairs are exactly those of the all-pairs definition
+(:func:`near_duplicate_pairs_brute_force`), found without comparing all pairs. The hash cannot be the index:
+2 % of all pairs of real chest films fall within 12 bits, so its candidates grow as n^2. The correlation
+is the selective condition (about 4 in a million pairs of different films reach 0.97), so a faiss
+inverted-file index over the thumbnails (projected on their top principal components) finds, per film,
+every crop level of every other film within the distance that a correlation of :data:`NCC_THRESHOLD`
+implies; each candidate is then checked with the exact hash and correlation rules, in bounded chunks.
+Which index cells a film must visit so that no pair is lost is a bound derived in
+:func:`_cells_to_visit`. Memory: the projected thumbnails (n x L x 32 floats) and one batch of
+candidates; no n x n array.
+
+Fingerprints are cached by the SHA-256 of the file bytes in :class:`FingerprintCache`, one checksummed
+record per image appended as soon as it is computed, so an interrupted ``prepare`` resumes where it
+stopped.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Sequence
+import os
+import secrets
+import time
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import imagehash
 import numpy as np
@@ -44,10 +65,21 @@ THUMBNAIL_SIZE = 32
 PHASH_CANDIDATE_BITS = 12
 #: Near-duplicate: best thumbnail correlation over crop levels at least this.
 NCC_THRESHOLD = 0.97
-CACHE_FILENAME = "near_duplicate_cache.npz"
-_CACHE_VERSION = 1
+#: Folder (inside the cache directory) of the fingerprint cache's segment files.
+CACHE_DIRNAME = "near_duplicate_cache"
+_CACHE_VERSION = 2
 _DECODE_SIZE = 256  # JPEG draft decoding to >= this many px: the fingerprints need no more
-_BLOCK = 1024  # rows of the pairwise hash comparison held at once
+_BLOCK = 1024  # rows of the pairwise hash comparison held at once (brute force)
+#: Dimensions of the orthonormal projection (top principal components) the index searches in.
+INDEX_DIMENSIONS = 32
+_PCA_SAMPLE = 2048  # films whose thumbnails (all crop levels) fit the projection
+_QUERY_BATCH = 1024  # films whose candidates are gathered and verified at once
+_VERIFY_CHUNK = 2048  # candidate pairs whose thumbnails are normalised at once (~80 MB)
+_MAX_CELLS = 4096  # index cells: about 2.5 sqrt(vectors), at least 39 vectors each (faiss k-means)
+# Slack on squared distances: float32 rounding in normalising, projecting and in the index (about 1e-5
+# here; a correlation computed as 0.97 is at most 6e-5 off the exact one) is far inside it.
+_RADIUS_SLACK = 1e-3
+_BOUND_SLACK = 1e-3  # the same for the cell bound (float32 centroid distances, about 1e-6 off)
 
 
 @dataclass(frozen=True)
@@ -100,49 +132,173 @@ def _content_key(path: str) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def load_cache(cache_dir: Path) -> dict[str, Fingerprint]:
-    """Fingerprints by content key from ``cache_dir/near_duplicate_cache.npz``; empty when absent,
-    unreadable or of another version."""
-    path = Path(cache_dir) / CACHE_FILENAME
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            if int(data["version"]) != _CACHE_VERSION or data["thumbnails"].shape[1:] != (
-                len(CROP_LEVELS),
-                THUMBNAIL_SIZE * THUMBNAIL_SIZE,
-            ):
-                return {}
-            rows = zip(data["keys"], data["phash"], data["thumbnails"], strict=True)
-            return {str(key): Fingerprint(phash, thumbnails) for key, phash, thumbnails in rows}
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError, KeyError) as exc:
-        logger.warning("near-duplicate cache %s unreadable (%s); fingerprinting every image", path, exc)
-        return {}
+def _settings_digest() -> bytes:
+    """What a cached fingerprint depends on besides the file bytes: a record made otherwise is stale."""
+    settings = repr((_CACHE_VERSION, CROP_LEVELS, THUMBNAIL_SIZE, _DECODE_SIZE)).encode()
+    return hashlib.blake2b(settings, digest_size=8).digest()
 
 
-def save_cache(cache_dir: Path, cache: dict[str, Fingerprint]) -> None:
-    """Write ``cache`` to ``cache_dir/near_duplicate_cache.npz`` (created), atomically."""
-    keys = sorted(cache)
-    with atomic_path(Path(cache_dir) / CACHE_FILENAME) as tmp, open(tmp, "wb") as handle:
-        np.savez(
-            handle,
-            version=np.array(_CACHE_VERSION),
-            keys=np.array(keys, dtype=str),
-            phash=np.array([cache[key].phash for key in keys], dtype=np.uint64).reshape(len(keys), -1),
-            thumbnails=np.array([cache[key].thumbnails for key in keys], dtype=np.uint8).reshape(
-                len(keys), len(CROP_LEVELS), -1
-            ),
-        )
+_MAGIC = b"CXRFPC\x00\x02"
+_HEADER_SIZE = 24  # magic (8) + settings digest (8) + record size (uint32 LE) + 4 zero bytes
+_CHECK_SIZE = 16  # BLAKE2b digest closing each record
+_SEGMENT_SUFFIX = ".fpc"
+
+
+def _record_dtype() -> np.dtype:
+    """One cached fingerprint: SHA-256 of the file, L hashes, L thumbnails, checksum of the rest."""
+    levels, pixels = len(CROP_LEVELS), THUMBNAIL_SIZE * THUMBNAIL_SIZE
+    return np.dtype(
+        [
+            ("key", "u1", (32,)),
+            ("phash", "<u8", (levels,)),
+            ("thumbnails", "u1", (levels, pixels)),
+            ("check", "u1", (_CHECK_SIZE,)),
+        ]
+    )
+
+
+def _header() -> bytes:
+    return _MAGIC + _settings_digest() + _record_dtype().itemsize.to_bytes(4, "little") + bytes(4)
+
+
+def _record(key: str, fp: Fingerprint) -> bytes:
+    payload = (
+        bytes.fromhex(key)
+        + np.ascontiguousarray(fp.phash, dtype="<u8").tobytes()
+        + np.ascontiguousarray(fp.thumbnails, dtype=np.uint8).tobytes()
+    )
+    return payload + hashlib.blake2b(payload, digest_size=_CHECK_SIZE).digest()
+
+
+class FingerprintCache(MutableMapping[str, Fingerprint]):
+    """Fingerprints by content key (SHA-256 hex of the file), kept in ``directory``/:data:`CACHE_DIRNAME`.
+
+    Resumable: each fingerprint set here is appended at once (one ``write`` of one fixed-size record) to a
+    segment file of this process, so a run killed at any point (``kill -9``) loses at most the image it was
+    fingerprinting. Not trusted blindly: each record carries a BLAKE2b checksum and each segment a header
+    naming the fingerprint settings; a record that fails its checksum, a torn last record or a damaged
+    header is dropped (those images are fingerprinted again) and listed in :attr:`damaged`; segments of
+    other settings are ignored. :meth:`compact` rewrites everything into one segment, atomically, and
+    removes the segments it replaced (those read at start and this process's own). Several processes may
+    share a directory: each appends to its own segment.
+
+    ``directory=None``: in memory only.
+    """
+
+    def __init__(self, directory: Path | None) -> None:
+        self.directory = None if directory is None else Path(directory) / CACHE_DIRNAME
+        self.damaged: list[str] = []
+        self._entries: dict[str, Fingerprint] = {}
+        self._read: list[Path] = []
+        self._segment: Path | None = None
+        if self.directory is not None and self.directory.is_dir():
+            for path in sorted(self.directory.glob(f"*{_SEGMENT_SUFFIX}")):
+                self._load_segment(path)
+
+    def _load_segment(self, path: Path) -> None:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            self.damaged.append(f"{path.name}: unreadable ({type(exc).__name__})")
+            return
+        self._read.append(path)
+        if data[: len(_MAGIC)] != _MAGIC or len(data) < _HEADER_SIZE:
+            self.damaged.append(f"{path.name}: not a fingerprint segment (damaged header)")
+            return
+        if data[:_HEADER_SIZE] != _header():
+            logger.info("fingerprint cache segment %s was made with other settings; ignored", path.name)
+            return
+        dtype = _record_dtype()
+        body = memoryview(data)[_HEADER_SIZE:]
+        count, torn = divmod(len(body), dtype.itemsize)
+        records = np.frombuffer(body[: count * dtype.itemsize], dtype=dtype)
+        bad = 0
+        for k in range(count):
+            raw = body[k * dtype.itemsize : (k + 1) * dtype.itemsize]
+            check = hashlib.blake2b(raw[:-_CHECK_SIZE], digest_size=_CHECK_SIZE).digest()
+            if check != raw[-_CHECK_SIZE:]:
+                bad += 1
+                continue
+            record = records[k]
+            self._entries[record["key"].tobytes().hex()] = Fingerprint(record["phash"], record["thumbnails"])
+        if bad or torn:
+            self.damaged.append(
+                f"{path.name}: {bad} record(s) failing their checksum"
+                + (f", a torn last record ({torn} bytes)" if torn else "")
+            )
+
+    def __getitem__(self, key: str) -> Fingerprint:
+        return self._entries[key]
+
+    def __setitem__(self, key: str, fp: Fingerprint) -> None:
+        self._entries[key] = fp
+        if self.directory is None:
+            return
+        record = _record(key, fp)
+        if self._segment is None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            name = f"{time.time_ns()}-{os.getpid()}-{secrets.token_hex(4)}{_SEGMENT_SUFFIX}"
+            self._segment = self.directory / name
+            record = _header() + record  # header and first record in one write
+        # append mode, one write per record: a kill leaves whole records and at most one torn last one
+        with open(self._segment, "ab") as handle:
+            handle.write(record)
+
+    def __delitem__(self, key: str) -> None:
+        del self._entries[key]  # in memory; gone from disk at the next compact()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def compact(self) -> None:
+        """Write every fingerprint into one new segment (atomically, synced), then remove the segments it
+        replaces. No-op in memory or when there is one undamaged segment and nothing new."""
+        if self.directory is None:
+            return
+        if self._segment is None and len(self._read) == 1 and not self.damaged:
+            return
+        if not self._entries and not self._read and self._segment is None:
+            return
+        target = self.directory / f"{time.time_ns()}-{os.getpid()}-compact{_SEGMENT_SUFFIX}"
+        with atomic_path(target) as tmp, open(tmp, "wb") as handle:
+            handle.write(_header())
+            for key, fp in self._entries.items():
+                handle.write(_record(key, fp))
+            handle.flush()
+            os.fsync(handle.fileno())
+        for old in [*self._read, *([self._segment] if self._segment is not None else [])]:
+            old.unlink(missing_ok=True)
+        self._read, self._segment, self.damaged = [target], None, []
+
+
+def load_cache(cache_dir: Path) -> FingerprintCache:
+    """The fingerprint cache kept in ``cache_dir`` (empty when there is none): a :class:`FingerprintCache`."""
+    return FingerprintCache(cache_dir)
+
+
+def save_cache(cache_dir: Path, cache: MutableMapping[str, Fingerprint]) -> None:
+    """Store ``cache`` in ``cache_dir`` as one compacted segment (``cache`` as :func:`load_cache` gave it
+    for that folder already holds every entry on disk: this only compacts it)."""
+    if not (isinstance(cache, FingerprintCache) and cache.directory == Path(cache_dir) / CACHE_DIRNAME):
+        stored = FingerprintCache(cache_dir)
+        for key, fp in cache.items():
+            if key not in stored:
+                stored[key] = fp
+        cache = stored
+    cache.compact()
 
 
 def fingerprint_images(
     paths: Sequence[str],
-    cache: dict[str, Fingerprint],
+    cache: MutableMapping[str, Fingerprint],
     on_progress: Callable[[int, int], None] | None = None,
 ) -> tuple[list[Fingerprint | None], int]:
     """Fingerprints of ``paths`` (None where the file cannot be read or decoded) and how many came from
-    ``cache`` (content key -> fingerprint; new ones are added to it). ``on_progress(done, total)`` after
-    each image."""
+    ``cache`` (content key -> fingerprint; new ones are added to it, and so saved at once when it is a
+    :class:`FingerprintCache`). ``on_progress(done, total)`` after each image."""
     results: list[Fingerprint | None] = []
     cached = 0
     for done, path in enumerate(paths, start=1):
@@ -169,8 +325,12 @@ def _normalised(thumbnails: np.ndarray) -> np.ndarray:
     return np.divide(rows, norm, out=np.zeros_like(rows), where=norm > 0)
 
 
-def near_duplicate_pairs(fingerprints: Sequence[Fingerprint]) -> list[NearDuplicatePair]:
-    """All pairs (i < j) whose phash is within :data:`PHASH_CANDIDATE_BITS` bits at some crop level and
+def near_duplicate_pairs_brute_force(fingerprints: Sequence[Fingerprint]) -> list[NearDuplicatePair]:
+    """The definition, by comparing all pairs: the reference :func:`near_duplicate_pairs` must equal
+    (tests, ``benchmarks/near_duplicate_scale.py``). Time and memory grow as n^2 (at 100k real films a
+    block of rows gathers ~2 million candidate pairs, ~40 GB).
+
+    All pairs (i < j) whose phash is within :data:`PHASH_CANDIDATE_BITS` bits at some crop level and
     whose thumbnail correlation at the best crop level pairing reaches :data:`NCC_THRESHOLD`.
 
     Crop pairings compared: level 0 of one image with every level of the other, both ways (one of the two
@@ -201,6 +361,164 @@ def near_duplicate_pairs(fingerprints: Sequence[Fingerprint]) -> list[NearDuplic
             if r >= NCC_THRESHOLD:
                 pairs.append(NearDuplicatePair(int(i), int(j), int(bits[i - start, j]), float(r)))
     return pairs
+
+
+def _projection(fingerprints: Sequence[Fingerprint], dims: int) -> np.ndarray:
+    """(S*S, dims) float32 orthonormal columns: the top principal components of the normalised
+    thumbnails (all crop levels) of up to :data:`_PCA_SAMPLE` films (a fixed sample).
+
+    Any orthonormal basis keeps the search exact (a projection never lengthens a difference); the
+    principal components only make it selective: the first 32 hold ~85 % of the variance of real films."""
+    n = len(fingerprints)
+    sample = np.sort(np.random.default_rng(0).choice(n, size=min(n, _PCA_SAMPLE), replace=False))
+    rows = _normalised(np.stack([fingerprints[i].thumbnails for i in sample]))
+    rows = rows.reshape(-1, rows.shape[-1]).astype(np.float64)
+    rows -= rows.mean(axis=0)
+    _, vectors = np.linalg.eigh(rows.T @ rows)  # ascending eigenvalues
+    return np.ascontiguousarray(vectors[:, ::-1][:, :dims], dtype=np.float32)
+
+
+def _projected(fingerprints: Sequence[Fingerprint], basis: np.ndarray) -> np.ndarray:
+    """(n, L, dims) float32: every crop level's normalised thumbnail projected on ``basis``, in chunks."""
+    n, levels = len(fingerprints), len(fingerprints[0].phash)
+    out = np.empty((n, levels, basis.shape[1]), dtype=np.float32)
+    for start in range(0, n, _VERIFY_CHUNK):
+        chunk = fingerprints[start : start + _VERIFY_CHUNK]
+        out[start : start + len(chunk)] = _normalised(np.stack([fp.thumbnails for fp in chunk])) @ basis
+    return out
+
+
+@contextmanager
+def _faiss_threads() -> Iterator[Any]:
+    """faiss, with no more OpenMP threads than CPUs this process may use (its default counts every CPU
+    of the machine, which oversubscribes a CPU-limited container)."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(max(1, min(before, len(os.sched_getaffinity(0)))))
+    try:
+        yield faiss
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+class _CellIndex:
+    """A faiss inverted-file index (``IndexIVFFlat``, k-means cells) over the projected crop levels of
+    every film, and the centroid geometry :meth:`cells_to_visit` needs."""
+
+    def __init__(self, faiss: Any, vectors: np.ndarray) -> None:
+        count, dims = vectors.shape
+        cells = max(1, min(_MAX_CELLS, int(2.5 * np.sqrt(count)), count // 39))
+        if cells > 1:
+            kmeans = faiss.Kmeans(dims, cells, niter=10, seed=1, max_points_per_centroid=64)
+            kmeans.train(vectors)
+            centroids = np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
+        else:
+            centroids = vectors.mean(axis=0, keepdims=True)
+        self.quantizer = faiss.IndexFlatL2(dims)
+        self.quantizer.add(centroids)
+        self.index = faiss.IndexIVFFlat(self.quantizer, dims, cells)
+        self.index.add(vectors)  # each vector into the cell of its nearest centroid
+        self.centroids = centroids
+        self.centroid_norms = (centroids.astype(np.float64) ** 2).sum(axis=1).astype(np.float32)
+        gram = centroids.astype(np.float64) @ centroids.T.astype(np.float64)
+        squared = self.centroid_norms[:, None] + self.centroid_norms[None, :] - 2 * gram
+        self.separation = np.sqrt(np.maximum(squared, 0)).astype(np.float32)  # (cells, cells)
+
+    def cells_to_visit(self, queries: np.ndarray, radius: float) -> np.ndarray:
+        """(b, m) cell ids, -1 padded: every cell that may hold a vector within ``radius`` of a query.
+
+        Why this loses nothing (hand-written: faiss's ``nprobe`` visits a fixed number of nearest cells,
+        which can miss a neighbour across a cell border). Let ``a`` be the query's nearest centroid and
+        ``x`` a vector in cell ``c`` (so ``|x - m_c|^2 <= |x - m_a|^2``, up to rounding ``eps``). The
+        function ``h(y) = |y - m_c|^2 - |y - m_a|^2`` is affine with gradient ``2 (m_a - m_c)``, so
+        ``h(q) - h(x) <= 2 |m_a - m_c| |q - x|``, and with ``h(x) <= eps``:
+        ``|q - x| >= (h(q) - eps) / (2 |m_a - m_c|)``. A cell where this lower bound exceeds ``radius``
+        holds no neighbour; every other cell is visited."""
+        rows = np.arange(len(queries))
+        distances = (
+            (queries.astype(np.float32) ** 2).sum(axis=1)[:, None]
+            + self.centroid_norms[None, :]
+            - 2 * queries @ self.centroids.T
+        )
+        nearest = distances.argmin(axis=1)
+        gap = distances - distances[rows, nearest][:, None] - _BOUND_SLACK
+        separation = self.separation[nearest]
+        bound = np.divide(gap, 2 * separation, out=np.full_like(gap, -np.inf), where=separation > 0)
+        visit = bound <= radius
+        visit[rows, nearest] = True
+        query, cell = np.nonzero(visit)  # row-major: grouped by query
+        counts = np.bincount(query, minlength=len(queries))
+        column = np.arange(len(query)) - np.repeat(np.cumsum(counts) - counts, counts)
+        keys = np.full((len(queries), int(counts.max())), -1, dtype=np.int64)
+        keys[query, column] = cell
+        return keys
+
+    def within(self, queries: np.ndarray, radius2: float) -> tuple[np.ndarray, np.ndarray]:
+        """(query row, vector id) of every stored vector at squared distance < ``radius2`` of a query."""
+        keys = self.cells_to_visit(queries, float(np.sqrt(radius2)))
+        self.index.nprobe = keys.shape[1]
+        lims, _, ids = self.index.range_search_preassigned(queries, radius2, keys, None)
+        return np.repeat(np.arange(len(queries)), np.diff(lims).astype(np.int64)), ids
+
+
+def _verified(
+    fingerprints: Sequence[Fingerprint], hashes: np.ndarray, first: np.ndarray, second: np.ndarray
+) -> Iterator[NearDuplicatePair]:
+    """The pairs (first[k] < second[k]) that meet the definition, checked exactly as
+    :func:`near_duplicate_pairs_brute_force` checks them (same hash rule, same float32 arithmetic), in
+    chunks of :data:`_VERIFY_CHUNK` pairs."""
+    bits = np.full(len(first), 64, dtype=np.uint8)
+    for level in range(hashes.shape[1]):
+        bits = np.minimum(bits, np.bitwise_count(hashes[first, 0] ^ hashes[second, level]))
+        bits = np.minimum(bits, np.bitwise_count(hashes[first, level] ^ hashes[second, 0]))
+    keep = bits <= PHASH_CANDIDATE_BITS
+    first, second, bits = first[keep], second[keep], bits[keep]
+    for start in range(0, len(first), _VERIFY_CHUNK):
+        chunk = slice(start, start + _VERIFY_CHUNK)
+        a = _normalised(np.stack([fingerprints[i].thumbnails for i in first[chunk]]))
+        b = _normalised(np.stack([fingerprints[j].thumbnails for j in second[chunk]]))
+        forward = np.einsum("pd,pld->pl", np.ascontiguousarray(a[:, 0]), b)
+        backward = np.einsum("pld,pd->pl", a, np.ascontiguousarray(b[:, 0]))
+        correlation = np.maximum(forward, backward).max(axis=1)
+        for i, j, h, r in zip(first[chunk], second[chunk], bits[chunk], correlation, strict=True):
+            if r >= NCC_THRESHOLD:
+                yield NearDuplicatePair(int(i), int(j), int(h), float(r))
+
+
+def near_duplicate_pairs(
+    fingerprints: Sequence[Fingerprint], on_progress: Callable[[int, int], None] | None = None
+) -> list[NearDuplicatePair]:
+    """All pairs (i < j) whose phash is within :data:`PHASH_CANDIDATE_BITS` bits at some crop level and
+    whose thumbnail correlation at the best crop level pairing reaches :data:`NCC_THRESHOLD`: exactly the
+    pairs of :func:`near_duplicate_pairs_brute_force`, sorted, found through an index.
+
+    Candidates: a correlation r between two normalised (zero-mean, unit-norm) thumbnails is
+    ``1 - |u - v|^2 / 2``, so r >= :data:`NCC_THRESHOLD` means ``|u - v|^2 <= 2 (1 - NCC_THRESHOLD)``, and
+    so does the difference of their projections (a projection on orthonormal components never lengthens
+    it). Level 0 of each film is searched against every crop level of every film; both directions of a
+    pairing are covered because each film is a query. ``on_progress(done, total)`` after each batch."""
+    n = len(fingerprints)
+    if n < 2:
+        return []
+    levels = len(fingerprints[0].phash)
+    hashes = np.stack([fp.phash for fp in fingerprints])  # (n, L) uint64: 40 bytes a film
+    radius2 = 2 * (1 - NCC_THRESHOLD) + _RADIUS_SLACK
+    projected = _projected(fingerprints, _projection(fingerprints, INDEX_DIMENSIONS))
+    found: dict[tuple[int, int], NearDuplicatePair] = {}
+    with _faiss_threads() as faiss:
+        index = _CellIndex(faiss, projected.reshape(n * levels, -1))
+        for start in range(0, n, _QUERY_BATCH):
+            queries = np.ascontiguousarray(projected[start : start + _QUERY_BATCH, 0])
+            rows, ids = index.within(queries, radius2)
+            query, other = rows + start, ids // levels
+            keep = query != other
+            pair = np.unique(np.minimum(query, other)[keep] * n + np.maximum(query, other)[keep])
+            for found_pair in _verified(fingerprints, hashes, pair // n, pair % n):
+                found[(found_pair.first, found_pair.second)] = found_pair
+            if on_progress is not None:
+                on_progress(min(start + _QUERY_BATCH, n), n)
+    return [found[key] for key in sorted(found)]
 
 
 def split_groups(
