@@ -49,13 +49,14 @@ def probabilities(folder: Path) -> dict[str, list[float]]:
 
 
 @pytest.mark.parametrize("split, bundle", [("test", "final"), ("cv", "")])
-def test_a_second_evaluation_decodes_nothing_and_gives_the_same_figures(
+def test_evaluations_decode_only_what_training_did_not_and_give_the_same_figures(
     trained, tmp_path, monkeypatch, split, bundle
 ):
+    """Training decoded every training film once (trunk features and baseline thumbnail): out of fold
+    nothing is decoded again, on the test split only the test films, and a second evaluation nothing."""
     datalist, run = trained
     bundle_dir = run / bundle if bundle else run
     plain = evaluate(datalist, bundle_dir, tmp_path / "plain", split, "--no-feature-cache")
-    first = evaluate(datalist, bundle_dir, tmp_path / "first", split)  # fills the baseline's thumbnails
     decoded: list[str] = []
     real_read = report.read_cxr
 
@@ -64,6 +65,11 @@ def test_a_second_evaluation_decodes_nothing_and_gives_the_same_figures(
         return real_read(source, *args, **kwargs)
 
     monkeypatch.setattr(report, "read_cxr", counting_read)
+    first = evaluate(datalist, bundle_dir, tmp_path / "first", split)
+    test_films = {item["image"] for item in json.loads(datalist.read_text())["test"]}
+    assert set(decoded) == (test_films if split == "test" else set())
+    assert len(decoded) == len(set(decoded))
+    decoded.clear()
     again = evaluate(datalist, bundle_dir, tmp_path / "again", split)
     assert decoded == []
     for metrics in (first, again):

@@ -92,7 +92,7 @@ def test_the_disk_cache_is_reused_only_for_the_same_trunk_and_pre_processing(
     load_pretrained(net, "imagenet")
     items = json.loads(datalist.read_text())["training"][:3]
     first = [d["image"] for d in Dataset(items, trunk_feature_chain(net, SIZE, cache_dir=tmp_path))]
-    assert len(list(tmp_path.rglob("*.npy"))) == 3
+    assert len(list(tmp_path.glob("trunk-*/*/*.npy"))) == 3
     assert not list(tmp_path.rglob(".*"))  # no temporary file left behind
 
     def no_trunk(*args: Any) -> None:
@@ -109,7 +109,7 @@ def test_the_disk_cache_is_reused_only_for_the_same_trunk_and_pre_processing(
     with torch.no_grad():
         net.trunk.features[0].conv.weight.mul_(2.0)
     changed = Dataset(items, trunk_feature_chain(net, SIZE, cache_dir=tmp_path))[0]["image"]
-    assert len(list(tmp_path.rglob("*.npy"))) == 5  # new entries for new options and new weights
+    assert len(list(tmp_path.glob("trunk-*/*/*.npy"))) == 5  # new entries for new options and new weights
     assert not torch.equal(changed, first[0])
 
 
@@ -180,7 +180,11 @@ def test_cxr_monai_train_shares_one_feature_file_per_image_across_folds(
     result = CliRunner().invoke(app, ["train", *common, *options, *epochs, "--final", "retrain"])
     assert result.exit_code == 0, result.output
     training = json.loads(datalist.read_text())["training"]
-    assert len(list((out / "trunk_features").rglob("*.npy"))) == len(training)  # 2 folds + final: once each
+    assert len(list((out / "trunk_features").glob("trunk-*/*/*.npy"))) == len(
+        training
+    )  # 2 folds + final: once each
+    # the baseline's thumbnail of each film, from the same decode
+    assert len(list((out / "trunk_features").glob("shortcut-*/*/*.npy"))) == len(training)
     summary = json.loads((out / "cv_summary.json").read_text())
     assert [f["fold"] for f in summary["folds"]] == [0, 1] and summary["final"]["mode"] == "retrain"
     build_network("efficientnet_lite0").load_state_dict(
@@ -199,7 +203,7 @@ def test_cxr_monai_train_shares_one_feature_file_per_image_across_folds(
     ]
     result = CliRunner().invoke(app, ["train", *other, *options, *epochs, *shared, "--seed", "1"])
     assert result.exit_code == 0, result.output
-    assert len(list((out / "trunk_features").rglob("*.npy"))) == len(training)
+    assert len(list((out / "trunk_features").glob("trunk-*/*/*.npy"))) == len(training)
     assert not (tmp_path / "other" / "trunk_features").exists()
 
 

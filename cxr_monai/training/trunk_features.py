@@ -14,7 +14,9 @@ FeatureStore`), one file per film content, so the folds of a cross-validation, i
 where a CUDA trunk cannot run, and keys entries by the data item only, so another backbone, weights file
 or pre-processing would silently reuse stale features. Here an entry is keyed by the film's bytes, under a
 spec digest of the pre-processing options, the trunk's weights and cxr-monai's version
-(:func:`trunk_spec`).
+(:func:`trunk_spec`). The film decoded for its features also gives the disease-blind baseline's thumbnail,
+stored beside them (:data:`~cxr_monai.evaluation.shortcut.SHORTCUT_SPEC`), so an evaluation after the run
+decodes none of the training films again.
 
 The cost: no augmentation reaches the head (an augmented image would need a fresh trunk pass, the very
 cost the cache removes), and the trunk runs in eval mode (no drop-connect), as it does at inference.
@@ -37,7 +39,9 @@ from monai.transforms import Compose, MapTransform
 from monai.utils import convert_to_tensor
 
 from cxr_monai.errors import BundleError
+from cxr_monai.evaluation.shortcut import SHORTCUT_SPEC, shortcut_features, to_record
 from cxr_monai.feature_store import FeatureStore
+from cxr_monai.io import read_cxr
 from cxr_monai.networks import PRETRAINED_NONE, CXRClassifier
 from cxr_monai.transforms import inference_transforms_d
 from cxr_monai.versions import cxr_monai_version
@@ -67,8 +71,8 @@ class TrunkFeaturesd(MapTransform):
         super().__init__(keys, allow_missing_keys)
         if not isinstance(network, CXRClassifier):
             raise BundleError(
-                "cache_trunk_features needs the plain network (not a DistributedDataParallel wrapper: "
-                "multi_gpu_train.json does not support it)"
+                "cache_trunk_features needs the plain network, not a DistributedDataParallel wrapper "
+                "(multi_gpu_train.json wraps the head only when features are cached)"
             )
         self.network = network
         self.options: dict[str, Any] = {
@@ -80,6 +84,7 @@ class TrunkFeaturesd(MapTransform):
         self.cache_dir = Path(cache_dir) if str(cache_dir) else None
         self._lock = threading.Lock()
         self._store: FeatureStore | None = None
+        self._thumbnails = FeatureStore(self.cache_dir, SHORTCUT_SPEC) if self.cache_dir is not None else None
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -90,10 +95,15 @@ class TrunkFeaturesd(MapTransform):
             if cached is not None:
                 d[key] = torch.from_numpy(np.array(cached, dtype=np.float32)).reshape(-1, 1, 1)
                 continue
+            if store is not None and store.key(image) is not None:  # decoded once: trunk input + thumbnail
+                decoded = read_cxr(image)
+                if self._thumbnails is not None and self._thumbnails.get(image) is None:
+                    self._thumbnails.put(image, to_record(shortcut_features(decoded)))
+                image = decoded
             tensor = convert_to_tensor(self.preprocessing({key: image})[key], track_meta=False)
             d[key] = self._features(tensor)
             if store is not None:
-                store.put(image, d[key].reshape(-1).numpy())
+                store.put(data[key], d[key].reshape(-1).numpy())
         return d
 
     def _features(self, image: torch.Tensor) -> torch.Tensor:
@@ -147,7 +157,10 @@ def trainable_network(network: torch.nn.Module, cache_trunk_features: bool) -> t
     if not cache_trunk_features:
         return network
     if not isinstance(network, CXRClassifier):
-        raise BundleError("cache_trunk_features does not support multi_gpu_train.json (a wrapped network)")
+        raise BundleError(
+            "cache_trunk_features needs the plain network, not a wrapper (multi_gpu_train.json wraps "
+            "the head only when features are cached)"
+        )
     return network.head
 
 
