@@ -13,6 +13,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
+from cxr_monai import log_hygiene
 from cxr_monai.errors import InvalidImageError
 from cxr_monai.explain.overlay import render_overlay
 from cxr_monai.explain.secondary_capture import FRONTAL_PATIENT_ORIENTATION, build_secondary_capture
@@ -177,13 +178,20 @@ def test_wrong_size_or_missing_study_is_refused(tmp_path):
 
 
 def test_patient_name_is_never_printed(tmp_path, capsys, caplog):
+    """highdicom warns about a one-component name, quoting it; with the log hygiene every entry point
+    installs (CLI, server, gateway), the warning reaches the log with the name scrubbed."""
     source = source_dataset(PatientName="Single")  # highdicom warns about one-component names
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(), caplog.at_level("WARNING"):  # restores showwarning afterwards
         warnings.simplefilter("always")
+        log_hygiene.install()
         build_secondary_capture(source, overlay_for(source, tmp_path))
+        build_structured_report(
+            source, np.array([0.2, 0.3, 0.5]), 2, "m", "1", site_status=_site_status(False).message()
+        )
     shown = capsys.readouterr()
-    text = shown.out + shown.err + caplog.text + " ".join(str(w.message) for w in caught)
+    text = shown.out + shown.err + caplog.text
     assert "Single" not in text and PATIENT_NAME not in text and PATIENT_ID not in text
+    assert "person name" in caplog.text and "<value>" in caplog.text  # visible, scrubbed
 
 
 def sr_items(ds: Dataset) -> list[Dataset]:

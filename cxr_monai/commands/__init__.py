@@ -11,6 +11,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
+from cxr_monai import log_hygiene
 from cxr_monai.errors import CXRMonaiError
 
 #: Human-facing output (tables, progress) goes to stderr so stdout stays machine-readable.
@@ -93,8 +94,11 @@ def examples(*commands: str) -> str:
 
 
 def configure_logging(verbose: bool) -> None:
-    """Standard logging at INFO (or DEBUG with ``--verbose``); messages never carry patient data."""
+    """Standard logging at INFO (or DEBUG with ``--verbose``); messages never carry patient data: library
+    warnings go to the log as one line each, and quoted values in them and in pydicom's and highdicom's
+    log records are scrubbed (:mod:`cxr_monai.log_hygiene`)."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    log_hygiene.install()

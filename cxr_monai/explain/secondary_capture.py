@@ -33,7 +33,6 @@ The basis used is reported to the caller (and into the JSON).
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import Any
 
 import highdicom as hd
@@ -189,13 +188,12 @@ def build_secondary_capture(
     if basis != "source":
         logger.debug("source has no PatientOrientation; PatientOrientation %s (%s)", orientation, basis)
     series_number = int(source.get("SeriesNumber") or 0) + SERIES_NUMBER_OFFSET
-    with warnings.catch_warnings():
-        # highdicom warns about single-component person names and quotes the name: never print it
-        warnings.filterwarnings("ignore", message=".*person name.*", category=UserWarning)
-        # highdicom needs an orientation for a patient-based image; an unknown one is emptied below
-        sc = _from_ref_dataset(
-            source, rgb, orientation or FRONTAL_PATIENT_ORIENTATION, series_number, pixel_spacing
-        )
+    # highdicom warns about a single-component person name, quoting it: cxr_monai.log_hygiene (installed
+    # by the CLI, the server and the gateway) scrubs it; catch_warnings here would not be thread-safe
+    # highdicom needs an orientation for a patient-based image; an unknown one is emptied below
+    sc = _from_ref_dataset(
+        source, rgb, orientation or FRONTAL_PATIENT_ORIENTATION, series_number, pixel_spacing
+    )
     if orientation is None:
         sc.PatientOrientation = []  # Type 2: present and empty = unknown
     link_to_source(sc, source)

@@ -28,7 +28,6 @@ unverified (``CompletionFlag`` PARTIAL, ``VerificationFlag`` UNVERIFIED): nobody
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Sequence
 
 import highdicom as hd
@@ -160,23 +159,22 @@ def build_structured_report(
     for keyword in _TYPE2_FROM_EVIDENCE:
         if keyword not in evidence:
             setattr(evidence, keyword, None)
-    with warnings.catch_warnings():
-        # highdicom warns about single-component person names and quotes the name: never print it
-        warnings.filterwarnings("ignore", message=".*person name.*", category=UserWarning)
-        sr = hd.sr.ComprehensiveSR(
-            evidence=[evidence],
-            content=report,
-            series_instance_uid=hd.UID(),
-            series_number=series_number,
-            sop_instance_uid=hd.UID(),
-            instance_number=1,
-            manufacturer=MANUFACTURER,
-            is_complete=False,
-            is_final=False,
-            is_verified=False,
-            series_description=SERIES_DESCRIPTION,
-            content_qualification=hd.ContentQualificationValues.RESEARCH,
-            software_versions=cxr_monai_version(),
-        )
+    # highdicom warns about a single-component person name, quoting it: cxr_monai.log_hygiene (installed
+    # by the CLI, the server and the gateway) scrubs it; catch_warnings here would not be thread-safe
+    sr = hd.sr.ComprehensiveSR(
+        evidence=[evidence],
+        content=report,
+        series_instance_uid=hd.UID(),
+        series_number=series_number,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=False,
+        is_final=False,
+        is_verified=False,
+        series_description=SERIES_DESCRIPTION,
+        content_qualification=hd.ContentQualificationValues.RESEARCH,
+        software_versions=cxr_monai_version(),
+    )
     blank_invalid_values(sr)
     return sr

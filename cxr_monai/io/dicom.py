@@ -7,19 +7,20 @@ MONOCHROME1 or Presentation LUT Shape INVERSE, so that bone is bright. Colour im
 family) become their luminance (the Y of YBR_FULL) instead.
 
 Patient data stays in the returned header: no message or log line here quotes a tag value other than
-the technical ones (sizes, photometric interpretation, transfer syntax, modality, view).
+sizes, numbers, the transfer syntax and defined terms of the standard (PhotometricInterpretation,
+Modality, ViewPosition, BodyPartExamined: any other value is named as unrecognised, not shown), and a
+library's exception message is passed on as one line with its quoted parts scrubbed (:func:`detail`).
 """
 
 from __future__ import annotations
 
 import io
 import logging
-import re
 import struct
 import threading
 import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -39,6 +40,7 @@ from pydicom.uid import (
 
 from cxr_monai.errors import InvalidImageError
 from cxr_monai.io.image import DEFAULT_LIMITS, CXRImage, ImageLimits
+from cxr_monai.log_hygiene import ScrubQuotedValues, scrub_quoted
 
 logger = logging.getLogger(__name__)
 
@@ -91,21 +93,52 @@ def _convert_values(ds: Dataset) -> None:
                 _convert_values(item)
 
 
-class _RedactQuotedValues(logging.Filter):
-    """pydicom logs header values it cannot use ("Unknown encoding 'X'" for a SpecificCharacterSet,
-    whenever text is decoded): the record is kept with every quoted value replaced by ``'...'``."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.msg, record.args = re.sub(r"'[^']*'", "'...'", record.getMessage()), ()
-        return True
-
-
-logging.getLogger("pydicom").addFilter(_RedactQuotedValues())
-# the same message also goes out as a UserWarning; the (redacted) log record above is kept instead
+# pydicom logs header values it cannot use ("Unknown encoding 'X'" for a SpecificCharacterSet, whenever
+# text is decoded): its records are scrubbed here too, for programs that never call log_hygiene.install()
+logging.getLogger("pydicom").addFilter(ScrubQuotedValues())
+# the same message also goes out as a UserWarning; the (scrubbed) log record above is kept instead
 warnings.filterwarnings("ignore", message="Unknown encoding", category=UserWarning, module="pydicom.charset")
 
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
+
+
+def _words(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
+#: PhotometricInterpretation defined terms (PS3.3 C.7.6.3.1.2): a message may name one of these; any
+#: other value is not quoted (a header value may carry anything a modality put there).
+PHOTOMETRIC_TERMS = (
+    *MONOCHROME,
+    *COLOUR,
+    "PALETTE COLOR",
+    "YBR_PARTIAL_422",
+    "YBR_PARTIAL_420",
+    "HSV",
+    "ARGB",
+    "CMYK",
+    "XYB",
+)
+#: Modality defined terms (PS3.3 C.7.3.1.1.1, current and retired) a message may name.
+MODALITY_TERMS = _words(
+    "AR ASMT AU BDUS BI BMD CR CT CTPROTOCOL DG DOC DX ECG EPS ES FID GM HC HD IO IOL IVOCT IVUS KER KO "
+    "LEN LS MG MR M3D NM OAM OCT OP OPM OPT OPTBSV OPTENF OPV OSS OT PLAN POS PR PT PX REG RESP RF RG "
+    "RTDOSE RTIMAGE RTINTENT RTPLAN RTRAD RTRECORD RTSEGANN RTSTRUCT RWV SEG SM SMR SR SRF STAIN "
+    "TEXTUREMAP TG US VA XA XAPROTOCOL XC CD DD DF DM DS EC FA FS LP MA MS OPR ST VF"
+)
+#: BodyPartExamined defined terms (PS3.16 Annex L, the common ones) a message may name.
+BODY_PART_TERMS = _words(
+    "ABDOMEN ABDOMENPELVIS ACJOINT ADRENAL AKNEE ANKLE AORTA ARM AXILLA BACK BLADDER BRAIN BREAST "
+    "BRONCHUS BUTTOCK CALCANEUS CALF CAROTID CEREBELLUM CERVIX CHEEK CHEST CHESTABDOMEN CHESTABDPELVIS "
+    "CIRCLEOFWILLIS CLAVICLE COCCYX COLON CORNEA CORONARYARTERY CSPINE CTSPINE DUODENUM EAR ELBOW "
+    "ESOPHAGUS EXTREMITY EYE EYELID FACE FEMUR FINGER FOOT FOREARM GALLBLADDER HAND HEAD HEADNECK HEART "
+    "HIP HUMERUS IAC ILEUM ILIUM INTESTINE JAW JEJUNUM KIDNEY KNEE LARYNX LEG LIVER LSPINE LSSPINE LUNG "
+    "MAXILLA MEDIASTINUM MOUTH NECK NECKCHEST NECKCHESTABDOMEN NECKCHESTABDPELV NOSE ORBIT OVARY PANCREAS "
+    "PAROTID PATELLA PELVIS PENIS PHARYNX PROSTATE RECTUM RIB SACRUM SCAPULA SCLERA SCROTUM SHOULDER "
+    "SKULL SPINE SPLEEN SSPINE STERNUM STOMACH SUBMANDIBULAR TESTIS THIGH THUMB THYMUS THYROID TIBIA "
+    "TMJ TOE TONGUE TRACHEA TSPINE TLSPINE UTERUS VAGINA WHOLEBODY WRIST ZYGOMA"
+)
 #: Modalities of projection chest radiographs; anything else gets a warning.
 RADIOGRAPHY_MODALITIES = ("CR", "DX")
 #: ViewPosition values (DICOM defined terms plus common free text) that mean a lateral projection.
@@ -125,6 +158,16 @@ _CORRUPT_ELEMENT_ERRORS = (
 #: What pydicom's pixel handlers and the pylibjpeg / pillow decoders raise for pixel data they cannot
 #: decode (truncated, corrupt, or a transfer syntax without an installed decoder).
 _DECODER_ERRORS = (*_CORRUPT_ELEMENT_ERRORS, RuntimeError, AttributeError, OSError, EOFError, zlib.error)
+
+
+def detail(exc: BaseException) -> str:
+    """A library exception as one line for our messages: its type and the first line of its message,
+    with quoted parts scrubbed (pydicom and numpy quote the offending value)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):  # "raised by all available plugins:" + the first
+        lines[0] = f"{lines[0]} {lines[1]}"
+    text = scrub_quoted(lines[0]) if lines else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def looks_like_dicom(data: bytes) -> bool:
@@ -182,7 +225,7 @@ def parse_dicom(data: bytes, name: str, *, force: bool, limits: ImageLimits = DE
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=force)
     except (InvalidDicomError, EOFError, OSError, *_CORRUPT_ELEMENT_ERRORS) as exc:
-        raise InvalidImageError(f"{name}: not a readable DICOM file ({type(exc).__name__}: {exc})") from exc
+        raise InvalidImageError(f"{name}: not a readable DICOM file ({detail(exc)})") from exc
     if force and not any(keyword in ds for keyword in _RAW_DATASET_EVIDENCE):
         raise InvalidImageError(f"{name}: not a DICOM, PNG, JPEG or NIfTI image")
     return ds
@@ -244,8 +287,8 @@ def check_header(ds: Dataset, name: str, limits: ImageLimits = DEFAULT_LIMITS) -
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
     if photometric not in MONOCHROME + COLOUR:
         raise InvalidImageError(
-            f"{name}: DICOM has PhotometricInterpretation {photometric or '(none)'}; expected "
-            f"MONOCHROME1, MONOCHROME2, RGB or YBR ({', '.join(COLOUR[1:])})"
+            f"{name}: DICOM has PhotometricInterpretation {shown(photometric, PHOTOMETRIC_TERMS)}; "
+            f"expected MONOCHROME1, MONOCHROME2, RGB or YBR ({', '.join(COLOUR[1:])})"
         )
     if photometric in COLOUR and bits_allocated != 8:
         raise InvalidImageError(
@@ -256,6 +299,15 @@ def check_header(ds: Dataset, name: str, limits: ImageLimits = DEFAULT_LIMITS) -
         raise InvalidImageError(
             f"{name}: DICOM has SamplesPerPixel {samples}; {photometric} needs {expected}"
         )
+
+
+def shown(value: str, terms: Collection[str]) -> str:
+    """A header value as a message may show it: itself when it is one of the standard's defined
+    ``terms``, else ``(an unrecognised value, not shown)`` (a header value may carry anything a
+    modality put there, patient data included), ``(none)`` when empty."""
+    if not value:
+        return "(none)"
+    return value if value in terms else "(an unrecognised value, not shown)"
 
 
 def decode_stored(ds: Dataset, name: str) -> np.ndarray:
@@ -277,7 +329,7 @@ def decode_stored(ds: Dataset, name: str) -> np.ndarray:
     except _DECODER_ERRORS as exc:
         raise InvalidImageError(
             f"{name}: DICOM pixel data ({syntax.name}) cannot be decoded; the file may be truncated "
-            f"or corrupt ({type(exc).__name__}: {exc})"
+            f"or corrupt ({detail(exc)})"
         ) from exc
 
 
@@ -316,7 +368,7 @@ def to_display(stored: np.ndarray, ds: Dataset, name: str) -> tuple[np.ndarray, 
         low, high = _output_range(ds, voi)
     except (ValueError, TypeError, IndexError, AttributeError, NotImplementedError) as exc:
         raise InvalidImageError(
-            f"{name}: DICOM modality LUT / VOI LUT / window cannot be applied ({type(exc).__name__}: {exc})"
+            f"{name}: DICOM modality LUT / VOI LUT / window cannot be applied ({detail(exc)})"
         ) from exc
     shape = str(ds.get("PresentationLUTShape", "")).strip().upper()
     # One inversion whichever of the two asks for it: in the DX/MG IODs MONOCHROME1 *requires*
@@ -384,13 +436,15 @@ def suitability_warnings(ds: Dataset) -> tuple[str, ...]:
     found: list[str] = []
     modality = str(ds.get("Modality", "")).strip().upper()
     if modality and modality not in RADIOGRAPHY_MODALITIES:
-        found.append(f"Modality is {modality}; this model expects a chest radiograph (CR or DX)")
+        found.append(
+            f"Modality is {shown(modality, MODALITY_TERMS)}; this model expects a chest radiograph (CR or DX)"
+        )
     view = str(ds.get("ViewPosition", "")).strip().upper()
     if view in LATERAL_VIEWS:
         found.append(f"ViewPosition is {view} (lateral); this model expects a frontal (PA or AP) view")
     body_part = str(ds.get("BodyPartExamined", "")).strip().upper()
     if body_part and body_part != "CHEST":
-        found.append(f"BodyPartExamined is {body_part}; this model expects CHEST")
+        found.append(f"BodyPartExamined is {shown(body_part, BODY_PART_TERMS)}; this model expects CHEST")
     return tuple(found)
 
 
