@@ -77,7 +77,10 @@ def test_help_at_80_columns_shows_every_option_whole_and_ends_with_an_example(pr
         ("progression", ["{image}", "--out", "{tmp}"]),
         ("evaluate", ["--datalist", "{tmp}/datalist.json", "--out", "{tmp}"]),
         ("serve", []),
-        ("gateway", ["--dest-ae", "PACS", "--dest-host", "127.0.0.1", "--dest-port", "104"]),
+        (
+            "gateway",
+            ["--allow", "MODALITY", "--dest-ae", "PACS", "--dest-host", "127.0.0.1", "--dest-port", "104"],
+        ),
     ],
 )
 def test_bundle_comes_from_the_option_or_the_environment_else_exit_1(command, required, tmp_path) -> None:

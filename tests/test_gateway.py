@@ -18,6 +18,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, evt
 
@@ -101,6 +102,8 @@ def receiver() -> Iterator[Receiver]:
 
 
 def start_gateway(predictor: Predictor, queue: Path, dest_port: int, **options: object) -> Gateway:
+    """A gateway on an ephemeral port; any calling AE title unless ``allowed_calling`` is given."""
+    options.setdefault("allow_any_calling", not options.get("allowed_calling"))
     config = GatewayConfig(
         destination=Destination("PACS", "127.0.0.1", dest_port),
         queue_dir=queue,
@@ -272,8 +275,9 @@ def test_destination_down_then_up_and_a_restart_lose_nothing(predictor, tmp_path
 
 def test_an_undecodable_accepted_instance_goes_to_failed_with_its_reason(predictor, receiver, tmp_path):
     queue = DiskQueue(tmp_path / "queue")
-    ds = make_dataset(gradient(8))
-    ds.PixelData = ds.PixelData[:100]  # header fine, pixels truncated: only decoding finds out
+    ds = jpeg_baseline(gradient(8))
+    ds.PixelData = encapsulate([b"\xff\xd8\xff\xe0" + bytes(100)])  # header fine, JPEG corrupt: only
+    ds["PixelData"].VR = "OB"  # decoding finds out
     buffer = tmp_path / "bad.dcm"
     save(ds, buffer)
     name = queue.put(buffer.read_bytes())

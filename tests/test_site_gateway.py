@@ -111,7 +111,8 @@ def test_the_site_map_is_read_and_checked(tmp_path):
 def test_the_gateway_command_refuses_a_bad_site_map_in_one_line(bundle, tmp_path):
     bad = tmp_path / "sites.json"
     bad.write_text(json.dumps({"MODALITY": "no such/site"}))
-    options = ["--dest-ae", "PACS", "--dest-host", "127.0.0.1", "--dest-port", "104", "--site-map", str(bad)]
+    options = ["--allow", "MODALITY", "--dest-ae", "PACS", "--dest-host", "127.0.0.1", "--dest-port", "104"]
+    options += ["--site-map", str(bad)]
     result = CliRunner().invoke(app, ["gateway", "--bundle", str(bundle), *options])
     assert result.exit_code == 1
     assert [line for line in result.output.splitlines() if line.strip()] == [

@@ -12,6 +12,7 @@ from cxr_monai.commands import (
     bundle_option,
     console,
     examples,
+    fail,
     resolve_bundle,
     user_errors,
     warn_sites_without_profile,
@@ -33,7 +34,16 @@ def gateway(
     ),
     port: int = typer.Option(11112, "--port", metavar="PORT", min=0, max=65535, help="Port to listen on."),
     allow: list[str] = typer.Option(
-        [], "--allow", metavar="AE", help="Calling AE title allowed to send (repeat; default: any)."
+        [],
+        "--allow",
+        metavar="AE",
+        help="Calling AE title allowed to send (repeat). One --allow, or --allow-any, is required.",
+    ),
+    allow_any: bool = typer.Option(
+        False, "--allow-any", help="Accept any calling AE title (no allow-list; not recommended)."
+    ),
+    max_associations: int = typer.Option(
+        32, "--max-associations", metavar="N", min=1, help="Associations accepted at once."
     ),
     dest_ae: str = typer.Option(..., "--dest-ae", metavar="AE", help="Destination AE title (the PACS)."),
     dest_host: str = typer.Option(..., "--dest-host", metavar="HOST", help="Destination host."),
@@ -85,36 +95,53 @@ def gateway(
     A film's site is its InstitutionName's in the --site-map, else its calling AE title's; that site's
     calibration is applied and the SC and SR state it, or that the probabilities are not calibrated
     for this hospital (--unknown-site refuse: such a film goes to the queue's failed/ folder).
+    Only associations addressed to --ae-title are accepted, from the --allow'ed calling AE titles (or,
+    with --allow-any, from any); an association that sends nothing for 10 s is closed. Counts of what
+    was received, refused, failed and delivered are in <queue>/status.json and a log line a minute.
     Stop with Ctrl-C. Research use only - NOT FOR CLINICAL USE.
     """
-    bundle_dir = resolve_bundle(bundle)
     # imported here so that `cxr-monai --help` and the other commands do not load torch and pynetdicom
+    from cxr_monai.errors import CXRMonaiError
     from cxr_monai.gateway.service import Destination, Gateway, GatewayConfig
-    from cxr_monai.predictor import Predictor
     from cxr_monai.site.sitemap import SiteMap
+
+    try:  # who may send is checked before the model is loaded
+        GatewayConfig(
+            Destination(dest_ae, dest_host, dest_port),
+            queue_dir,
+            allowed_calling=tuple(allow),
+            allow_any_calling=allow_any,
+        ).check()
+    except CXRMonaiError as exc:
+        raise fail(str(exc), code=2) from exc
+    bundle_dir = resolve_bundle(bundle)
+    from cxr_monai.predictor import Predictor
 
     with user_errors():
         sites = SiteMap.read(site_map) if site_map is not None else SiteMap()
         predictor = Predictor.from_bundle(
             bundle_dir, device=device, site_profiles=site_profiles, unknown_site=unknown_site
         )
-    warn_sites_without_profile(sites.sites, predictor.sites.profiles, unknown_site)
-    config = GatewayConfig(
-        destination=Destination(dest_ae, dest_host, dest_port),
-        queue_dir=queue_dir,
-        ae_title=ae_title,
-        host=host,
-        port=port,
-        allowed_calling=tuple(allow),
-        batch_size=batch_size,
-        retry_max_s=retry_max_s,
-        site_map=sites,
-    )
-    service = Gateway(predictor, config)
+        warn_sites_without_profile(sites.sites, predictor.sites.profiles, unknown_site)
+        config = GatewayConfig(
+            destination=Destination(dest_ae, dest_host, dest_port),
+            queue_dir=queue_dir,
+            ae_title=ae_title,
+            host=host,
+            port=port,
+            allowed_calling=tuple(allow),
+            allow_any_calling=allow_any,
+            max_associations=max_associations,
+            batch_size=batch_size,
+            retry_max_s=retry_max_s,
+            site_map=sites,
+        )
+        service = Gateway(predictor, config)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    bound = service.start()
+    with user_errors():
+        bound = service.start()
     console.print(
         f"gateway {ae_title} on {host}:{bound} -> {dest_ae}@{dest_host}:{dest_port}, model "
         f"{predictor.model_name} {predictor.model_version}, queue {queue_dir}, site profiles: "

@@ -265,7 +265,9 @@ def check_header(ds: Dataset, name: str, limits: ImageLimits = DEFAULT_LIMITS) -
     Raises:
         InvalidImageError: no PixelData, more than one frame, Rows/Columns over ``limits``,
             BitsAllocated not 8 or 16, BitsStored out of range, an unsupported
-            PhotometricInterpretation, or SamplesPerPixel not matching it.
+            PhotometricInterpretation, SamplesPerPixel not matching it, native PixelData shorter than
+            the header says, or a rescale or window that cannot give an image (RescaleSlope 0, NaN
+            or infinite; WindowWidth below 1; a value that is not a number).
     """
     if "PixelData" not in ds:
         raise InvalidImageError(f"{name}: DICOM has no PixelData (not an image, or the file is truncated)")
@@ -299,6 +301,8 @@ def check_header(ds: Dataset, name: str, limits: ImageLimits = DEFAULT_LIMITS) -
         raise InvalidImageError(
             f"{name}: DICOM has SamplesPerPixel {samples}; {photometric} needs {expected}"
         )
+    _check_pixel_data_length(ds, name, rows * cols, samples, bits_allocated, photometric)
+    _check_lut_values(ds, name)
 
 
 def shown(value: str, terms: Collection[str]) -> str:
@@ -308,6 +312,64 @@ def shown(value: str, terms: Collection[str]) -> str:
     if not value:
         return "(none)"
     return value if value in terms else "(an unrecognised value, not shown)"
+
+
+def _check_pixel_data_length(
+    ds: Dataset, name: str, pixels: int, samples: int, bits_allocated: int, photometric: str
+) -> None:
+    """Native (uncompressed) PixelData must hold Rows x Columns x SamplesPerPixel x BitsAllocated / 8
+    bytes (YBR_FULL_422: 2 bytes per pixel); a shorter one is a truncated file, refused before decoding.
+    Encapsulated (compressed) pixel data is only checked by decoding it."""
+    syntax = ds.file_meta.get("TransferSyntaxUID") if getattr(ds, "file_meta", None) is not None else None
+    if syntax is None or UID(syntax).is_encapsulated:
+        return
+    per_pixel = 2 if photometric == "YBR_FULL_422" else samples * bits_allocated // 8
+    expected = pixels * per_pixel
+    found = len(ds.PixelData)
+    if found < expected:
+        raise InvalidImageError(
+            f"{name}: DICOM PixelData has {found} bytes; Rows x Columns x SamplesPerPixel x "
+            f"BitsAllocated / 8 needs {expected} (the file is truncated or its header is wrong)"
+        )
+
+
+def _number(ds: Dataset, keyword: str, name: str) -> float | None:
+    """The first value of a DS element as a float; None when absent or empty.
+
+    Raises:
+        InvalidImageError: the value is not a finite number (the value itself is not quoted).
+    """
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    try:
+        number = _first(value)
+    except (ValueError, TypeError, IndexError):
+        raise InvalidImageError(f"{name}: DICOM {keyword} is not a number") from None
+    if not np.isfinite(number):
+        raise InvalidImageError(f"{name}: DICOM {keyword} is NaN or infinite; expected a finite number")
+    return number
+
+
+def _check_lut_values(ds: Dataset, name: str) -> None:
+    """Refuse, before decoding, a rescale or window the grayscale pipeline would apply that cannot give
+    an image: RescaleSlope 0, NaN or infinite, a RescaleIntercept or WindowCenter that is not a finite
+    number, WindowWidth below 1 (above 0 for LINEAR_EXACT and SIGMOID; PS3.3 C.11.2.1.2)."""
+    if _modality_kind(ds) == "rescale":
+        slope = _number(ds, "RescaleSlope", name)
+        _number(ds, "RescaleIntercept", name)
+        if slope == 0:
+            raise InvalidImageError(f"{name}: DICOM RescaleSlope is 0; expected a finite, non-zero number")
+    if _voi_kind(ds) == "window":
+        _number(ds, "WindowCenter", name)
+        width = _number(ds, "WindowWidth", name)
+        function = str(ds.get("VOILUTFunction", "") or "LINEAR").strip().upper()
+        least = 0.0 if function in ("LINEAR_EXACT", "SIGMOID") else 1.0
+        if width is not None and (width < least or width <= 0):
+            raise InvalidImageError(
+                f"{name}: DICOM WindowWidth is {width:g}; the window (Window Width) must be "
+                f"{'above 0' if least == 0 else 'at least 1'}"
+            )
 
 
 def decode_stored(ds: Dataset, name: str) -> np.ndarray:
