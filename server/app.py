@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import ssl
 import sys
 import threading
 import time
@@ -168,6 +169,13 @@ def _credentials(config: ServerConfig) -> grpc.ServerCredentials:
         ca = config.tls_client_ca.read_bytes() if config.tls_client_ca else None
     except OSError as exc:
         raise CXRMonaiError(f"cannot read the TLS key, certificate or client CA: {exc}") from exc
+    try:  # grpc reports a mismatch only as "Failed to bind", with C-core errors on stderr
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(config.tls_cert, config.tls_key)
+    except ssl.SSLError as exc:
+        raise CXRMonaiError(
+            f"the TLS key (--tls-key) does not match the certificate (--tls-cert), or one of them is not "
+            f"PEM ({exc.reason or type(exc).__name__})"
+        ) from exc
     return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
     )
