@@ -210,8 +210,9 @@ def test_batching_config_is_validated(options: dict[str, Any], message: str) -> 
 
 def test_serve_refuses_an_unknown_backend(bundle: Path, onnx_file: Path) -> None:
     result = CliRunner().invoke(app, ["serve", "--bundle", str(bundle), "--backend", "tpu"])
-    assert result.exit_code == 1 and "expected eager or onnx" in result.output
-    result = CliRunner().invoke(app, ["serve", "--bundle", str(bundle), "--onnx", str(onnx_file)])
+    assert result.exit_code == 1 and "expected auto, eager or onnx" in result.output
+    command = ["serve", "--bundle", str(bundle), "--backend", "eager", "--onnx", str(onnx_file)]
+    result = CliRunner().invoke(app, command)
     assert result.exit_code == 1 and "--onnx needs --backend onnx" in result.output
 
 
@@ -221,7 +222,24 @@ def test_serve_exports_the_bundle_at_start_up_when_no_onnx_file_is_given(
     from cxr_monai.commands.serve import _onnx_model
 
     model = _onnx_model(bundle, None, threads=1)
+    options = model.session.get_session_options()
+    # idle ORT threads must not spin: the server reads and pre-processes calls beside the model
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     model.check_matches(predictor)
     assert not model.path.exists()  # the temporary export is gone; the session holds the graph
     x = torch.zeros(2, 3, 32, 32)
     np.testing.assert_allclose(model.logits(x), predictor.model(x).detach().numpy(), atol=1e-4, rtol=0)
+
+
+def test_the_default_backend_is_onnx_on_cpu_when_onnxruntime_is_installed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib.util
+
+    from cxr_monai.commands.serve import auto_backend
+
+    assert auto_backend(torch.device("cpu"), False) == "onnx"
+    assert auto_backend(torch.device("cuda"), False) == "eager"
+    assert auto_backend(torch.device("cuda"), True) == "onnx"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    assert auto_backend(torch.device("cpu"), False) == "eager"

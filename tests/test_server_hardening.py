@@ -17,6 +17,7 @@ import pytest
 from bundle_factory import make_trained_bundle
 from cxr_monai.server.app import ServerConfig, Service, build_server
 from cxr_monai.server.servicer import CXRTriageServicer, ServiceLimits
+from dicom_factory import make_dataset
 from PIL import Image
 
 from cxr_monai.api.v1 import cxr_triage_pb2 as pb
@@ -318,6 +319,18 @@ def test_an_image_over_the_memory_budget_is_refused_from_its_header(make_service
         if measured:
             assert rss_mib("VmHWM") - before < 150  # decoding it took 330 MiB (Explain: 3.4 GiB)
         assert stub.Classify(pb.ClassifyRequest(image=SMALL), timeout=10).rows == 64
+        # a DICOM is metered from its header the same way: 2,500^2 pixels fit Classify's 16 bytes each
+        # (95 MiB) but not Explain's 72 (429 MiB)
+        buffer = io.BytesIO()
+        make_dataset(np.zeros((2500, 2500), np.uint16), bits_stored=12).save_as(
+            buffer, enforce_file_format=True
+        )
+        film = buffer.getvalue()
+        code, details = code_of(
+            stub.Explain, pb.ExplainRequest(image=film, omit_overlay_png=True), timeout=30
+        )
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "2500 x 2500 image" in details, details
+        assert stub.Classify(pb.ClassifyRequest(image=film), timeout=30).rows == 2500
 
 
 def test_calls_admitted_together_share_the_memory_budget(make_service: Any, gate: Gate) -> None:
