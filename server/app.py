@@ -24,6 +24,7 @@ from cxr_monai.server.reflection import enable_reflection
 from cxr_monai.server.servicer import CXRTriageServicer
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from cxr_monai import log_hygiene
 from cxr_monai.api.v1 import cxr_triage_pb2, cxr_triage_pb2_grpc
 from cxr_monai.errors import CXRMonaiError
 
@@ -126,7 +127,10 @@ class Service:
 
 
 def build_server(servicer: CXRTriageServicer, config: ServerConfig) -> Service:
-    """A built, not yet started, :class:`Service`; threads are sized from ``servicer.limits``."""
+    """A built, not yet started, :class:`Service`; threads are sized from ``servicer.limits``. Library
+    warnings and records are scrubbed of header values from here on (:func:`log_hygiene.install`), also
+    for a server built without the CLI."""
+    log_hygiene.install()
     limit = config.max_message_mb * 1024 * 1024
     servicer.max_reply_bytes = limit
     interceptors = [BearerTokenInterceptor(config.token)] if config.token else []

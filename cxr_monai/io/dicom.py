@@ -213,6 +213,19 @@ def check_deflated_size(data: bytes, name: str, limits: ImageLimits) -> None:
         return  # parse_dicom reports the corrupt stream
 
 
+#: Groups a raw data set (no preamble, no file meta) can begin with: file meta, or the identifying group.
+_RAW_FIRST_GROUPS = (0x0002, 0x0008)
+
+
+def starts_like_raw_dataset(data: bytes) -> bool:
+    """True when the first element's tag (little or big endian) is in a group a raw image data set starts
+    with. Bytes that are no data set at all (63 MiB of zeros parse as two million empty elements, seconds
+    of CPU) are refused before pydicom walks them."""
+    if len(data) < 8:
+        return False
+    return any(int.from_bytes(data[:2], order) in _RAW_FIRST_GROUPS for order in ("little", "big"))
+
+
 def parse_dicom(data: bytes, name: str, *, force: bool, limits: ImageLimits = DEFAULT_LIMITS) -> Dataset:
     """Parse a DICOM file or raw data set (``force=True``) from its bytes; pixels are not decoded.
 
@@ -222,6 +235,8 @@ def parse_dicom(data: bytes, name: str, *, force: bool, limits: ImageLimits = DE
     """
     if not force:
         check_deflated_size(data, name, limits)
+    elif not starts_like_raw_dataset(data):
+        raise InvalidImageError(f"{name}: not a DICOM, PNG, JPEG or NIfTI image")
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=force)
     except (InvalidDicomError, EOFError, OSError, *_CORRUPT_ELEMENT_ERRORS) as exc:
