@@ -15,6 +15,7 @@ from cxr_monai.site.calibration import (
     LogitCalibration,
     fit_em_priors,
     fit_logit_bias,
+    fit_temperature_scaling,
     fit_vector_scaling,
     with_operating_point,
 )
@@ -64,6 +65,19 @@ def test_vector_scaling_recovers_a_known_scale_and_shift():
     fitted = fit_vector_scaling(p, y)
     np.testing.assert_allclose(fitted.scale, [2.0, 2.0, 2.0], atol=0.25)
     assert np.ptp(fitted.bias) < 0.3
+
+
+def test_temperature_scaling_recovers_a_shared_scale_and_a_shift():
+    rng = np.random.default_rng(7)
+    y = rng.integers(0, 3, 4000)
+    z = rng.normal(0, 1, (4000, 3))
+    z[np.arange(4000), y] += 2.5
+    shift = np.array([1.0, 0.0, -1.0])
+    p = softmax(1.25 * z - shift)  # the true posterior is softmax(2.5 z): scale 2, bias 2 * shift
+    fitted = fit_temperature_scaling(p, y)
+    np.testing.assert_allclose(fitted.scale, [2.0, 2.0, 2.0], atol=0.2)
+    assert fitted.scale[0] == fitted.scale[1] == fitted.scale[2]
+    np.testing.assert_allclose(fitted.bias - fitted.bias.mean(), 2 * shift, atol=0.3)
 
 
 def test_with_few_films_the_prior_keeps_the_bias_finite_and_it_still_moves_the_right_way():

@@ -89,7 +89,7 @@ def test_calibrate_writes_a_profile_bound_to_the_bundle_and_a_report(bundle, sit
     )
     assert result.exit_code == 0, result.output
     profile = read_profile(profiles / "st-elsewhere.json", model_digest(bundle / "models" / "model.pt"))
-    assert profile.calibration.method == "vector"
+    assert profile.calibration.method == "temperature"
     films = profile.report["films"]
     assert films["total"] == 9 and films["patients"] == 5
     assert films["per_class"] == {"COVID-19": 3, "Normal": 3, "Pneumonia": 3}
@@ -109,7 +109,7 @@ def test_calibrate_writes_a_profile_bound_to_the_bundle_and_a_report(bundle, sit
 
     listed = runner.invoke(app, ["site", "list", "--bundle", str(bundle), "--site-profiles", str(profiles)])
     assert listed.exit_code == 0, listed.output
-    assert listed.output.startswith("st-elsewhere\tvector\t9 films")
+    assert listed.output.startswith("st-elsewhere\ttemperature\t9 films")
 
 
 def test_the_digest_depends_on_films_and_labels_not_on_paths_or_order(bundle, site_films, tmp_path):
@@ -176,7 +176,7 @@ def test_an_operating_point_is_met_on_the_fitting_films(bundle, site_films, tmp_
     )
     assert result.exit_code == 0, result.output
     profile = read_profile(tmp_path / "st-elsewhere.json")
-    assert profile.calibration.method == "vector+operating-point"
+    assert profile.calibration.method == "temperature+operating-point"
     assert profile.report["method"]["operating_point"] == {"class": "COVID-19", "recall": 1.0}
 
 
@@ -300,4 +300,4 @@ def test_a_damaged_profile_is_replaced_by_recalibrating(bundle, site_films, tmp_
     (profiles / "st-elsewhere.json").write_text("{not json")
     again = calibrate(bundle, site_films, "--replace", "--out", str(tmp_path / "r"), profiles=profiles)
     assert again.exit_code == 0, again.output
-    assert read_profile(profiles / "st-elsewhere.json").calibration.method == "vector"
+    assert read_profile(profiles / "st-elsewhere.json").calibration.method == "temperature"

@@ -28,7 +28,7 @@ CALIBRATE_EPILOG = examples(
     "    --labels site_films.csv \\\n"
     "    --accept 'Normal:recall>=0.8,COVID-19:recall>=0.9'",
     "cxr-monai site calibrate --bundle out/train/final --site st-elsewhere \\\n"
-    "    --labels labels.csv --films /pacs-export/ --method vector --replace",
+    "    --labels labels.csv --films /pacs-export/ --method bias --replace",
 )
 
 
@@ -61,11 +61,12 @@ def calibrate(
         help="Folder the CSV's image paths are relative to (default: the CSV's).",
     ),
     method: str = typer.Option(
-        "vector",
+        "temperature",
         "--method",
         metavar="METHOD",
-        help="vector (per-class scale and bias: vector scaling) | bias (per-class logit bias only) | "
-        "em-prior (no labels used: the site's class shares re-estimated by EM; labels only score it).",
+        help="temperature (one shared scale and a per-class bias) | bias (per-class logit bias only) | "
+        "vector (per-class scale and bias) | em-prior (no labels used: the site's class shares "
+        "re-estimated by EM; labels only score it).",
     ),
     accept: str | None = typer.Option(
         None,
@@ -121,7 +122,10 @@ def calibrate(
         criteria = parse_criteria(accept) if accept else []
         operating_point = _operating_point(target) if target else None
         if operating_point is not None and method == "em-prior":
-            raise fail("--operating-point needs labels; em-prior uses none (choose --method vector or bias)")
+            raise fail(
+                "--operating-point needs labels; em-prior uses none (choose --method temperature, bias "
+                "or vector)"
+            )
         shares = _parse_priors(priors) if priors else None
         destination = profile_path(_profiles_dir(bundle_dir, site_profiles), site)
         if destination.exists() and not replace:

@@ -6,7 +6,10 @@ Every method here is a map in **log-probability space**: calibrated probabilitie
 probabilities exist (eager, ONNX Runtime, Grad-CAM's forward pass); for ``bias`` alone the two are the
 same map, since log p and the logits differ by one number per film, which softmax removes.
 
-* ``bias`` (:func:`fit_logit_bias`): scale 1, one bias per class; fitted on labelled films.
+* ``temperature`` (:func:`fit_temperature_scaling`): one scale shared by the classes (1 / temperature) and
+  a bias per class; fitted on labelled films. The default: the lowest calibration error on unseen films of
+  every left-out source (``benchmarks/results/site_calibration.md``).
+* ``bias`` (:func:`fit_logit_bias`): scale 1, one bias per class.
 * ``vector`` (:func:`fit_vector_scaling`): a scale and a bias per class (vector scaling, Guo et al. 2017).
 * ``em-prior`` (:func:`fit_em_priors`): **no labels**: the site's class priors re-estimated by EM from its
   unlabelled films (Saerens, Latinne & Decaestecker 2002), bias = log(site prior / training prior).
@@ -35,7 +38,7 @@ from scipy.optimize import minimize
 
 #: Prior sd of each class's bias (nats of log-odds): shifts of a few nats are plausible, tens are not.
 BIAS_PRIOR_SD = 2.0
-#: Prior sd of each class's log-scale (vector scaling): weak, so a site whose films the model ranks at
+#: Prior sd of a log-scale (temperature and vector scaling): weak, so a site whose films the model ranks at
 #: chance can shrink its confidence towards uniform. Against 0.25 and 1.0 it gave the lowest calibration
 #: error on unseen films of every left-out source and of simulated sites (benchmarks/results/
 #: site_calibration.md).
@@ -95,15 +98,23 @@ def fit_logit_bias(probabilities: np.ndarray, y: np.ndarray) -> LogitCalibration
     """Per-class bias (scale 1) fitted on labelled films: ``probabilities`` (N, K), ``y`` (N,) classes."""
     p, y = _check_labelled(probabilities, y)
     k = p.shape[1]
-    theta = _fit(np.log(np.clip(p, _FLOOR, 1.0)), y, fit_scale=False)
+    theta = _fit(np.log(np.clip(p, _FLOOR, 1.0)), y, scales=0)
     return LogitCalibration("bias", np.ones(k), theta[:k])
+
+
+def fit_temperature_scaling(probabilities: np.ndarray, y: np.ndarray) -> LogitCalibration:
+    """One shared scale and a per-class bias fitted on labelled films; shapes as in fit_logit_bias."""
+    p, y = _check_labelled(probabilities, y)
+    k = p.shape[1]
+    theta = _fit(np.log(np.clip(p, _FLOOR, 1.0)), y, scales=1)
+    return LogitCalibration("temperature", np.full(k, np.exp(theta[k])), theta[:k])
 
 
 def fit_vector_scaling(probabilities: np.ndarray, y: np.ndarray) -> LogitCalibration:
     """Per-class scale and bias (vector scaling) fitted on labelled films; shapes as in fit_logit_bias."""
     p, y = _check_labelled(probabilities, y)
     k = p.shape[1]
-    theta = _fit(np.log(np.clip(p, _FLOOR, 1.0)), y, fit_scale=True)
+    theta = _fit(np.log(np.clip(p, _FLOOR, 1.0)), y, scales=k)
     return LogitCalibration("vector", np.exp(theta[k:]), theta[:k])
 
 
@@ -160,32 +171,34 @@ def with_operating_point(
 
 #: The labelled fits by name.
 FITTERS: dict[str, Callable[[np.ndarray, np.ndarray], LogitCalibration]] = {
+    "temperature": fit_temperature_scaling,
     "bias": fit_logit_bias,
     "vector": fit_vector_scaling,
 }
 
 
-def _fit(log_p: np.ndarray, y: np.ndarray, *, fit_scale: bool) -> np.ndarray:
-    """MAP parameters [bias (K), log-scale (K) if ``fit_scale``]: class-balanced NLL + Gaussian prior."""
+def _fit(log_p: np.ndarray, y: np.ndarray, *, scales: int) -> np.ndarray:
+    """MAP parameters [bias (K), log-scale (``scales``: 0, 1 shared, or K)]: class-balanced NLL + prior."""
     n, k = log_p.shape
     onehot = np.eye(k)[y]
     counts = np.bincount(y, minlength=k).astype(np.float64)
     present = counts > 0
     # each present class's films share 1/(classes present) of the weight; times n: a sum over films
     weights = n / (present.sum() * counts[y])
-    sd = np.concatenate([np.full(k, BIAS_PRIOR_SD), np.full(k if fit_scale else 0, LOG_SCALE_PRIOR_SD)])
+    sd = np.concatenate([np.full(k, BIAS_PRIOR_SD), np.full(scales, LOG_SCALE_PRIOR_SD)])
 
     def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
         bias = theta[:k]
-        scale = np.exp(theta[k:]) if fit_scale else np.ones(k)
-        z = scale * log_p + bias
+        scale = np.exp(theta[k:]) if scales else np.zeros(0)
+        z = (scale if scales else 1.0) * log_p + bias
         z = z - z.max(axis=1, keepdims=True)
         log_q = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
         nll = -np.sum(weights * log_q[np.arange(n), y])
         residual = weights[:, None] * (np.exp(log_q) - onehot)  # d NLL / d z, (N, K)
         grad = [residual.sum(axis=0)]
-        if fit_scale:
-            grad.append(scale * (residual * log_p).sum(axis=0))
+        if scales:  # d / d log-scale: per class, or summed over the classes for one shared scale
+            by_class = (residual * log_p).sum(axis=0)
+            grad.append(scale * (by_class if scales == k else by_class.sum(keepdims=True)))
         prior = 0.5 * np.sum((theta / sd) ** 2)
         return nll + prior, np.concatenate(grad) + theta / sd**2
 
