@@ -23,10 +23,12 @@ Search (:func:`near_duplicate_pairs`): the pairs are exactly those of the all-pa
 is the selective condition (about 4 in a million pairs of different films reach 0.97), so a faiss
 inverted-file index over the thumbnails (projected on their top principal components) finds, per film,
 every crop level of every other film within the distance that a correlation of :data:`NCC_THRESHOLD`
-implies; each candidate is then checked with the exact hash and correlation rules, in bounded chunks.
-Which index cells a film must visit so that no pair is lost is a bound derived in
-:func:`_cells_to_visit`. Memory: the projected thumbnails (n x L x 32 floats) and one batch of
-candidates; no n x n array.
+implies; each hit then passes the hash rule, its own correlation and finally the full rule, in bounded
+chunks. Which index cells a film must visit so that no pair is lost is a bound
+(:meth:`_CellIndex.cells_to_visit`), not faiss's fixed ``nprobe``. Memory: the projected thumbnails
+(n x L x 32 floats) and one batch of hits; no n x n array. Time: the cells that the bound cannot rule out
+are a share of all cells that shrinks only slowly as films are added (chest films are alike in many
+directions at once), so the search is not linear: ``benchmarks/results/near_duplicate_scale.md``.
 
 Fingerprints are cached by the SHA-256 of the file bytes in :class:`FingerprintCache`, one checksummed
 record per image appended as soon as it is computed, so an interrupted ``prepare`` resumes where it
@@ -75,11 +77,14 @@ INDEX_DIMENSIONS = 32
 _PCA_SAMPLE = 2048  # films whose thumbnails (all crop levels) fit the projection
 _QUERY_BATCH = 1024  # films whose candidates are gathered and verified at once
 _VERIFY_CHUNK = 2048  # candidate pairs whose thumbnails are normalised at once (~80 MB)
-_MAX_CELLS = 4096  # index cells: about 2.5 sqrt(vectors), at least 39 vectors each (faiss k-means)
+_MAX_CELLS = 4096  # index cells: _CELLS_PER_ROOT sqrt(vectors), at least 39 vectors each (faiss k-means)
+_CELLS_PER_ROOT = 10  # measured at 100k films: 2.5 took 126 s, 10 (4096 cells) 94 s, 8192 cells 112 s
 # Slack on squared distances: float32 rounding in normalising, projecting and in the index (about 1e-5
 # here; a correlation computed as 0.97 is at most 6e-5 off the exact one) is far inside it.
 _RADIUS_SLACK = 1e-3
+_CORRELATION_SLACK = 1e-3  # the same for a hit's correlation (float64, exact to ~1e-12) before the full rule
 _BOUND_SLACK = 1e-3  # the same for the cell bound (float32 centroid distances, about 1e-6 off)
+_SEPARATION_SLACK = 1e-4  # added to squared centroid separations (float32, about 1e-6 off): rounds them up
 
 
 @dataclass(frozen=True)
@@ -374,17 +379,54 @@ def _projection(fingerprints: Sequence[Fingerprint], dims: int) -> np.ndarray:
     rows = _normalised(np.stack([fingerprints[i].thumbnails for i in sample]))
     rows = rows.reshape(-1, rows.shape[-1]).astype(np.float64)
     rows -= rows.mean(axis=0)
-    _, vectors = np.linalg.eigh(rows.T @ rows)  # ascending eigenvalues
-    return np.ascontiguousarray(vectors[:, ::-1][:, :dims], dtype=np.float32)
+    covariance = rows.T @ rows
+    # randomised subspace iteration (Halko et al. 2011) on the covariance: the top components to within
+    # what the search needs, in matrix products; a full eigendecomposition of 1024 x 1024 took seconds here
+    basis = np.random.default_rng(1).standard_normal((covariance.shape[0], min(dims, covariance.shape[0])))
+    for _ in range(4):
+        basis, _ = np.linalg.qr(covariance @ basis)
+    return np.ascontiguousarray(basis, dtype=np.float32)
 
 
-def _projected(fingerprints: Sequence[Fingerprint], basis: np.ndarray) -> np.ndarray:
-    """(n, L, dims) float32: every crop level's normalised thumbnail projected on ``basis``, in chunks."""
+def _film_vectors(
+    fingerprints: Sequence[Fingerprint], basis: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per film and crop level, in chunks: the normalised thumbnail projected on ``basis`` ((n, L, dims)
+    float32), and the sum and centred sum of squares of its pixels ((n, L) float64, exact)."""
     n, levels = len(fingerprints), len(fingerprints[0].phash)
-    out = np.empty((n, levels, basis.shape[1]), dtype=np.float32)
+    projected = np.empty((n, levels, basis.shape[1]), dtype=np.float32)
+    sums = np.empty((n, levels), dtype=np.float64)
+    squares = np.empty((n, levels), dtype=np.float64)
     for start in range(0, n, _VERIFY_CHUNK):
-        chunk = fingerprints[start : start + _VERIFY_CHUNK]
-        out[start : start + len(chunk)] = _normalised(np.stack([fp.thumbnails for fp in chunk])) @ basis
+        thumbnails = np.stack([fp.thumbnails for fp in fingerprints[start : start + _VERIFY_CHUNK]])
+        rows = slice(start, start + len(thumbnails))
+        projected[rows] = _normalised(thumbnails) @ basis
+        sums[rows] = thumbnails.sum(axis=-1, dtype=np.int64)
+        squares[rows] = (thumbnails.astype(np.int32) ** 2).sum(axis=-1, dtype=np.int64)
+    centred = squares - sums**2 / fingerprints[0].thumbnails.shape[-1]
+    return projected, sums, centred
+
+
+def _hit_correlations(
+    fingerprints: Sequence[Fingerprint],
+    sums: np.ndarray,
+    centred: np.ndarray,
+    query: np.ndarray,
+    other: np.ndarray,
+    level: np.ndarray,
+) -> np.ndarray:
+    """Pearson r (float64) of level 0 of film ``query[k]`` and level ``level[k]`` of film ``other[k]``
+    from integer pixel products: one correlation per index hit instead of the 2L - 1 the full rule
+    computes, without normalising the thumbnails."""
+    out = np.zeros(len(query), dtype=np.float64)
+    for start in range(0, len(query), _VERIFY_CHUNK):
+        k = slice(start, start + _VERIFY_CHUNK)
+        a = np.stack([fingerprints[i].thumbnails[0] for i in query[k]]).astype(np.int32)
+        b = np.stack([fingerprints[j].thumbnails[c] for j, c in zip(other[k], level[k], strict=True)])
+        products = np.einsum("pd,pd->p", a, b.astype(np.int32)).astype(np.float64)
+        covariance = products - sums[query[k], 0] * sums[other[k], level[k]] / a.shape[1]
+        scale = np.sqrt(centred[query[k], 0] * centred[other[k], level[k]])
+        np.divide(covariance, scale, out=out[k], where=scale > 0)
     return out
 
 
@@ -408,7 +450,7 @@ class _CellIndex:
 
     def __init__(self, faiss: Any, vectors: np.ndarray) -> None:
         count, dims = vectors.shape
-        cells = max(1, min(_MAX_CELLS, int(2.5 * np.sqrt(count)), count // 39))
+        cells = max(1, min(_MAX_CELLS, int(_CELLS_PER_ROOT * np.sqrt(count)), count // 39))
         if cells > 1:
             kmeans = faiss.Kmeans(dims, cells, niter=10, seed=1, max_points_per_centroid=64)
             kmeans.train(vectors)
@@ -421,9 +463,6 @@ class _CellIndex:
         self.index.add(vectors)  # each vector into the cell of its nearest centroid
         self.centroids = centroids
         self.centroid_norms = (centroids.astype(np.float64) ** 2).sum(axis=1).astype(np.float32)
-        gram = centroids.astype(np.float64) @ centroids.T.astype(np.float64)
-        squared = self.centroid_norms[:, None] + self.centroid_norms[None, :] - 2 * gram
-        self.separation = np.sqrt(np.maximum(squared, 0)).astype(np.float32)  # (cells, cells)
 
     def cells_to_visit(self, queries: np.ndarray, radius: float) -> np.ndarray:
         """(b, m) cell ids, -1 padded: every cell that may hold a vector within ``radius`` of a query.
@@ -443,7 +482,15 @@ class _CellIndex:
         )
         nearest = distances.argmin(axis=1)
         gap = distances - distances[rows, nearest][:, None] - _BOUND_SLACK
-        separation = self.separation[nearest]
+        # |m_a - m_c|, rounded up: the squared form is off by ~1e-6 in float32, and a separation taken too
+        # small would make the bound too large (adding 1e-4 moves a typical separation of 0.1-0.5 by <0.5 %)
+        squared = (
+            self.centroid_norms[nearest][:, None]
+            + self.centroid_norms[None, :]
+            - 2 * self.centroids[nearest] @ self.centroids.T
+        )
+        separation = np.sqrt(np.maximum(squared, 0) + _SEPARATION_SLACK)
+        separation[rows, nearest] = 0  # the query's own cell is always visited
         bound = np.divide(gap, 2 * separation, out=np.full_like(gap, -np.inf), where=separation > 0)
         visit = bound <= radius
         visit[rows, nearest] = True
@@ -462,16 +509,23 @@ class _CellIndex:
         return np.repeat(np.arange(len(queries)), np.diff(lims).astype(np.int64)), ids
 
 
+def _hash_bits(hashes: np.ndarray, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """phash bits apart of films ``first[k]`` and ``second[k]``: the minimum over the crop level pairings
+    the rule compares (as :func:`near_duplicate_pairs_brute_force` counts them)."""
+    bits = np.full(len(first), 64, dtype=np.uint8)
+    for level in range(hashes.shape[1]):
+        bits = np.minimum(bits, np.bitwise_count(hashes[first, 0] ^ hashes[second, level]))
+        bits = np.minimum(bits, np.bitwise_count(hashes[first, level] ^ hashes[second, 0]))
+    return bits
+
+
 def _verified(
     fingerprints: Sequence[Fingerprint], hashes: np.ndarray, first: np.ndarray, second: np.ndarray
 ) -> Iterator[NearDuplicatePair]:
     """The pairs (first[k] < second[k]) that meet the definition, checked exactly as
     :func:`near_duplicate_pairs_brute_force` checks them (same hash rule, same float32 arithmetic), in
     chunks of :data:`_VERIFY_CHUNK` pairs."""
-    bits = np.full(len(first), 64, dtype=np.uint8)
-    for level in range(hashes.shape[1]):
-        bits = np.minimum(bits, np.bitwise_count(hashes[first, 0] ^ hashes[second, level]))
-        bits = np.minimum(bits, np.bitwise_count(hashes[first, level] ^ hashes[second, 0]))
+    bits = _hash_bits(hashes, first, second)
     keep = bits <= PHASH_CANDIDATE_BITS
     first, second, bits = first[keep], second[keep], bits[keep]
     for start in range(0, len(first), _VERIFY_CHUNK):
@@ -504,16 +558,26 @@ def near_duplicate_pairs(
     levels = len(fingerprints[0].phash)
     hashes = np.stack([fp.phash for fp in fingerprints])  # (n, L) uint64: 40 bytes a film
     radius2 = 2 * (1 - NCC_THRESHOLD) + _RADIUS_SLACK
-    projected = _projected(fingerprints, _projection(fingerprints, INDEX_DIMENSIONS))
+    projected, sums, centred = _film_vectors(fingerprints, _projection(fingerprints, INDEX_DIMENSIONS))
     found: dict[tuple[int, int], NearDuplicatePair] = {}
     with _faiss_threads() as faiss:
         index = _CellIndex(faiss, projected.reshape(n * levels, -1))
         for start in range(0, n, _QUERY_BATCH):
             queries = np.ascontiguousarray(projected[start : start + _QUERY_BATCH, 0])
             rows, ids = index.within(queries, radius2)
-            query, other = rows + start, ids // levels
+            query, other, level = rows + start, ids // levels, ids % levels
             keep = query != other
-            pair = np.unique(np.minimum(query, other)[keep] * n + np.maximum(query, other)[keep])
+            query, other, level = query[keep], other[keep], level[keep]
+            # a pair meets the rule only if one of its pairings reaches the threshold, and each such pairing
+            # is itself a hit (of this batch or of the other film's): checking hits one by one loses nothing
+            keep = _hash_bits(hashes, np.minimum(query, other), np.maximum(query, other)) <= (
+                PHASH_CANDIDATE_BITS
+            )
+            query, other, level = query[keep], other[keep], level[keep]
+            r = _hit_correlations(fingerprints, sums, centred, query, other, level)
+            keep = r >= NCC_THRESHOLD - _CORRELATION_SLACK
+            first, second = np.minimum(query, other)[keep], np.maximum(query, other)[keep]
+            pair = np.unique(first * n + second)
             for found_pair in _verified(fingerprints, hashes, pair // n, pair % n):
                 found[(found_pair.first, found_pair.second)] = found_pair
             if on_progress is not None:
