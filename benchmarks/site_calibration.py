@@ -16,10 +16,11 @@ is fitted on the drawn films and scored on every film of S whose patient was not
   a prior above 0);
 * ``feature-centring`` (no labels): S's pooled features shifted so their mean is the training films'
   mean feature, then the same head;
-* ``bias`` / ``vector``: per-class logit bias / vector scaling (``cxr_monai.site.calibration``) on the
-  drawn films;
-* ``bias+threshold``: ``bias`` then ``with_operating_point`` for the target Normal recall >= 0.8 on the
-  drawn films;
+* ``temperature`` / ``bias`` / ``vector``: one shared scale and a per-class bias (the default of
+  ``cxr-monai site calibrate``) / a per-class logit bias / vector scaling (``cxr_monai.site.calibration``)
+  on the drawn films;
+* ``temperature+threshold``: ``temperature`` then ``with_operating_point`` for the target Normal recall
+  >= 0.8 on the drawn films;
 * ``centring+bias`` (an extra): ``feature-centring``, then ``bias`` fitted on the drawn films;
 * ``head-retrain``: the head retrained on the other sources' films plus the drawn films (today's recipe;
   ``--retrain-draws`` of the draws only, it is the slow one).
@@ -78,8 +79,8 @@ from cxr_monai.site.calibration import (
 
 SOURCES = (COVID_SOURCE, KAGGLE, NIH)
 LABEL_FREE = ("none", "em-prior", "feature-centring")
-LABELLED = ("none", "bias", "vector", "bias+threshold", "centring+bias", "head-retrain")
-#: The operating point of ``bias+threshold``: (class, recall on the drawn films).
+LABELLED = ("none", "temperature", "bias", "vector", "temperature+threshold", "centring+bias", "head-retrain")
+#: The operating point of ``temperature+threshold``: (class, recall on the drawn films).
 TARGET = (NORMAL, 0.8)
 TARGET_TEXT = "Normal:recall>=0.8"
 #: Patients of each class left to score at the largest k.
@@ -198,14 +199,14 @@ def labelled(site: Site, drawn: np.ndarray, scored: np.ndarray, retrain: bool) -
     """One draw: every labelled method fitted on ``drawn`` and scored on ``scored``."""
     p_fit, y_fit, p_new, y_new = site.prob[drawn], site.y[drawn], site.prob[scored], site.y[scored]
     out = {"none": figures(p_new, y_new, site.classes, 0.0)}
-    for name in ("bias", "vector"):
+    for name in ("temperature", "bias", "vector"):
         cal, ms = timed(lambda name=name: FITTERS[name](p_fit, y_fit))
         assert isinstance(cal, LogitCalibration)
         out[name] = figures(cal.apply(p_new), y_new, site.classes, ms)
-        if name == "bias":
+        if name == "temperature":
             pointed, extra = timed(lambda cal=cal: with_operating_point(cal, p_fit, y_fit, *TARGET))
             assert isinstance(pointed, LogitCalibration)
-            out["bias+threshold"] = figures(pointed.apply(p_new), y_new, site.classes, ms + extra)
+            out["temperature+threshold"] = figures(pointed.apply(p_new), y_new, site.classes, ms + extra)
     cal, ms = timed(lambda: FITTERS["bias"](site.prob_centred[drawn], y_fit))
     assert isinstance(cal, LogitCalibration)
     out["centring+bias"] = figures(cal.apply(site.prob_centred[scored]), y_new, site.classes, ms)
@@ -300,7 +301,7 @@ def issue_targets(results: dict[int, dict]) -> list[str]:
             f"confidence at NIH is {min(confidence):.2f} to {max(confidence):.2f}, their accuracy "
             f"{min(accuracy):.2f} to {max(accuracy):.2f}. With the site's ranking at chance, a calibrated "
             "model can only answer about 0.5 on every film: a bias cannot make a confident head unsure; "
-            f"vector scaling can shrink its scale (log-scale prior sd {LOG_SCALE_PRIOR_SD}).",
+            f"temperature and vector scaling can shrink its scale (log-scale prior sd {LOG_SCALE_PRIOR_SD}).",
         ]
     return lines
 
@@ -434,15 +435,18 @@ def main() -> None:
             "every film whose patient was not drawn. Label-free methods at k = 0 on all the site's films: "
             "`em-prior` (Saerens et al. 2002 EM on all the site's probabilities; training priors = "
             "add-one smoothed class shares of the head's training films), `feature-centring` (the site's "
-            "mean feature moved onto the training films' mean, same head). Labelled: `bias`, `vector` "
-            "(vector scaling), `bias+threshold` (`bias`, then `with_operating_point` for the target "
+            "mean feature moved onto the training films' mean, same head). Labelled: `temperature` (one "
+            "shared scale and a per-class bias, the default of `cxr-monai site calibrate`), `bias`, `vector` "
+            "(vector scaling), `temperature+threshold` (`temperature`, then `with_operating_point` for the "
+            "target "
             f"`{TARGET_TEXT}` on the drawn films), `centring+bias` (`feature-centring`, then `bias`), "
             "`head-retrain` (the head retrained with the drawn films "
             f"added; {retrain_draws} of the {args.draws} draws). `none` is repeated at every k on the "
             "same scored films. Mean ± sd over the draws. AUROC within the site: one class against the "
             "other on the renormalised pair (two classes), macro one-vs-rest (three). ECE: top-label, "
-            "15 bins. `fit ms`: the median wall time of one fit over the draws (the `bias+threshold` time "
-            "includes its `bias` fit; `head-retrain` includes training and scoring).",
+            "15 bins. `fit ms`: the median wall time of one fit over the draws (the "
+            "`temperature+threshold` time includes its `temperature` fit; `head-retrain` includes "
+            "training and scoring).",
             "",
             "## The issue's targets (leave-NIH-out, 5 labelled NIH films per class; means over the draws)",
             "",
