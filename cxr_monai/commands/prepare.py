@@ -124,7 +124,10 @@ def prepare(
         "skipped). Null/empty = skip.",
     ),
     cache_dir: Path | None = typer.Option(
-        None, "--cache-dir", metavar="DIR", help="Folder for the image fingerprint cache (default: OUT)."
+        None,
+        "--cache-dir",
+        metavar="DIR",
+        help="Folder for the image fingerprint cache (default: OUT); an interrupted run resumes from it.",
     ),
     n_covid: str = typer.Option(
         "all", "--n-covid", metavar="N|all", help="COVID-19 images to take (a number or 'all')."
@@ -155,8 +158,9 @@ def prepare(
     """Build a patient-disjoint datalist (test split + cross-validation folds) from any of the sources.
 
     Rows whose image file is missing are counted and skipped. Every image is fingerprinted (perceptual
-    hash + thumbnail correlation, cached by file content): near-duplicates of different patients are put
-    in one split group and listed; images that cannot be decoded are skipped with a warning.
+    hash + thumbnail correlation, cached by file content as it goes, so an interrupted run resumes):
+    near-duplicates of different patients are put in one split group and listed; images that cannot be
+    decoded are skipped with a warning.
 
     Writes OUT/datalist.json (MONAI datalist: "training" items with "fold", "test" items; each with
     source, group and, where known, age and sex), OUT/prepare_summary.json (counts, near-duplicate pairs,

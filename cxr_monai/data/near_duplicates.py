@@ -252,6 +252,9 @@ class FingerprintCache(MutableMapping[str, Fingerprint]):
     def __delitem__(self, key: str) -> None:
         del self._entries[key]  # in memory; gone from disk at the next compact()
 
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
 
