@@ -39,6 +39,23 @@ def bundle_option() -> Any:
     )
 
 
+def site_profiles_option() -> Any:
+    """The ``--site-profiles DIR`` option of every command that applies site calibration profiles."""
+    return typer.Option(
+        None,
+        "--site-profiles",
+        metavar="DIR",
+        exists=True,
+        file_okay=False,
+        help="Site profiles folder (default: <bundle>/sites).",
+    )
+
+
+def unknown_site_option(help_text: str) -> Any:
+    """The ``--unknown-site flag|refuse`` option (``help_text`` says what it means for the command)."""
+    return typer.Option("flag", "--unknown-site", metavar="POLICY", help=help_text)
+
+
 def resolve_bundle(bundle: Path | None) -> Path:
     """``--bundle`` or ``$CXR_MONAI_BUNDLE``; neither is a one-line error, exit code 1."""
     if bundle is None:

@@ -17,6 +17,8 @@ from cxr_monai.commands import (
     examples,
     fail,
     resolve_bundle,
+    site_profiles_option,
+    unknown_site_option,
     user_errors,
     warn_sites_without_profile,
 )
@@ -76,19 +78,9 @@ def gateway(
         metavar="FILE",
         help='JSON {"CALLING_AE": "site", "institution_names": {"Name": "site"}}: each film\'s site.',
     ),
-    site_profiles: Path | None = typer.Option(
-        None,
-        "--site-profiles",
-        metavar="DIR",
-        exists=True,
-        file_okay=False,
-        help="Site profiles folder (default: <bundle>/sites).",
-    ),
-    unknown_site: str = typer.Option(
-        "flag",
-        "--unknown-site",
-        metavar="POLICY",
-        help="A film whose site has no profile: flag (results say uncalibrated) or refuse (to failed/).",
+    site_profiles: Path | None = site_profiles_option(),
+    unknown_site: str = unknown_site_option(
+        "A film whose site has no profile: flag (results say uncalibrated) or refuse (to failed/)."
     ),
 ) -> None:
     """Receive CR/DX/SC chest films over C-STORE; send a Grad-CAM Secondary Capture and a Structured

@@ -28,6 +28,8 @@ from cxr_monai.commands import (
     examples,
     fail,
     resolve_bundle,
+    site_profiles_option,
+    unknown_site_option,
     user_errors,
     warn_sites_without_profile,
 )
@@ -90,19 +92,9 @@ def predict(
     site: str | None = typer.Option(
         None, "--site", metavar="NAME", help="The films' site: its calibration profile is applied."
     ),
-    site_profiles: Path | None = typer.Option(
-        None,
-        "--site-profiles",
-        metavar="DIR",
-        exists=True,
-        file_okay=False,
-        help="Site profiles folder (default: <bundle>/sites).",
-    ),
-    unknown_site: str = typer.Option(
-        "flag",
-        "--unknown-site",
-        metavar="POLICY",
-        help="A film of a site without a profile: flag (site_calibrated false) or refuse (listed failed).",
+    site_profiles: Path | None = site_profiles_option(),
+    unknown_site: str = unknown_site_option(
+        "A film of a site without a profile: flag (site_calibrated false) or refuse (listed failed)."
     ),
     site_from_institution: Path | None = typer.Option(
         None,

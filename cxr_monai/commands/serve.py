@@ -8,7 +8,15 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from cxr_monai.commands import bundle_option, console, examples, resolve_bundle, user_errors
+from cxr_monai.commands import (
+    bundle_option,
+    console,
+    examples,
+    resolve_bundle,
+    site_profiles_option,
+    unknown_site_option,
+    user_errors,
+)
 from cxr_monai.constants import MAX_PIXELS, MAX_SIDE
 
 if TYPE_CHECKING:
@@ -147,19 +155,9 @@ def serve(
         min=0.0,
         help="How long a Classify image waits for others to batch with.",
     ),
-    site_profiles: Path | None = typer.Option(
-        None,
-        "--site-profiles",
-        metavar="DIR",
-        exists=True,
-        file_okay=False,
-        help="Site profiles folder (default: <bundle>/sites).",
-    ),
-    unknown_site: str = typer.Option(
-        "flag",
-        "--unknown-site",
-        metavar="POLICY",
-        help="A request whose site has no profile: flag (uncalibrated, said so) or refuse.",
+    site_profiles: Path | None = site_profiles_option(),
+    unknown_site: str = unknown_site_option(
+        "A request whose site has no profile: flag (uncalibrated, said so) or refuse."
     ),
 ) -> None:
     """Serve classification and Grad-CAM over gRPC (API: protos/cxr_monai/api/v1/cxr_triage.proto).
