@@ -14,87 +14,21 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from bundle_factory import make_trained_bundle
-from cxr_monai.server.app import ServerConfig, Service, build_server
-from cxr_monai.server.servicer import CXRTriageServicer, ServiceLimits
+from cxr_monai.server.servicer import ServiceLimits
 from dicom_factory import make_dataset
 from PIL import Image
+from test_server_robustness import (  # the same tiny bundle, model gate and service factory
+    SMALL,
+    Gate,
+    code_of,
+    gate,  # noqa: F401 (fixture)
+    make_service,  # noqa: F401  (fixture)
+    png,
+    predictor,  # noqa: F401  (fixture)
+)
 
 from cxr_monai.api.v1 import cxr_triage_pb2 as pb
 from cxr_monai.api.v1 import cxr_triage_pb2_grpc as pb_grpc
-from cxr_monai.predictor import Predictor
-
-
-@pytest.fixture(scope="module")
-def predictor(tmp_path_factory: pytest.TempPathFactory) -> Predictor:
-    return Predictor.from_bundle(make_trained_bundle(tmp_path_factory.mktemp("bundle")), device="cpu")
-
-
-def png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-SMALL = png(np.random.default_rng(0).integers(0, 255, (64, 80), dtype=np.uint8))
-
-
-class Gate:
-    """While closed, holds model forward passes (up to 30 s); counts them."""
-
-    def __init__(self, predictor: Predictor) -> None:
-        self.calls = 0
-        self.entered = threading.Event()
-        self.open = threading.Event()
-        self.open.set()
-        self._handle = predictor.model.register_forward_pre_hook(self._hook)
-
-    def _hook(self, module: Any, args: Any) -> None:
-        self.calls += 1
-        self.entered.set()
-        self.open.wait(30)
-
-    def close(self) -> None:
-        self.entered.clear()
-        self.open.clear()
-
-    def remove(self) -> None:
-        self.open.set()
-        self._handle.remove()
-
-
-@pytest.fixture
-def gate(predictor: Predictor) -> Iterator[Gate]:
-    g = Gate(predictor)
-    yield g
-    g.remove()
-
-
-@pytest.fixture
-def make_service(predictor: Predictor) -> Iterator[Any]:
-    started: list[Service] = []
-
-    def make(limits: ServiceLimits | None = None, **config: Any) -> Service:
-        service = build_server(
-            CXRTriageServicer(predictor, limits or ServiceLimits()),
-            ServerConfig(address="127.0.0.1:0", **config),
-        )
-        service.start()
-        service.warm_up()
-        started.append(service)
-        return service
-
-    yield make
-    for service in started:
-        service.servicer.abandon()
-        service.server.stop(None)
-
-
-def code_of(fn: Any, *args: Any, **kwargs: Any) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.RpcError) as info:
-        fn(*args, **kwargs)
-    return info.value.code(), info.value.details() or ""
-
 
 # --- item 7: two authorization headers ------------------------------------------------------------------
 
