@@ -51,6 +51,25 @@ def site_profiles_option() -> Any:
     )
 
 
+def site_option() -> Any:
+    """The ``--site NAME`` option of the commands that read films (explain, predict)."""
+    return typer.Option(
+        None, "--site", metavar="NAME", help="The films' site: its calibration profile is applied."
+    )
+
+
+def site_from_institution_option() -> Any:
+    """The ``--site-from-institution SITE_MAP`` option of the commands that read films."""
+    return typer.Option(
+        None,
+        "--site-from-institution",
+        metavar="SITE_MAP",
+        exists=True,
+        dir_okay=False,
+        help="Site of each DICOM film from its InstitutionName via this site map (else --site).",
+    )
+
+
 def unknown_site_option(help_text: str) -> Any:
     """The ``--unknown-site flag|refuse`` option (``help_text`` says what it means for the command)."""
     return typer.Option("flag", "--unknown-site", metavar="POLICY", help=help_text)

@@ -15,6 +15,8 @@ from cxr_monai.commands import (
     examples,
     fail,
     resolve_bundle,
+    site_from_institution_option,
+    site_option,
     site_profiles_option,
     unknown_site_option,
     user_errors,
@@ -91,21 +93,12 @@ def explain(
         "png,json,dcm", "--format", metavar="FORMATS", help="Outputs to write: png, json, dcm."
     ),
     batch_size: int = typer.Option(4, "--batch-size", metavar="N", min=1, help="Images per Grad-CAM batch."),
-    site: str | None = typer.Option(
-        None, "--site", metavar="NAME", help="The films' site: its calibration profile is applied."
-    ),
+    site: str | None = site_option(),
     site_profiles: Path | None = site_profiles_option(),
     unknown_site: str = unknown_site_option(
         "A film of a site without a profile: flag (outputs say uncalibrated) or refuse (fails)."
     ),
-    site_from_institution: Path | None = typer.Option(
-        None,
-        "--site-from-institution",
-        metavar="SITE_MAP",
-        exists=True,
-        dir_okay=False,
-        help="Site of each DICOM film from its InstitutionName via this site map (else --site).",
-    ),
+    site_from_institution: Path | None = site_from_institution_option(),
 ) -> None:
     """Grad-CAM heat maps on the original films: <name>_gradcam.png, <name>.json, <name>_gradcam.dcm.
 

@@ -28,6 +28,8 @@ from cxr_monai.commands import (
     examples,
     fail,
     resolve_bundle,
+    site_from_institution_option,
+    site_option,
     site_profiles_option,
     unknown_site_option,
     user_errors,
@@ -89,21 +91,12 @@ def predict(
     threads: int | None = typer.Option(
         None, "--threads", metavar="N", min=1, help="torch threads per process (default: torch's)."
     ),
-    site: str | None = typer.Option(
-        None, "--site", metavar="NAME", help="The films' site: its calibration profile is applied."
-    ),
+    site: str | None = site_option(),
     site_profiles: Path | None = site_profiles_option(),
     unknown_site: str = unknown_site_option(
         "A film of a site without a profile: flag (site_calibrated false) or refuse (listed failed)."
     ),
-    site_from_institution: Path | None = typer.Option(
-        None,
-        "--site-from-institution",
-        metavar="SITE_MAP",
-        exists=True,
-        dir_okay=False,
-        help="Site of each DICOM film from its InstitutionName via this site map (else --site).",
-    ),
+    site_from_institution: Path | None = site_from_institution_option(),
     retry_failed: bool = typer.Option(
         False, "--retry-failed", help="Score again the films an existing output lists as failed."
     ),
