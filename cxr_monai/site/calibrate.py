@@ -25,6 +25,7 @@ from cxr_monai.data.datalist import load_datalist
 from cxr_monai.data.sources import DataItem, SiteCSV, scan_site_csv
 from cxr_monai.errors import BundleError, DatasetError
 from cxr_monai.evaluation.metrics import DEFAULT_N_BOOT
+from cxr_monai.feature_store import file_digest
 from cxr_monai.predictor import Predictor
 from cxr_monai.site.acceptance import Criterion, judge
 from cxr_monai.site.calibration import FITTERS, LogitCalibration, fit_em_priors, with_operating_point
@@ -93,7 +94,7 @@ def load_site_films(labels_csv: Path, site: str, films_dir: Path | None = None) 
     items = scan.items
     if not items:
         raise DatasetError(f"{labels_csv}: lists no film")
-    digests = [_file_digest(Path(item.image)) for item in items]
+    digests = [file_digest(item.image) for item in items]
     _check_no_duplicates(labels_csv, items, digests)
     films = SiteFilms(items, digests, list(scan.warnings))
     counts = {name: n for name, n in films.counts().items() if n}
@@ -121,14 +122,6 @@ def _check_no_duplicates(labels_csv: Path, items: Sequence[DataItem], digests: S
                 "film once"
             )
         first[digest] = line
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def score_films(

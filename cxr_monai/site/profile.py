@@ -13,7 +13,6 @@ the probabilities unchanged and a flag saying so, or a :class:`SiteNotCalibrated
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Mapping
@@ -26,6 +25,7 @@ import numpy as np
 from cxr_monai.atomic import write_json_atomic
 from cxr_monai.constants import CLASS_NAMES, RESEARCH_USE_NOTICE
 from cxr_monai.errors import BundleError, CXRMonaiError, DatasetError
+from cxr_monai.feature_store import file_digest
 from cxr_monai.site.calibration import LogitCalibration
 
 #: Folder of a bundle that holds its site profiles.
@@ -60,11 +60,7 @@ def check_site_name(name: str) -> str:
 
 def model_digest(weights_file: str | Path) -> str:
     """SHA-256 (hex) of a trained bundle's ``models/model.pt``: what a profile is bound to."""
-    digest = hashlib.sha256()
-    with open(weights_file, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_digest(weights_file)
 
 
 @dataclass(frozen=True)
