@@ -140,7 +140,7 @@ def test_a_second_calibration_needs_replace_and_reuses_the_cached_model_outputs(
         bundle, site_films, "--cache-dir", str(cache), "--out", str(tmp_path / "r"), profiles=profiles
     )
     assert first.exit_code == 0, first.output
-    assert len(list(cache.glob("*.npy"))) == 9
+    assert len(list(cache.rglob("*.npy"))) == 9
     again = calibrate(bundle, site_films, "--out", str(tmp_path / "r"), profiles=profiles)
     assert again.exit_code == 1 and "--replace" in again.output
 

@@ -17,15 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from cxr_monai.atomic import atomic_path
 from cxr_monai.constants import CLASS_NAMES
 from cxr_monai.data.datalist import load_datalist
 from cxr_monai.data.sources import DataItem, SiteCSV, scan_site_csv
 from cxr_monai.errors import BundleError, DatasetError
 from cxr_monai.evaluation.metrics import DEFAULT_N_BOOT
-from cxr_monai.feature_store import file_digest
+from cxr_monai.feature_store import FeatureStore, file_digest
 from cxr_monai.predictor import Predictor
 from cxr_monai.site.acceptance import Criterion, judge
 from cxr_monai.site.calibration import FITTERS, LogitCalibration, fit_em_priors, with_operating_point
@@ -133,34 +131,36 @@ def score_films(
     batch_size: int = 8,
     on_done: Callable[[int], None] = lambda _n: None,
 ) -> np.ndarray:
-    """The model's own probabilities (N, K) for the films, in order. With ``cache_dir`` each film's are kept
-    as ``<key>.npy``, the key a digest of the film's content, the model's weights (``digest``, see
-    :func:`~cxr_monai.site.profile.model_digest`) and its pre-processing,
-    so a rerun (another method, other criteria) runs the model on new films only.
+    """The model's own probabilities (N, K) for the films, in order. With ``cache_dir`` they are kept in a
+    :class:`~cxr_monai.feature_store.FeatureStore` keyed by film content, under a spec of the model's
+    weights (``digest``, see :func:`~cxr_monai.site.profile.model_digest`) and pre-processing, so a rerun
+    (another method, other criteria) runs the model on new films only.
 
     Raises:
         InvalidImageError: a film cannot be read (the message names it).
     """
     spec = f"{digest}|{predictor.spatial_size}|{sorted(predictor.preprocessing_options.items())}"
-    keys = [hashlib.sha256(f"{spec}|{d}".encode()).hexdigest() for d in films.digests]
+    store = (
+        FeatureStore(cache_dir, "site-scores-" + hashlib.sha256(spec.encode()).hexdigest()[:32])
+        if cache_dir
+        else None
+    )
     out = np.full((len(films.items), len(predictor.class_names)), np.nan)
     todo = []
-    for i, key in enumerate(keys):
-        cached = cache_dir / f"{key}.npy" if cache_dir is not None else None
-        if cached is not None and cached.is_file():
-            out[i] = np.load(cached)
+    for i, item in enumerate(films.items):
+        cached = store.get(item.image) if store is not None else None
+        if cached is not None:
+            out[i] = cached
             on_done(1)
         else:
             todo.append(i)
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
-        batch = torch.stack([torch.as_tensor(predictor.preprocess(films.items[i].image)) for i in chunk])
-        probs = predictor.predict_tensors(batch)
-        for i, p in zip(chunk, probs, strict=True):
-            out[i] = p
-            if cache_dir is not None:
-                with atomic_path(cache_dir / f"{keys[i]}.npy") as tmp, open(tmp, "wb") as handle:
-                    np.save(handle, np.asarray(p, dtype=np.float64))
+        predictions = predictor.predict([films.items[i].image for i in chunk], batch_size)
+        for i, prediction in zip(chunk, predictions, strict=True):
+            out[i] = prediction.model_probabilities
+            if store is not None:
+                store.put(films.items[i].image, out[i])
         on_done(len(chunk))
     return out
 
