@@ -39,6 +39,7 @@ from cxr_monai.training.trunk_features import (
     TrunkFeaturesd,
     check_trunk_feature_options,
     trainable_network,
+    training_loader,
     trunk_feature_chain,
 )
 
@@ -69,5 +70,6 @@ __all__ = [
     "relocate_trained_bundle",
     "source_class_sampler",
     "trainable_network",
+    "training_loader",
     "trunk_feature_chain",
 ]

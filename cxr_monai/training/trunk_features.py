@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.config import KeysCollection
+from monai.data import DataLoader, list_data_collate
 from monai.transforms import Compose, MapTransform
 from monai.utils import convert_to_tensor
 
@@ -150,6 +151,21 @@ def trunk_feature_chain(
     """The cached run's dataset transform: one deterministic :class:`TrunkFeaturesd`, so ``CacheDataset``
     keeps its output in memory for every epoch."""
     return Compose([TrunkFeaturesd(keys, network, spatial_size, histogram_equalize, crop_borders, cache_dir)])
+
+
+def training_loader(
+    dataset: Any, cache_trunk_features: bool, num_workers: int, **options: Any
+) -> torch.utils.data.DataLoader:
+    """The trainer's or validator's loader: MONAI's ``DataLoader`` with ``num_workers`` worker processes,
+    or, on cached features (in memory, nothing to decode), torch's in the main process with MONAI's
+    collation. Workers there only cost time: starting them each epoch doubled the head's training time.
+    Not MONAI's loader with ``num_workers=0``: it re-seeds the global generator to emulate worker seeds,
+    which would change the run's random stream (shuffles, dropout) and so its models; torch's leaves the
+    stream as the worker-process loader did, so a cached run trains the same head either way.
+    ``options``: the other ``DataLoader`` arguments (batch_size, shuffle, sampler, drop_last)."""
+    if cache_trunk_features:
+        return torch.utils.data.DataLoader(dataset, num_workers=0, collate_fn=list_data_collate, **options)
+    return DataLoader(dataset, num_workers=int(num_workers), **options)
 
 
 def trainable_network(network: torch.nn.Module, cache_trunk_features: bool) -> torch.nn.Module:
