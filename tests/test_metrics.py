@@ -13,6 +13,8 @@ from cxr_monai.evaluation.metrics import (
     binary_auroc,
     bootstrap_indices,
     classification_metrics,
+    confusion_counts,
+    confusion_figures,
     expected_calibration_error,
     point_figures,
     reliability_bins,
@@ -193,3 +195,30 @@ def test_estimate_format() -> None:
     assert Estimate(0.95, 0.9, 0.98).format(2) == "0.95 [0.90, 0.98]"
     assert Estimate(None).format() == "n/a"
     assert Estimate(0.5).format(1) == "0.5"
+
+
+def test_confusion_figures_equal_sklearn_also_where_a_class_is_absent_or_never_called() -> None:
+    from sklearn.metrics import accuracy_score, confusion_matrix
+
+    rng = np.random.default_rng(3)
+    cases = [(rng.integers(0, 3, 40), rng.integers(0, 3, 40)) for _ in range(20)]
+    cases += [
+        (np.array([0, 0, 1, 1]), np.array([0, 2, 0, 2])),  # Normal never called, Pneumonia absent
+        (np.array([2, 2, 2]), np.array([2, 2, 2])),  # one class only
+        (np.array([0, 1]), np.array([1, 0])),  # nothing right
+    ]
+    for y_true, y_pred in cases:
+        cm = confusion_counts(y_true, y_pred, 3)
+        np.testing.assert_array_equal(cm, confusion_matrix(y_true, y_pred, labels=[0, 1, 2]))
+        figures = confusion_figures(cm)
+        precision, recall, f1, _ = precision_recall_fscore_support(
+            y_true, y_pred, labels=[0, 1, 2], average=None, zero_division=np.nan
+        )
+        np.testing.assert_array_equal(figures["precision"], precision)
+        np.testing.assert_array_equal(figures["recall"], recall)
+        np.testing.assert_array_equal(figures["f1"], f1)
+        assert figures["accuracy"][0] == accuracy_score(y_true, y_pred)
+        for c in range(3):
+            negatives = y_true != c
+            expected = recall_score(negatives, y_pred != c) if negatives.any() else np.nan
+            np.testing.assert_array_equal(figures["specificity"][c], expected)

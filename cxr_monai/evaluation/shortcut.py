@@ -18,7 +18,6 @@ import numpy as np
 from monai.transforms import Compose, EnsureChannelFirst, Resize, ScaleIntensity
 from sklearn.compose import ColumnTransformer
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import recall_score
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
@@ -27,6 +26,8 @@ from cxr_monai.evaluation.metrics import (
     DEFAULT_CONFIDENCE,
     DEFAULT_N_BOOT,
     Estimate,
+    confusion_counts,
+    confusion_figures,
     point_and_interval,
     to_estimate,
 )
@@ -212,12 +213,10 @@ def score_shortcut(
     y_true = np.asarray(y_true, dtype=np.int64)
     base_ok = (np.asarray(baseline_pred) == y_true).astype(np.float64)
     model_ok = (np.asarray(model_pred) == y_true).astype(np.float64)
-    labels = np.arange(len(class_names))
+    k = len(class_names)
 
     def figures(idx: np.ndarray) -> np.ndarray:
-        recall = recall_score(
-            y_true[idx], baseline_pred[idx], labels=labels, average=None, zero_division=np.nan
-        )
+        recall = confusion_figures(confusion_counts(y_true[idx], baseline_pred[idx], k))["recall"]
         return np.array([base_ok[idx].mean(), model_ok[idx].mean() - base_ok[idx].mean(), *recall])
 
     point, low, high = point_and_interval(
