@@ -120,3 +120,36 @@ def test_unreadable_files_give_none(tmp_path: Path, content: bytes) -> None:
     (tmp_path / "bad.png").write_bytes(content)
     fingerprints, _ = fingerprint_images([str(tmp_path / "bad.png")], {})
     assert fingerprints == [None]
+
+
+def test_worker_processes_give_the_serial_fingerprints_cache_and_counts(tmp_path: Path) -> None:
+    """70 files (enough for the process pool): distinct films, a copy of one (same bytes), a missing and a
+    truncated file; a third of them already cached. Two workers give what one process gives."""
+    paths = []
+    for k in range(66):
+        distinct_image(100 + k, size=160).save(tmp_path / f"{k}.png")
+        paths.append(str(tmp_path / f"{k}.png"))
+    (tmp_path / "copy.png").write_bytes((tmp_path / "3.png").read_bytes())
+    (tmp_path / "cut.png").write_bytes((tmp_path / "4.png").read_bytes()[:200])
+    paths[10:10] = [str(tmp_path / "copy.png"), str(tmp_path / "missing.png"), str(tmp_path / "cut.png")]
+    runs, progress = {}, {1: [], 2: []}
+    for workers in (1, 2):
+        cache = load_cache(tmp_path / f"cache{workers}")
+        fingerprint_images(paths[::3], cache)
+        runs[workers] = (
+            *fingerprint_images(
+                paths, cache, lambda done, _total, w=workers: progress[w].append(done), workers=workers
+            ),
+            load_cache(tmp_path / f"cache{workers}"),
+        )
+    assert progress[1] == progress[2] == list(range(1, len(paths) + 1)), "after each film, in order"
+    (serial, serial_cached, serial_store), (parallel, parallel_cached, parallel_store) = runs[1], runs[2]
+    # cached: the films fingerprinted before (less the truncated one among them), plus the copy of one
+    assert parallel_cached == serial_cached == len(paths[::3]) - 1 + 1
+    assert [fp is None for fp in parallel] == [fp is None for fp in serial]
+    assert sum(fp is None for fp in parallel) == 2
+    for a, b in zip(serial, parallel, strict=True):
+        if a is not None and b is not None:
+            np.testing.assert_array_equal(a.phash, b.phash)
+            np.testing.assert_array_equal(a.thumbnails, b.thumbnails)
+    assert set(parallel_store) == set(serial_store) and len(parallel_store) == 66, "stored as they came"

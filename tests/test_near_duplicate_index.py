@@ -3,6 +3,7 @@ groups; the fingerprint cache resumes after ``kill -9`` and does not trust a dam
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import signal
@@ -157,25 +158,22 @@ _CHILD = textwrap.dedent(
     import sys, time
     import cxr_monai.data.near_duplicates as nd
 
-    compute = nd.fingerprint
-
-    def slow(path):
+    def report(done, total):  # slow: the run is still going when the test kills it
+        print(done, flush=True)
         time.sleep(0.1)
-        return compute(path)
 
-    nd.fingerprint = slow
     cache = nd.load_cache(sys.argv[1])
-    paths = sys.argv[2:]
-    nd.fingerprint_images(paths, cache, lambda done, total: print(done, flush=True))
+    nd.fingerprint_images(sys.argv[3:], cache, report, workers=int(sys.argv[2]))
     """
 )
 
 
-def test_cache_resumes_after_kill_9(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    paths = [_save(distinct_image(seed, size=200), tmp_path / f"{seed}.png") for seed in range(40)]
+@pytest.mark.parametrize("workers", [1, 2])
+def test_cache_resumes_after_kill_9(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int) -> None:
+    paths = [_save(distinct_image(seed, size=120), tmp_path / f"{seed}.png") for seed in range(70)]
     cache_dir = tmp_path / "cache"
     child = subprocess.Popen(
-        [sys.executable, "-c", _CHILD, str(cache_dir), *paths],
+        [sys.executable, "-c", _CHILD, str(cache_dir), str(workers), *paths],
         stdout=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -188,23 +186,54 @@ def test_cache_resumes_after_kill_9(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         if not line:
             break
         reported = int(line)
+    workers_of_child = _children(child.pid)
     child.send_signal(signal.SIGKILL)
     child.wait()
     assert 12 <= reported < len(paths), "killed midway"
+    assert len(workers_of_child) == (workers if workers > 1 else 0)
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in workers_of_child) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in workers_of_child), "worker processes outlived the killed run"
 
-    calls = []
-    original = nd.fingerprint
-    monkeypatch.setattr(nd, "fingerprint", lambda path: calls.append(path) or original(path))
+    calls = _count_fingerprints(monkeypatch)
     cache = load_cache(cache_dir)
     resumed, cached = fingerprint_images(paths, cache)
 
     assert cached >= reported, "every image reported done before the kill comes from the cache"
-    assert len(calls) == len(paths) - cached and set(calls).isdisjoint(paths[:reported])
+    done_before = {hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in paths[:reported]}
+    assert len(calls) == len(paths) - cached and set(calls).isdisjoint(done_before)
     fresh, _ = fingerprint_images(paths, {})
     for a, b in zip(resumed, fresh, strict=True):
         assert a is not None and b is not None
         np.testing.assert_array_equal(a.thumbnails, b.thumbnails)
         np.testing.assert_array_equal(a.phash, b.phash)
+
+
+def _children(pid: int) -> list[int]:
+    """Process ids of ``pid``'s children (Linux /proc)."""
+    return [int(v) for v in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _count_fingerprints(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The SHA-256 of each film fingerprinted from now on in this process, in order."""
+    calls: list[str] = []
+    original = nd.fingerprint
+
+    def counted(source: io.BytesIO) -> nd.Fingerprint:
+        calls.append(hashlib.sha256(source.getvalue()).hexdigest())
+        return original(source)
+
+    monkeypatch.setattr(nd, "fingerprint", counted)
+    return calls
 
 
 def _segments(cache_dir: Path) -> list[Path]:
@@ -232,9 +261,7 @@ def test_damaged_cache_is_detected_and_rebuilt(
     (segment,) = _segments(tmp_path)
     _damage(segment, how)
 
-    calls = []
-    original = nd.fingerprint
-    monkeypatch.setattr(nd, "fingerprint", lambda path: calls.append(path) or original(path))
+    calls = _count_fingerprints(monkeypatch)
     cache = load_cache(tmp_path)
     assert len(cache.damaged) == 1 and segment.name in cache.damaged[0]
     again, cached = fingerprint_images(paths, cache)

@@ -22,6 +22,7 @@ from cxr_monai.errors import CXRMonaiError
 from cxr_monai.explain.files import film_site
 from cxr_monai.io import read_cxr
 from cxr_monai.site.sitemap import SiteMap
+from cxr_monai.worker_processes import end_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +121,7 @@ def film_loader(dataset: Dataset, batch_size: int, workers: int) -> DataLoader:
         collate_fn=collate,
         prefetch_factor=PREFETCH if workers else None,
         persistent_workers=False,
+        worker_init_fn=end_with_parent,
     )
 
 

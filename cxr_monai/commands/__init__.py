@@ -137,4 +137,6 @@ def configure_logging(verbose: bool) -> None:
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not verbose:  # faiss logs each CPU build it tries and fails to load, as INFO: noise to users
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     log_hygiene.install()

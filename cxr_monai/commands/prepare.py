@@ -148,6 +148,14 @@ def prepare(
         5, "--folds", metavar="N", help="Cross-validation folds of the training split."
     ),
     seed: int = typer.Option(0, "--seed", metavar="SEED", help="Seed of the subsampling and the splits."),
+    workers: int | None = typer.Option(
+        None,
+        "--workers",
+        min=1,
+        metavar="N",
+        help="Processes reading and fingerprinting the films (default: the CPUs this process may use; "
+        "the datalist does not depend on it).",
+    ),
     out: Path = typer.Option(
         Path("out/prep"),
         "--out",
@@ -168,6 +176,7 @@ def prepare(
     """
     # imported here so that `cxr-monai --help` and the other commands do not load scikit-learn
     from cxr_monai.data import FIGURE_FILENAME, PrepareOptions, assemble_dataset, site_csv, write_prepared
+    from cxr_monai.data.near_duplicates import fingerprint_workers
 
     with user_errors():
         options = PrepareOptions(
@@ -203,6 +212,7 @@ def prepare(
                 on_search_progress=lambda done, total: progress.update(
                     search, completed=done, total=total, visible=True
                 ),
+                workers=workers or fingerprint_workers(),
             )
         datalist_path, summary_path = write_prepared(prepared, out)
     counts = prepared.summary["counts"]

@@ -158,6 +158,7 @@ def _readable(
     on_progress: Callable[[int, int], None] | None,
     warnings: list[str],
     on_search_progress: Callable[[int, int], None] | None = None,
+    workers: int = 1,
 ) -> tuple[list[DataItem], list[NearDuplicatePair], dict[str, Any]]:
     """Items whose image decodes, their near-duplicate pairs and the report of the fingerprinting."""
     if isinstance(cache, FingerprintCache) and cache.damaged:
@@ -165,7 +166,7 @@ def _readable(
             f"fingerprint cache {cache.directory}: damaged parts not trusted, those images fingerprinted "
             f"again ({'; '.join(cache.damaged)})"
         )
-    fingerprints, cached = fingerprint_images([item.image for item in items], cache, on_progress)
+    fingerprints, cached = fingerprint_images([item.image for item in items], cache, on_progress, workers)
     unreadable = Counter(item.source for item, fp in zip(items, fingerprints, strict=True) if fp is None)
     if unreadable:
         listing = ", ".join(f"{source} {n}" for source, n in sorted(unreadable.items()))
@@ -219,6 +220,7 @@ def assemble_dataset(
     options: PrepareOptions,
     on_progress: Callable[[int, int], None] | None = None,
     on_search_progress: Callable[[int, int], None] | None = None,
+    workers: int = 1,
 ) -> PreparedDataset:
     """Scan the sources, cap each class, fingerprint the images, split by patient merged with its
     near-duplicates: the datalist and its summary (nothing written but the fingerprint cache in
@@ -226,7 +228,8 @@ def assemble_dataset(
     interrupted run resumes).
 
     ``on_progress(done, total)`` after each image fingerprinted; ``on_search_progress(done, total)`` as
-    the near-duplicate search goes through the images. Images that cannot be decoded are skipped
+    the near-duplicate search goes through the images; ``workers``: fingerprinting processes (the result
+    does not depend on it). Images that cannot be decoded are skipped
     with a warning. DatasetError for a missing source layout, a bad site CSV or finding map, impossible
     split options or no images.
     """
@@ -240,7 +243,9 @@ def assemble_dataset(
     items, sampled, sample_warnings = subsample_per_class(items, caps, options.seed)
     warnings.extend(sample_warnings)
     cache = load_cache(options.cache_dir) if options.cache_dir is not None else {}
-    items, pairs, near_duplicates = _readable(items, cache, on_progress, warnings, on_search_progress)
+    items, pairs, near_duplicates = _readable(
+        items, cache, on_progress, warnings, on_search_progress, workers
+    )
     groups = split_groups(items, pairs, same_patients)
     near_duplicates["same_file_patients"] = [list(pair) for pair in same_patients]
     for name, sample in sampled.items():

@@ -38,11 +38,12 @@ stopped.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterator, MutableMapping, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, MutableMapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,7 @@ from scipy.sparse.csgraph import connected_components
 
 from cxr_monai.atomic import atomic_path
 from cxr_monai.data.sources import DataItem
+from cxr_monai.worker_processes import end_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +73,7 @@ NCC_THRESHOLD = 0.97
 CACHE_DIRNAME = "near_duplicate_cache"
 _CACHE_VERSION = 2
 _DECODE_SIZE = 256  # JPEG draft decoding to >= this many px: the fingerprints need no more
+_WORKER_CHUNK = 16  # films a fingerprinting worker takes at once
 _BLOCK = 1024  # rows of the pairwise hash comparison held at once (brute force)
 #: Dimensions of the orthonormal projection (top principal components) the index searches in.
 INDEX_DIMENSIONS = 32
@@ -105,9 +108,10 @@ class NearDuplicatePair:
     correlation: float
 
 
-def _grayscale(path: str) -> Image.Image:
-    """The image as 8-bit grayscale; 16-bit and float images rescaled min..max to 0..255."""
-    with Image.open(path) as opened:
+def _grayscale(source: str | io.BytesIO) -> Image.Image:
+    """The image (a path or its bytes) as 8-bit grayscale; 16-bit and float images rescaled min..max to
+    0..255."""
+    with Image.open(source) as opened:
         opened.draft("L", (_DECODE_SIZE, _DECODE_SIZE))  # JPEG: decode at reduced scale (fast)
         image = ImageOps.exif_transpose(opened)
         if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
@@ -117,9 +121,10 @@ def _grayscale(path: str) -> Image.Image:
         return image.convert("L")
 
 
-def fingerprint(path: str) -> Fingerprint:
-    """Fingerprint of one image file; OSError / PIL errors when it cannot be decoded."""
-    image = _grayscale(path)
+def fingerprint(source: str | io.BytesIO) -> Fingerprint:
+    """Fingerprint of one image file (a path or its bytes); OSError / PIL errors when it cannot be
+    decoded."""
+    image = _grayscale(source)
     width, height = image.size
     hashes, thumbnails = [], []
     for level in CROP_LEVELS:
@@ -299,29 +304,86 @@ def save_cache(cache_dir: Path, cache: MutableMapping[str, Fingerprint]) -> None
     cache.compact()
 
 
+_FINGERPRINT_ERRORS = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError)
+
+
+def _keyed_fingerprint(path: str, known: Container[str]) -> tuple[str | None, Fingerprint | None]:
+    """(content key, fingerprint) of one file, read once; the fingerprint is None when the key is in
+    ``known``, and both are None when the file cannot be read or decoded."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+        key = hashlib.sha256(data).hexdigest()
+        return key, None if key in known else fingerprint(io.BytesIO(data))
+    except _FINGERPRINT_ERRORS as exc:
+        logger.debug("cannot fingerprint an image: %s", type(exc).__name__)
+        return None, None
+
+
+class _FingerprintFiles:
+    """Map-style dataset for torch's DataLoader: ``i`` -> :func:`_keyed_fingerprint` of ``paths[i]``."""
+
+    def __init__(self, paths: Sequence[str], known: frozenset[str]) -> None:
+        self.paths, self.known = paths, known
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[str | None, Fingerprint | None]:
+        return _keyed_fingerprint(self.paths[index], self.known)
+
+
+def fingerprint_workers() -> int:
+    """Worker processes for :func:`fingerprint_images` by default: the CPUs this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def fingerprint_images(
     paths: Sequence[str],
     cache: MutableMapping[str, Fingerprint],
     on_progress: Callable[[int, int], None] | None = None,
+    workers: int = 1,
 ) -> tuple[list[Fingerprint | None], int]:
     """Fingerprints of ``paths`` (None where the file cannot be read or decoded) and how many came from
     ``cache`` (content key -> fingerprint; new ones are added to it, and so saved at once when it is a
-    :class:`FingerprintCache`). ``on_progress(done, total)`` after each image."""
+    :class:`FingerprintCache`). ``on_progress(done, total)`` after each image.
+
+    ``workers`` > 1: the files are read, hashed and fingerprinted in that many DataLoader worker
+    processes, in order, while this process alone writes the cache, so an interrupted run resumes as a
+    serial one does (and the workers stop when this process dies). The result equals the serial one."""
+    if workers > 1 and len(paths) >= 4 * _WORKER_CHUNK:
+        from torch.utils.data import DataLoader  # only here: prepare otherwise needs no torch
+
+        files = _FingerprintFiles(paths, frozenset(cache.keys()))
+        loader = DataLoader(
+            files, _WORKER_CHUNK, num_workers=workers, collate_fn=list, worker_init_fn=end_with_parent
+        )
+        return _gather((one for chunk in loader for one in chunk), len(paths), cache, on_progress)
+    return _gather((_keyed_fingerprint(path, cache) for path in paths), len(paths), cache, on_progress)
+
+
+def _gather(
+    keyed: Iterable[tuple[str | None, Fingerprint | None]],
+    total: int,
+    cache: MutableMapping[str, Fingerprint],
+    on_progress: Callable[[int, int], None] | None,
+) -> tuple[list[Fingerprint | None], int]:
+    """The fingerprints of (key, new fingerprint or None) results in order, new ones stored in ``cache``."""
     results: list[Fingerprint | None] = []
     cached = 0
-    for done, path in enumerate(paths, start=1):
-        try:
-            key = _content_key(path)
-            if key in cache:
-                cached += 1
-            else:
-                cache[key] = fingerprint(path)
-            results.append(cache[key])
-        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
-            logger.debug("cannot fingerprint image %d: %s", done - 1, type(exc).__name__)
+    for done, (key, new) in enumerate(keyed, start=1):
+        if key is None:
             results.append(None)
+        elif key in cache:  # cached before the run, or a film of the same content earlier in it
+            cached += 1
+            results.append(cache[key])
+        elif new is not None:
+            cache[key] = new
+            results.append(new)
+        else:  # cannot happen: a key known at the start stays in the cache
+            raise KeyError("fingerprint cache lost an entry during the run")
         if on_progress is not None:
-            on_progress(done, len(paths))
+            on_progress(done, total)
     return results, cached
 
 
