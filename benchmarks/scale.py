@@ -11,7 +11,13 @@ under ``/usr/bin/time -v`` (wall time, peak RSS):
 2. ``cxr-monai train --cache-trunk-features`` (trunk features of the training split, then the head; fold
    0 and a final model),
 3. ``cxr-monai evaluate --split test`` (reuses the training cache) and ``--split cv``,
-4. ``cxr-monai predict`` over the whole archive.
+4. ``cxr-monai predict`` over the whole archive (eager, batch 16, 2 reader processes: its defaults).
+
+The **decode + forward limit** for ``predict``: in this process, on the first 512 films of the archive
+(all when fewer), every film decoded and pre-processed exactly as ``predict`` does (the bundle's chain),
+then the network run on batches of 16, one after the other; its seconds per film times n is the limit the
+issue names (what decoding and the forward cost with nothing else: no readers, queues, CSV or progress).
+``predict`` overlaps its readers with the forward on the same cores, so it can come in under 1.
 
 The growth exponent between sizes n1 < n2 is log(t2 / t1) / log(n2 / n1): 1 is linear, 2 quadratic.
 Only sizes that ran are reported; nothing is extrapolated here.
@@ -28,6 +34,7 @@ import csv
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import re
 import subprocess
@@ -42,7 +49,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-STAGES = ("prepare", "train", "evaluate test", "evaluate cv", "predict")
+STAGES = ("prepare", "train", "evaluate test", "evaluate cv", "predict", "decode + forward limit")
 
 
 def real_films(data: Path) -> list[tuple[Path, str, str]]:
@@ -90,31 +97,53 @@ def write_dicom(pixels: np.ndarray, path: Path) -> None:
     ds.save_as(path, enforce_file_format=True)
 
 
+def _film(task: tuple[int, int, list[tuple[Path, str, str]], Path]) -> dict[str, str]:
+    """Film ``i`` of the archive (its own seeded generator, so the archive does not depend on the worker
+    count): written under ``folder``; its CSV row."""
+    i, seed, sources, folder = task
+    rng = np.random.default_rng([seed, i])
+    source, label, patient = sources[int(rng.integers(len(sources)))]
+    pixels = synthetic_film(source, rng)
+    name = f"films/{i // 1000:03d}/{i:06d}" + (".dcm" if i % 10 == 0 else ".png")
+    (folder / name).parent.mkdir(parents=True, exist_ok=True)
+    if name.endswith(".dcm"):
+        write_dicom(pixels, folder / name)
+    else:
+        Image.fromarray(pixels).save(folder / name)
+    return {"image": name, "label": label, "patient_id": patient}
+
+
 def build_archive(n: int, folder: Path, seed: int = 0) -> Path:
-    """``n`` synthetic films under ``folder/films`` and ``folder/labels.csv``; returns the CSV (kept and
-    reused when it already lists n films)."""
+    """``n`` synthetic films under ``folder/films`` and ``folder/labels.csv`` (written last); returns the
+    CSV (kept and reused when it already lists n films). Built by as many processes as there are CPUs."""
     labels = folder / "labels.csv"
     if labels.is_file() and sum(1 for _ in labels.open()) == n + 1:
         return labels
-    rng = np.random.default_rng(seed)
     sources = real_films(SHARED)
-    (folder / "films").mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(n):
-        source, label, patient = sources[int(rng.integers(len(sources)))]
-        pixels = synthetic_film(source, rng)
-        name = f"films/{i // 1000:03d}/{i:06d}" + (".dcm" if i % 10 == 0 else ".png")
-        (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        if name.endswith(".dcm"):
-            write_dicom(pixels, folder / name)
-        else:
-            Image.fromarray(pixels).save(folder / name)
-        rows.append({"image": name, "label": label, "patient_id": patient})
+    tasks = ((i, seed, sources, folder) for i in range(n))
+    with multiprocessing.Pool(os.cpu_count()) as pool:
+        rows = list(pool.imap(_film, tasks, chunksize=64))
     with labels.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["image", "label", "patient_id"])
         writer.writeheader()
         writer.writerows(rows)
     return labels
+
+
+def decode_forward_limit(bundle: Path, films: list[Path], batch_size: int = 16) -> float:
+    """Seconds per film to decode, pre-process (the bundle's chain) and run the network on ``films``, one
+    step after the other in this process (torch's default threads): the limit ``predict`` is held to."""
+    import torch
+
+    from cxr_monai.predictor import Predictor
+
+    predictor = Predictor.from_bundle(bundle, with_sites=False)
+    predictor.predict_tensors(torch.as_tensor(predictor.preprocess(films[0]))[None])  # warm-up
+    started = time.perf_counter()
+    inputs = [torch.as_tensor(predictor.preprocess(film)) for film in films]
+    for start in range(0, len(inputs), batch_size):
+        predictor.predict_tensors(torch.stack(inputs[start : start + batch_size]))
+    return (time.perf_counter() - started) / len(films)
 
 
 def timed(command: list[str]) -> tuple[float, float]:
@@ -161,6 +190,10 @@ def run_size(n: int, work: Path, epochs: int) -> dict[str, tuple[float, float]]:
     )
     predict = ["cxr-monai", "predict", str(folder / "films"), "--bundle", str(out / "train" / "final")]
     results["predict"] = timed([*predict, "--out", str(out / "scores.csv")])
+    with labels.open() as handle:
+        sample = [folder / row["image"] for row in itertools.islice(csv.DictReader(handle), 512)]
+    per_film = decode_forward_limit(out / "train" / "final", sample)
+    results["decode + forward limit"] = (per_film * n, float("nan"))
     return results
 
 
@@ -181,7 +214,11 @@ def main() -> None:
         raise SystemExit(f"no shared data at {SHARED}")
     sizes = sorted(int(v) for v in args.sizes.split(","))
     started = time.perf_counter()
-    measured = {n: run_size(n, args.work, args.epochs) for n in sizes}
+    measured = {}
+    for n in sizes:  # each size's figures kept as soon as they exist: a long run stopped keeps them
+        measured[n] = run_size(n, args.work, args.epochs)
+        kept = {str(k): v for k, v in measured.items()}
+        args.out.with_suffix(".json").write_text(json.dumps(kept, indent=1))
     load = os.getloadavg()
     header = "| stage | " + " | ".join(f"n = {n}: s, GiB" for n in sizes)
     header += "".join(f" | exponent {a}→{b}" for a, b in itertools.pairwise(sizes)) + " |"
@@ -195,12 +232,20 @@ def main() -> None:
     ]
     for stage in STAGES:
         cells = [f"{measured[n][stage][0]:.0f} s, {measured[n][stage][1]:.2f}" for n in sizes]
+        cells = [cell.replace(", nan", "") for cell in cells]
         cells += [
             f"{exponent(a, measured[a][stage][0], b, measured[b][stage][0]):.2f}"
             for a, b in itertools.pairwise(sizes)
         ]
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    ratios = [measured[n]["predict"][0] / measured[n]["decode + forward limit"][0] for n in sizes]
     lines += [
+        "",
+        "`predict` against its decode + forward limit: "
+        + ", ".join(f"{ratio:.2f}x at n = {n}" for n, ratio in zip(sizes, ratios, strict=True))
+        + "; its peak memory: "
+        + ", ".join(f"{measured[n]['predict'][1]:.2f} GiB at n = {n}" for n in sizes)
+        + ".",
         "",
         f"Machine: {os.cpu_count()} cores; load average at the end {load[0]:.1f} / {load[1]:.1f} / "
         f"{load[2]:.1f} (other work on the machine inflates the times); total "
@@ -209,7 +254,6 @@ def main() -> None:
         f"Command: `{command_line()}`",
         "",
     ]
-    (args.out.with_suffix(".json")).write_text(json.dumps({str(n): measured[n] for n in sizes}, indent=1))
     write_results(args.out, lines)
 
 
