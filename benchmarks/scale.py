@@ -113,13 +113,13 @@ def _film(task: tuple[int, int, list[tuple[Path, str, str]], Path]) -> dict[str,
     return {"image": name, "label": label, "patient_id": patient}
 
 
-def build_archive(n: int, folder: Path, seed: int = 0) -> Path:
+def build_archive(n: int, folder: Path, data: Path, seed: int = 0) -> Path:
     """``n`` synthetic films under ``folder/films`` and ``folder/labels.csv`` (written last); returns the
     CSV (kept and reused when it already lists n films). Built by as many processes as there are CPUs."""
     labels = folder / "labels.csv"
     if labels.is_file() and sum(1 for _ in labels.open()) == n + 1:
         return labels
-    sources = real_films(SHARED)
+    sources = real_films(data)
     tasks = ((i, seed, sources, folder) for i in range(n))
     with multiprocessing.Pool(os.cpu_count()) as pool:
         rows = list(pool.imap(_film, tasks, chunksize=64))
@@ -159,10 +159,10 @@ def timed(command: list[str]) -> tuple[float, float]:
     return seconds, int(rss.group(1)) / 2**20
 
 
-def run_size(n: int, work: Path, epochs: int) -> dict[str, tuple[float, float]]:
+def run_size(n: int, work: Path, data: Path, epochs: int) -> dict[str, tuple[float, float]]:
     """Every stage on an archive of ``n`` films: {stage: (seconds, peak GiB)}."""
     folder = work / f"n{n}"
-    labels = build_archive(n, folder)
+    labels = build_archive(n, folder, data)
     out = folder / "out"
     results = {}
     prep = ["cxr-monai", "prepare", "--site-csv", f"archive={labels}", "--out", str(out / "prep")]
@@ -206,17 +206,18 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--sizes", default="300,1200", help="Archive sizes (films), comma-separated.")
+    parser.add_argument("--data", type=Path, default=SHARED, help="The shared data folder.")
     parser.add_argument("--work", type=Path, default=Path("/tmp/cxr_scale"))
     parser.add_argument("--epochs", type=int, default=30, help="Head epochs (the main job's 30).")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scale.md")
     args = parser.parse_args()
-    if not SHARED.is_dir():
-        raise SystemExit(f"no shared data at {SHARED}")
+    if not args.data.is_dir():
+        raise SystemExit(f"no shared data at {args.data}")
     sizes = sorted(int(v) for v in args.sizes.split(","))
     started = time.perf_counter()
     measured = {}
     for n in sizes:  # each size's figures kept as soon as they exist: a long run stopped keeps them
-        measured[n] = run_size(n, args.work, args.epochs)
+        measured[n] = run_size(n, args.work, args.data, args.epochs)
         kept = {str(k): v for k, v in measured.items()}
         args.out.with_suffix(".json").write_text(json.dumps(kept, indent=1))
     load = os.getloadavg()
