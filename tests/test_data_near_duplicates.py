@@ -153,3 +153,28 @@ def test_worker_processes_give_the_serial_fingerprints_cache_and_counts(tmp_path
             np.testing.assert_array_equal(a.phash, b.phash)
             np.testing.assert_array_equal(a.thumbnails, b.thumbnails)
     assert set(parallel_store) == set(serial_store) and len(parallel_store) == 66, "stored as they came"
+
+
+def test_dicom_films_are_fingerprinted_as_a_viewer_shows_them(tmp_path: Path) -> None:
+    """A site CSV of a PACS export lists DICOM files: they are fingerprinted (not skipped as unreadable),
+    MONOCHROME1 inverted, so a DICOM and a PNG of the same picture are one near-duplicate group."""
+    from dicom_factory import make_dataset, save
+
+    picture = np.asarray(distinct_image(11, size=256), dtype=np.uint8)
+    picture = ((picture - picture.min()) * (255.0 / np.ptp(picture))).astype(np.uint8)  # spans 0..255
+    Image.fromarray(picture).save(tmp_path / "film.png")
+    save(make_dataset(picture), tmp_path / "film.dcm")
+    save(make_dataset(255 - picture, photometric="MONOCHROME1"), tmp_path / "inverted.dcm")
+    distinct_image(12, size=256).save(tmp_path / "other.png")
+    names = ["film.png", "film.dcm", "inverted.dcm", "other.png"]
+
+    fingerprints, _ = fingerprint_images([str(tmp_path / name) for name in names], {})
+
+    assert all(fp is not None for fp in fingerprints)
+    png, dcm, inverted, _ = fingerprints
+    for fp in (dcm, inverted):
+        assert fp is not None and png is not None
+        np.testing.assert_array_equal(fp.thumbnails, png.thumbnails)
+        np.testing.assert_array_equal(fp.phash, png.phash)
+    pairs = near_duplicate_pairs([fp for fp in fingerprints if fp is not None])
+    assert {(pair.first, pair.second) for pair in pairs} == {(0, 1), (0, 2), (1, 2)}

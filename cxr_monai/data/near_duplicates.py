@@ -57,6 +57,7 @@ from scipy.sparse.csgraph import connected_components
 
 from cxr_monai.atomic import atomic_path
 from cxr_monai.data.sources import DataItem
+from cxr_monai.io import read_cxr
 from cxr_monai.worker_processes import end_with_parent
 
 logger = logging.getLogger(__name__)
@@ -110,15 +111,24 @@ class NearDuplicatePair:
 
 def _grayscale(source: str | io.BytesIO) -> Image.Image:
     """The image (a path or its bytes) as 8-bit grayscale; 16-bit and float images rescaled min..max to
-    0..255."""
-    with Image.open(source) as opened:
-        opened.draft("L", (_DECODE_SIZE, _DECODE_SIZE))  # JPEG: decode at reduced scale (fast)
-        image = ImageOps.exif_transpose(opened)
-        if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-            pixels = np.asarray(image, dtype=np.float64)
-            span = float(pixels.max() - pixels.min()) or 1.0
-            return Image.fromarray(((pixels - pixels.min()) * (255.0 / span)).astype(np.uint8))
-        return image.convert("L")
+    0..255. What Pillow cannot open (DICOM, NIfTI) is read as a viewer shows it
+    (:func:`~cxr_monai.io.read_cxr`: VOI LUT / window, MONOCHROME1 inverted), then rescaled likewise."""
+    try:
+        with Image.open(source) as opened:
+            opened.draft("L", (_DECODE_SIZE, _DECODE_SIZE))  # JPEG: decode at reduced scale (fast)
+            image = ImageOps.exif_transpose(opened)
+            if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+                return _rescaled(np.asarray(image, dtype=np.float64))
+            return image.convert("L")
+    except UnidentifiedImageError:
+        data = source.getvalue() if isinstance(source, io.BytesIO) else Path(source).read_bytes()
+        return _rescaled(read_cxr(data).pixels.astype(np.float64))
+
+
+def _rescaled(pixels: np.ndarray) -> Image.Image:
+    """(rows, columns) values -> 8-bit grayscale image, min..max to 0..255."""
+    span = float(pixels.max() - pixels.min()) or 1.0
+    return Image.fromarray(((pixels - pixels.min()) * (255.0 / span)).astype(np.uint8))
 
 
 def fingerprint(source: str | io.BytesIO) -> Fingerprint:
