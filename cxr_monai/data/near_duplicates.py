@@ -147,11 +147,6 @@ def fingerprint(source: str | io.BytesIO) -> Fingerprint:
     return Fingerprint(np.array(hashes, dtype=np.uint64), np.stack(thumbnails))
 
 
-def _content_key(path: str) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
 def _settings_digest() -> bytes:
     """What a cached fingerprint depends on besides the file bytes: a record made otherwise is stale."""
     settings = repr((_CACHE_VERSION, CROP_LEVELS, THUMBNAIL_SIZE, _DECODE_SIZE)).encode()
