@@ -159,8 +159,10 @@ def timed(command: list[str]) -> tuple[float, float]:
     return seconds, int(rss.group(1)) / 2**20
 
 
-def run_size(n: int, work: Path, data: Path, epochs: int) -> dict[str, tuple[float, float]]:
-    """Every stage on an archive of ``n`` films: {stage: (seconds, peak GiB)}."""
+def run_size(
+    n: int, work: Path, data: Path, epochs: int, prepare_only: bool = False
+) -> dict[str, tuple[float, float]]:
+    """Every stage (or ``prepare`` alone) on an archive of ``n`` films: {stage: (seconds, peak GiB)}."""
     folder = work / f"n{n}"
     labels = build_archive(n, folder, data)
     out = folder / "out"
@@ -168,6 +170,8 @@ def run_size(n: int, work: Path, data: Path, epochs: int) -> dict[str, tuple[flo
     prep = ["cxr-monai", "prepare", "--site-csv", f"archive={labels}", "--out", str(out / "prep")]
     prep += ["--n-covid", "all", "--n-normal", "all", "--n-pneumonia", "all"]  # not the paper's 300
     results["prepare"] = timed([*prep, "--cache-dir", str(out / "fingerprints")])
+    if prepare_only:
+        return results
     datalist = str(out / "prep" / "datalist.json")
     train = ["cxr-monai", "train", "--datalist", datalist, "--out", str(out / "train")]
     train += ["--backbone", "efficientnet_lite2", "--pretrained", "imagenet", "--spatial-size", "260"]
@@ -207,6 +211,14 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--sizes", default="300,1200", help="Archive sizes (films), comma-separated.")
+    parser.add_argument(
+        "--prepare-only", default="", help="Further sizes at which only prepare runs, comma-separated."
+    )
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="Keep the sizes measured before (the JSON beside --out) in the table.",
+    )
     parser.add_argument("--data", type=Path, default=SHARED, help="The shared data folder.")
     parser.add_argument("--work", type=Path, default=Path("/tmp/cxr_scale"))
     parser.add_argument("--epochs", type=int, default=30, help="Head epochs (the main job's 30).")
@@ -214,13 +226,15 @@ def main() -> None:
     args = parser.parse_args()
     if not args.data.is_dir():
         raise SystemExit(f"no shared data at {args.data}")
-    sizes = sorted(int(v) for v in args.sizes.split(","))
+    full = [int(v) for v in args.sizes.split(",") if v]
+    prepare_only = [int(v) for v in args.prepare_only.split(",") if v]
     started = time.perf_counter()
-    measured = {}
-    for n in sizes:  # each size's figures kept as soon as they exist: a long run stopped keeps them
-        measured[n] = run_size(n, args.work, args.data, args.epochs)
-        kept = {str(k): v for k, v in measured.items()}
-        args.out.with_suffix(".json").write_text(json.dumps(kept, indent=1))
+    saved = args.out.with_suffix(".json")
+    measured = {int(k): v for k, v in json.loads(saved.read_text()).items()} if args.keep else {}
+    for n in [*full, *prepare_only]:  # each size's figures kept as soon as they exist
+        measured[n] = run_size(n, args.work, args.data, args.epochs, prepare_only=n in prepare_only)
+        saved.write_text(json.dumps({str(k): v for k, v in sorted(measured.items())}, indent=1))
+    sizes = sorted(measured)
     load = os.getloadavg()
     header = "| stage | " + " | ".join(f"n = {n}: s, GiB" for n in sizes)
     header += "".join(f" | exponent {a}→{b}" for a, b in itertools.pairwise(sizes)) + " |"
@@ -233,25 +247,33 @@ def main() -> None:
         "|" + "---|" * (1 + len(sizes) + len(sizes) - 1),
     ]
     for stage in STAGES:
-        cells = [f"{measured[n][stage][0]:.0f} s, {measured[n][stage][1]:.2f}" for n in sizes]
+        cells = [
+            f"{measured[n][stage][0]:.0f} s, {measured[n][stage][1]:.2f}"
+            if stage in measured[n]
+            else "not run"
+            for n in sizes
+        ]
         cells = [cell.replace(", nan", "") for cell in cells]
         cells += [
             f"{exponent(a, measured[a][stage][0], b, measured[b][stage][0]):.2f}"
+            if stage in measured[a] and stage in measured[b]
+            else ""
             for a, b in itertools.pairwise(sizes)
         ]
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
-    ratios = [measured[n]["predict"][0] / measured[n]["decode + forward limit"][0] for n in sizes]
+    scored = [n for n in sizes if "predict" in measured[n]]
+    ratios = [measured[n]["predict"][0] / measured[n]["decode + forward limit"][0] for n in scored]
     lines += [
         "",
         "`predict` against its decode + forward limit: "
-        + ", ".join(f"{ratio:.2f}x at n = {n}" for n, ratio in zip(sizes, ratios, strict=True))
+        + ", ".join(f"{ratio:.2f}x at n = {n}" for n, ratio in zip(scored, ratios, strict=True))
         + "; its peak memory: "
-        + ", ".join(f"{measured[n]['predict'][1]:.2f} GiB at n = {n}" for n in sizes)
+        + ", ".join(f"{measured[n]['predict'][1]:.2f} GiB at n = {n}" for n in scored)
         + ".",
         "",
         f"Machine: {os.cpu_count()} cores; load average at the end {load[0]:.1f} / {load[1]:.1f} / "
-        f"{load[2]:.1f} (other work on the machine inflates the times); total "
-        f"{time.perf_counter() - started:.0f} s including building the archives.",
+        f"{load[2]:.1f} (other work on the machine inflates the times); this run "
+        f"{time.perf_counter() - started:.0f} s including building its archives.",
         "",
         f"Command: `{command_line()}`",
         "",
