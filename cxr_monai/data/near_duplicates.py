@@ -47,7 +47,7 @@ from collections.abc import Callable, Container, Iterable, Iterator, MutableMapp
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import imagehash
 import numpy as np
@@ -309,10 +309,11 @@ def save_cache(cache_dir: Path, cache: MutableMapping[str, Fingerprint]) -> None
     cache.compact()
 
 
+_Keyed = tuple[str | None, Fingerprint | None]  # (content key, new fingerprint) of one film
 _FINGERPRINT_ERRORS = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError)
 
 
-def _keyed_fingerprint(path: str, known: Container[str]) -> tuple[str | None, Fingerprint | None]:
+def _keyed_fingerprint(path: str, known: Container[str]) -> _Keyed:
     """(content key, fingerprint) of one file, read once; the fingerprint is None when the key is in
     ``known``, and both are None when the file cannot be read or decoded."""
     try:
@@ -334,7 +335,7 @@ class _FingerprintFiles:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[str | None, Fingerprint | None]:
+    def __getitem__(self, index: int) -> _Keyed:
         return _keyed_fingerprint(self.paths[index], self.known)
 
 
@@ -357,10 +358,10 @@ def fingerprint_images(
     processes, in order, while this process alone writes the cache, so an interrupted run resumes as a
     serial one does (and the workers stop when this process dies). The result equals the serial one."""
     if workers > 1 and len(paths) >= 4 * _WORKER_CHUNK:
-        from torch.utils.data import DataLoader  # only here: prepare otherwise needs no torch
+        from torch.utils.data import DataLoader, Dataset  # only here: prepare otherwise needs no torch
 
-        files = _FingerprintFiles(paths, frozenset(cache.keys()))
-        loader = DataLoader(
+        files = cast(Dataset[_Keyed], _FingerprintFiles(paths, frozenset(cache.keys())))
+        loader: DataLoader[_Keyed] = DataLoader(
             files, _WORKER_CHUNK, num_workers=workers, collate_fn=list, worker_init_fn=end_with_parent
         )
         return _gather((one for chunk in loader for one in chunk), len(paths), cache, on_progress)
@@ -368,7 +369,7 @@ def fingerprint_images(
 
 
 def _gather(
-    keyed: Iterable[tuple[str | None, Fingerprint | None]],
+    keyed: Iterable[_Keyed],
     total: int,
     cache: MutableMapping[str, Fingerprint],
     on_progress: Callable[[int, int], None] | None,
