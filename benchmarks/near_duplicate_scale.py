@@ -38,6 +38,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.fft
@@ -239,6 +240,25 @@ def reading(new: list[dict]) -> list[str]:
     return [*lines, ""]
 
 
+def timing_table(records: list[dict[str, Any]], planted: bool) -> list[str]:
+    """Markdown rows of one search's runs: time, CPU, their growth, memory, pairs (and planted found)."""
+    extra = " planted found |" if planted else ""
+    lines = [
+        "| films | time (s) | growth | CPU (s) | growth | RSS before (MiB) | peak RSS in search (MiB) "
+        "| pairs |" + extra,
+        "|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if planted else ""),
+    ]
+    rows = zip(records, exponent(records), exponent(records, "cpu_seconds"), strict=True)
+    for record, grow, grow_cpu in rows:
+        found = f" {record['planted_found']} of {record['planted']} |" if planted else ""
+        lines.append(
+            f"| {record['n']:,} | {record['seconds']:.1f} | {grow} | {record['cpu_seconds']:.1f} | "
+            f"{grow_cpu} | {record['rss_before_mib']:.0f} | "
+            f"{record['peak_rss_mib']:.0f} | {len(record['pairs']):,} |" + found
+        )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -297,39 +317,18 @@ def main() -> None:
         "the other jobs on the machine disturb less than the wall time. Growth: the exponent",
         "log(t2/t1) / log(n2/n1) from the row above.",
         "",
-        f"Machine: {os.cpu_count()} CPUs visible, {len(os.sched_getaffinity(0))} usable by this process, "
-        "shared with 2-3 other jobs; load average at start "
+        f"Machine: {os.cpu_count()} CPUs visible, {len(os.sched_getaffinity(0))} usable by this process; "
+        "load average at start "
         f"{load_at_start[0]:.1f}, at end {load_at_end[0]:.1f}.",
         "",
         "## Index (`near_duplicate_pairs`, what `prepare` runs)",
         "",
-        "| films | time (s) | growth | CPU (s) | growth | RSS before (MiB) | peak RSS in search (MiB) "
-        "| pairs | planted found |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    rows = zip(new, exponent(new), exponent(new, "cpu_seconds"), strict=True)
-    for record, grow, grow_cpu in rows:
-        lines.append(
-            f"| {record['n']:,} | {record['seconds']:.1f} | {grow} | {record['cpu_seconds']:.1f} | "
-            f"{grow_cpu} | {record['rss_before_mib']:.0f} | "
-            f"{record['peak_rss_mib']:.0f} | {len(record['pairs']):,} | "
-            f"{record['planted_found']} of {record['planted']} |"
-        )
-    lines += [
+        *timing_table(new, planted=True),
         "",
         "## All pairs (`near_duplicate_pairs_brute_force`, what `prepare` ran before)",
         "",
-        "| films | time (s) | growth | CPU (s) | growth | RSS before (MiB) | peak RSS in search (MiB) "
-        "| pairs |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *timing_table(old, planted=False),
     ]
-    rows = zip(old, exponent(old), exponent(old, "cpu_seconds"), strict=True)
-    for record, grow, grow_cpu in rows:
-        lines.append(
-            f"| {record['n']:,} | {record['seconds']:.1f} | {grow} | {record['cpu_seconds']:.1f} | "
-            f"{grow_cpu} | {record['rss_before_mib']:.0f} | "
-            f"{record['peak_rss_mib']:.0f} | {len(record['pairs']):,} |"
-        )
     lines += [
         "",
         "Same pairs from both (checked, hash bits and correlation included): "

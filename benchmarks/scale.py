@@ -15,8 +15,9 @@ under ``/usr/bin/time -v`` (wall time, peak RSS):
 
 The **decode + forward limit** for ``predict``: in this process, on the first 512 films of the archive
 (all when fewer), every film decoded and pre-processed exactly as ``predict`` does (the bundle's chain),
-then the network run on batches of 16, one after the other; its seconds per film times n is the limit the
-issue names (what decoding and the forward cost with nothing else: no readers, queues, CSV or progress).
+batch by batch (16), the network run on each batch, one step after the other; its seconds per film
+times n is the limit the issue names (what decoding and the forward cost with nothing else: no readers,
+queues, CSV or progress).
 ``predict`` overlaps its readers with the forward on the same cores, so it can come in under 1.
 
 The growth exponent between sizes n1 < n2 is log(t2 / t1) / log(n2 / n1): 1 is linear, 2 quadratic.
@@ -140,9 +141,9 @@ def decode_forward_limit(bundle: Path, films: list[Path], batch_size: int = 16) 
     predictor = Predictor.from_bundle(bundle, with_sites=False)
     predictor.predict_tensors(torch.as_tensor(predictor.preprocess(films[0]))[None])  # warm-up
     started = time.perf_counter()
-    inputs = [torch.as_tensor(predictor.preprocess(film)) for film in films]
-    for start in range(0, len(inputs), batch_size):
-        predictor.predict_tensors(torch.stack(inputs[start : start + batch_size]))
+    for start in range(0, len(films), batch_size):
+        chunk = films[start : start + batch_size]
+        predictor.predict_tensors(torch.stack([torch.as_tensor(predictor.preprocess(f)) for f in chunk]))
     return (time.perf_counter() - started) / len(films)
 
 

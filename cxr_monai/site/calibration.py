@@ -189,8 +189,8 @@ def _fit(log_p: np.ndarray, y: np.ndarray, *, scales: int) -> np.ndarray:
 
     def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
         bias = theta[:k]
-        scale = np.exp(theta[k:]) if scales else np.zeros(0)
-        z = (scale if scales else 1.0) * log_p + bias
+        scale = np.exp(theta[k:]) if scales else 1.0  # (K,), (1,) shared, or none
+        z = scale * log_p + bias
         z = z - z.max(axis=1, keepdims=True)
         log_q = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
         nll = -np.sum(weights * log_q[np.arange(n), y])
